@@ -1,0 +1,469 @@
+"""Typed trial recipes.
+
+A recipe is a YAML file validated into :class:`Recipe`. Every field has a
+type, a default, a range and a one-line description (``Field(description=...)``),
+so ``vlptune config schema`` can print a JSON schema for editors.
+
+Recipes compose:
+
+* ``base: other.yaml`` inherits another recipe (path relative to the file),
+  deep-merged, to any depth; cycles are refused.
+* dotted overrides ``-o model.vd.size=4096`` are applied after the files.
+
+Objectives are plug-ins: ``objectives`` maps a registered objective name to its
+own config model (see :mod:`vlptune.objectives.registry`), so adding an
+objective never touches this file.
+
+Every error is a :class:`ConfigError` whose message names the file, the dotted
+field path, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+RECIPE_SUFFIXES = (".yaml", ".yml")
+
+
+class ConfigError(ValueError):
+    """A recipe, override or search file that cannot be accepted."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are refused, assignment re-validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- data
+
+
+class SynthConfig(Section):
+    """How the synthetic world is generated when ``data.root`` does not exist yet."""
+
+    train: int = Field(2000, ge=1, le=10_000_000, description="images in the train split")
+    val: int = Field(200, ge=1, le=1_000_000, description="images in the val split (retrieval evaluation)")
+    test: int = Field(0, ge=0, le=1_000_000, description="images in the test split")
+    image_size: int = Field(96, ge=16, le=2048, description="shorter side of the generated images, pixels")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="seed of the world; same seed, same bytes")
+    shard_size: int = Field(1000, ge=1, le=1_000_000, description="records per Parquet shard")
+
+
+class DataConfig(Section):
+    root: str = Field("data/synth", description="directory of Parquet shards with a manifest.json (relative paths: to the working directory)")
+    synthesize: bool = Field(True, description="generate the synthetic world into root when it has no manifest")
+    synth: SynthConfig = Field(default_factory=SynthConfig, description="synthetic world settings, used when synthesize is on")
+    train_split: str = Field("train", min_length=1, description="split used for training")
+    val_split: str = Field("val", min_length=1, description="split used for evaluation")
+    image_size: int = Field(600, ge=16, le=2048, description="resize the shorter side to this many pixels (square mode: both sides)")
+    max_long_side: int = Field(1000, ge=16, le=4096, description="cap on the longer side after resizing (paper style 600x1000)")
+    resize_mode: Literal["shorter_side", "square"] = Field("shorter_side", description="paper-style aspect-preserving resize, or a square resize")
+    random_resized_crop: bool = Field(False, description="random resized crop before resizing (train only)")
+    crop_scale_min: float = Field(0.5, gt=0.0, le=1.0, description="smallest crop area fraction for random resized crop")
+    hflip_prob: float = Field(0.5, ge=0.0, le=1.0, description="probability of a horizontal flip, never applied when a caption says left or right (train only)")
+    mean: tuple[float, float, float] = Field((0.485, 0.456, 0.406), description="per-channel normalisation mean (RGB, 0..1)")
+    std: tuple[float, float, float] = Field((0.229, 0.224, 0.225), description="per-channel normalisation std (RGB, 0..1)")
+    tokenizer: str = Field("minilm", min_length=1, description="'minilm' (the packaged MiniLM WordPiece vocab) or a local HF tokenizer directory")
+    max_text_len: int = Field(40, ge=8, le=512, description="WordPiece tokens per caption including [CLS] and [SEP]")
+    mlm_prob: float = Field(0.15, ge=0.0, le=1.0, description="fraction of caption tokens selected for MLM (then 80% [MASK], 10% random, 10% kept)")
+    itm_positives: int = Field(2, ge=1, le=16, description="positive captions per image in a batch (SOHO: 2)")
+    itm_negatives: int = Field(2, ge=0, le=16, description="negative captions per image in a batch (SOHO: 2)")
+    batch_images: int = Field(8, ge=1, le=4096, description="images per worker per step (each with positives+negatives captions)")
+    num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes per training worker")
+    max_objects: int = Field(8, ge=1, le=256, description="objects kept per image (boxes, labels, grid masks)")
+
+
+# -------------------------------------------------------------------------- model
+
+
+class BackboneConfig(Section):
+    depth: Literal[18, 34, 50, 101, 152] = Field(18, description="ResNet depth")
+    width_mult: float = Field(1.0, ge=0.03125, le=4.0, description="channel width multiplier (below 1 for tiny CPU variants)")
+    init: str = Field("random", min_length=1, description="'random', a local directory holding a HF ResNet checkpoint, or a hub name")
+    frozen_bn: bool = Field(False, description="freeze BatchNorm statistics and affine parameters")
+    frozen_stages: int = Field(0, ge=0, le=4, description="number of early stages (stem counts as part of stage 1) kept frozen for the whole run")
+    freeze_for: int = Field(0, ge=0, le=10_000_000, description="freeze the whole CNN during the first N units (SOHO's cure for VD cold start)")
+    freeze_unit: Literal["steps", "epochs"] = Field("steps", description="unit of freeze_for")
+    pool: int = Field(2, ge=1, le=8, description="max-pool kernel and stride after the 1x1 projection (SOHO: 2; 1 keeps a usable grid on small images)")
+
+
+class VDConfig(Section):
+    size: int = Field(2048, ge=0, le=65536, description="number of visual dictionary codes; 0 switches the VD off")
+    momentum: float = Field(0.99, ge=0.0, lt=1.0, description="moving-average momentum g in d = g*d + (1-g)*mean(v)")
+    laplace_eps: float = Field(0.0, ge=0.0, le=1.0, description="Laplace smoothing of code counts (release code: on); 0 = off")
+    reseed_dead: bool = Field(False, description="re-seed codes unused for reseed_after updates from current features")
+    reseed_after: int = Field(100, ge=1, le=1_000_000, description="updates without assignment after which a code counts as dead")
+    gate: bool = Field(False, description="release code: learned gate mixing quantized and raw features (paper: off)")
+
+
+class FusionConfig(Section):
+    init: str = Field("minilm", min_length=1, description="'minilm' (packaged 6-layer BERT), a local BERT directory or a hub name like bert-base-uncased")
+    layers: int = Field(3, ge=1, le=48, description="keep the first N encoder layers of the checkpoint")
+    max_grid: int = Field(64, ge=1, le=1024, description="largest grid side supported by the 2-D sine position embedding")
+    grad_checkpointing: bool = Field(False, description="recompute encoder activations in backward to save memory")
+
+
+class ModelConfig(Section):
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig, description="the CNN on raw pixels")
+    vd: VDConfig = Field(default_factory=VDConfig, description="the visual dictionary")
+    fusion: FusionConfig = Field(default_factory=FusionConfig, description="the multi-modal BERT encoder")
+
+
+# ------------------------------------------------------------------ optimisation
+
+
+class GroupOptimConfig(Section):
+    optimizer: Literal["sgd", "adamw"] = Field("adamw", description="optimizer of this parameter group")
+    lr: float = Field(1e-4, gt=0.0, le=10.0, description="peak learning rate")
+    weight_decay: float = Field(0.01, ge=0.0, le=1.0, description="decoupled (AdamW) or L2 (SGD) weight decay")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum (ignored by AdamW)")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas (ignored by SGD)")
+
+
+def _sgd_backbone() -> GroupOptimConfig:
+    return GroupOptimConfig(optimizer="sgd", lr=1e-2, weight_decay=1e-4)
+
+
+class OptimConfig(Section):
+    backbone: GroupOptimConfig = Field(default_factory=_sgd_backbone, description="CNN parameters (SOHO: SGD, lr 1e-2)")
+    transformer: GroupOptimConfig = Field(default_factory=GroupOptimConfig, description="everything else (SOHO: AdamW, lr 1e-4)")
+    schedule: Literal["cosine", "step", "constant"] = Field("cosine", description="decay after warmup")
+    warmup_steps: int = Field(0, ge=0, le=10_000_000, description="linear warmup steps from 0 to the peak lr")
+    step_milestones: list[float] = Field(default_factory=lambda: [0.7, 0.9], description="step schedule: fractions of training at which lr is multiplied by step_gamma")
+    step_gamma: float = Field(0.1, gt=0.0, le=1.0, description="step schedule multiplier")
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="cosine floor as a fraction of the peak lr")
+    grad_clip: float = Field(1.0, ge=0.0, le=1e6, description="clip the global gradient norm to this; 0 = off")
+    global_batch: int = Field(0, ge=0, le=1_000_000, description="images per optimizer step over all workers; 0 = batch_images x workers (no accumulation)")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on GPU, fp32 on CPU")
+
+    @field_validator("step_milestones")
+    @classmethod
+    def _milestones_sorted(cls, v: list[float]) -> list[float]:
+        if any(not 0.0 < m < 1.0 for m in v) or v != sorted(v):
+            raise ValueError("must be increasing fractions strictly between 0 and 1")
+        return v
+
+
+# ----------------------------------------------------------- training & eval
+
+
+class TrainConfig(Section):
+    max_steps: int = Field(1000, ge=1, le=100_000_000, description="optimizer steps (the fidelity of a trial)")
+    eval_every: int = Field(200, ge=1, le=100_000_000, description="evaluate and report every N steps (and at the end)")
+    log_every: int = Field(10, ge=1, le=1_000_000, description="log training scalars every N steps")
+    checkpoint_every: int = Field(0, ge=0, le=100_000_000, description="checkpoint every N steps (0 = at each evaluation)")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="seed of weights, data order and masking")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available")
+    nan_patience: int = Field(3, ge=1, le=1000, description="consecutive non-finite losses after which the run stops with a reason")
+
+
+class EvalConfig(Section):
+    max_images: int = Field(100, ge=2, le=1_000_000, description="images of the val split used for zero-shot retrieval")
+    captions_per_image: int = Field(1, ge=1, le=32, description="captions per image used as retrieval queries")
+    candidates: int = Field(0, ge=0, le=100_000, description="re-rank only the top-N candidates of a cheap first pass; 0 = score every pair")
+    pair_batch: int = Field(256, ge=1, le=65536, description="image-text pairs scored per forward pass")
+    loss_batches: int = Field(4, ge=0, le=100_000, description="val batches for validation losses and accuracies")
+    vd_picture_codes: int = Field(8, ge=0, le=64, description="codes shown in the TensorBoard VD picture (0 = off)")
+
+
+class ResourcesConfig(Section):
+    workers: int = Field(1, ge=1, le=1024, description="Ray Train workers (data-parallel ranks)")
+    cpus_per_worker: float = Field(1.0, gt=0.0, le=256.0, description="CPUs reserved per worker")
+    gpus_per_worker: float = Field(0.0, ge=0.0, le=16.0, description="GPUs reserved per worker")
+    torch_threads: int = Field(0, ge=0, le=256, description="torch intra-op threads per worker; 0 = cpus_per_worker rounded up")
+
+
+class Recipe(Section):
+    """A full trial recipe."""
+
+    name: str = Field("recipe", min_length=1, description="a short name for logs and reports")
+    data: DataConfig = Field(default_factory=DataConfig, description="data, augmentation, tokenization and batching")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="backbone, visual dictionary, fusion Transformer")
+    objectives: dict[str, Any] = Field(default_factory=lambda: {"mlm": {"weight": 1.0}, "itm": {"weight": 1.0}, "mvm": {"weight": 1.0}}, description="pretext tasks by registered name, each with its weight and own fields")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="optimizers, schedule, clipping, accumulation, precision")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="steps, logging, checkpoints, seed")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="zero-shot retrieval and validation losses")
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="workers and devices")
+
+    @field_validator("objectives", mode="before")
+    @classmethod
+    def _validate_objectives(cls, value: Any) -> dict[str, Any]:
+        from vlptune.objectives import registry
+
+        if not isinstance(value, dict):
+            raise ValueError("must be a mapping of objective name to its settings")
+        out: dict[str, Any] = {}
+        for name, spec in value.items():
+            config_cls = registry.config_class(name)  # raises with the known names
+            if isinstance(spec, config_cls):
+                out[name] = spec
+            else:
+                out[name] = config_cls.model_validate(spec if spec is not None else {})
+        return out
+
+    def active_objectives(self) -> dict[str, Any]:
+        """Objectives with a positive weight, in recipe order."""
+        return {name: cfg for name, cfg in self.objectives.items() if cfg.weight > 0}
+
+
+# ------------------------------------------------------------------- loading
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, found {type(data).__name__}")
+    return data
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Mappings merge key by key; anything else in ``over`` replaces ``base``."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _leaf_paths(data: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.extend(_leaf_paths(value, path + "."))
+        else:
+            out.append(path)
+    return out
+
+
+def load_raw_with_sources(path: str | Path, _chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], dict[str, str]]:
+    """Resolve a YAML file's ``base:`` chain into one dict, and which file set each leaf."""
+    path = Path(path).resolve()
+    if path in _chain:
+        cycle = " -> ".join(str(p) for p in (*_chain, path))
+        raise ConfigError(f"{path}: base: cycle: {cycle}")
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    sources = {leaf: str(path) for leaf in _leaf_paths(data)}
+    if base is None:
+        return data, sources
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: expected a path string, found {base!r}")
+    base_path = (path.parent / base).resolve()
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: base: file not found: {base_path}")
+    base_data, base_sources = load_raw_with_sources(base_path, (*_chain, path))
+    return deep_merge(base_data, data), {**base_sources, **sources}
+
+
+def load_raw(path: str | Path) -> dict[str, Any]:
+    """Read a YAML file and resolve its ``base:`` chain into one plain dict."""
+    return load_raw_with_sources(path)[0]
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=VALUE`` -> (["a","b","c"], yaml-parsed VALUE)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected dotted.path=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r}: empty component in the dotted path {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {exc}") from exc
+    return parts, value
+
+
+def set_dotted(data: dict[str, Any], parts: list[str], value: Any, source: str) -> None:
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        elif not isinstance(nxt, dict):
+            where = ".".join(parts[: i + 1])
+            raise ConfigError(f"{source}: {where} is a value ({nxt!r}), it has no field {parts[i + 1]!r}")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    out = copy.deepcopy(data)
+    for text in overrides or []:
+        parts, value = parse_override(text)
+        set_dotted(out, parts, value, f"override {text!r}")
+    return out
+
+
+def _describe_allowed(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> str:
+    """What the schema allows at ``loc``: the field's description and bounds."""
+    if model is None:
+        return ""
+    field = None
+    current: Any = model
+    for part in loc:
+        if isinstance(current, type) and issubclass(current, BaseModel) and isinstance(part, str):
+            field = current.model_fields.get(part)
+            if field is None:
+                return ""
+            current = field.annotation
+        else:
+            return ""
+    if field is None:
+        return ""
+    bits = []
+    for meta in field.metadata:
+        for attr, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            if hasattr(meta, attr) and getattr(meta, attr) is not None:
+                bits.append(f"{sym} {getattr(meta, attr)}")
+    text = f"allowed: {' and '.join(bits)}" if bits else ""
+    if field.description:
+        text = f"{text}; " if text else ""
+        text += f"field: {field.description}"
+    return text
+
+
+def format_validation_error(exc: ValidationError, source: str, model: type[BaseModel] | None = None, prefix: str = "") -> str:
+    lines = [f"{source}: invalid configuration:"]
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        dotted = ".".join(str(p) for p in loc)
+        if prefix:
+            dotted = f"{prefix}.{dotted}" if dotted else prefix
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {dotted}: unknown field (value {err.get('input')!r}); check the spelling against `vlptune config schema`")
+            continue
+        allowed = _describe_allowed(model, loc)
+        line = f"  {dotted}: {err['msg']}; got {err.get('input')!r}"
+        if allowed:
+            line += f" ({allowed})"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _validate_objectives(data: dict[str, Any], source: str) -> list[str]:
+    """Validate each objective entry with its registered config; error lines with dotted paths."""
+    from vlptune.objectives import registry
+
+    objectives = data.get("objectives")
+    if not isinstance(objectives, dict):
+        return []
+    problems: list[str] = []
+    for name, spec in objectives.items():
+        try:
+            config_cls = registry.config_class(name)
+        except ConfigError as exc:
+            problems.append(f"  {exc}")
+            continue
+        try:
+            config_cls.model_validate(spec if spec is not None else {})
+        except ValidationError as exc:
+            text = format_validation_error(exc, source, config_cls, prefix=f"objectives.{name}")
+            problems.extend(text.splitlines()[1:])
+    return problems
+
+
+def _annotate(problems: list[str], sources: dict[str, str]) -> list[str]:
+    """Append ``(set in FILE)`` to an error line whose dotted path a file set."""
+    out = []
+    for line in problems:
+        dotted = line.strip().split(":", 1)[0]
+        origin = next((src for path, src in sources.items() if path == dotted or path.startswith(dotted + ".")), None)
+        out.append(f"{line} [set in {origin}]" if origin else line)
+    return out
+
+
+def validate_recipe(data: dict[str, Any], source: str, sources: dict[str, str] | None = None) -> Recipe:
+    """Validate a resolved recipe dict; every problem at once, each with its dotted path."""
+    problems = _validate_objectives(data, source)
+    without_objectives = {k: v for k, v in data.items() if k != "objectives"}
+    try:
+        Recipe.model_validate(without_objectives)
+    except ValidationError as exc:
+        problems = format_validation_error(exc, source, Recipe).splitlines()[1:] + problems
+    if problems:
+        problems = _annotate(problems, sources or {})
+        raise ConfigError("\n".join([f"{source}: invalid configuration:", *problems]))
+    return Recipe.model_validate(data)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load a recipe file, resolve ``base:``, apply dotted overrides, validate."""
+    raw, sources = load_raw_with_sources(path)
+    for text in overrides or []:
+        sources[".".join(parse_override(text)[0])] = f"override {text!r}"
+    source = str(path) + (f" (with overrides {' '.join(overrides)})" if overrides else "")
+    return validate_recipe(apply_overrides(raw, overrides), source, sources)
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    return json.loads(recipe.model_dump_json())
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False)
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON schema of a recipe, objectives expanded from the registry."""
+    from vlptune.objectives import registry
+
+    schema = Recipe.model_json_schema()
+    defs = schema.setdefault("$defs", {})
+    props: dict[str, Any] = {}
+    for name in registry.names():
+        sub = registry.config_class(name).model_json_schema()
+        for key, value in sub.pop("$defs", {}).items():
+            defs[key] = value
+        props[name] = sub
+    schema["properties"]["objectives"] = {
+        "type": "object",
+        "description": Recipe.model_fields["objectives"].description,
+        "properties": props,
+        "additionalProperties": False,
+    }
+    schema["properties"]["base"] = {"type": "string", "description": "path of a recipe this one extends (relative to this file)"}
+    return schema
+
+
+def field_at(path: str) -> tuple[type[BaseModel], str]:
+    """Resolve a dotted recipe path to (section model, field name); ConfigError if absent."""
+    from vlptune.objectives import registry
+
+    parts = path.split(".")
+    model: type[BaseModel] = Recipe
+    for i, part in enumerate(parts):
+        if model is Recipe and part == "objectives":
+            if i + 2 >= len(parts):
+                raise ConfigError(f"{path}: name an objective and its field, e.g. objectives.mvm.weight")
+            model = registry.config_class(parts[i + 1])
+            rest = parts[i + 2 :]
+            if len(rest) != 1 or rest[0] not in model.model_fields:
+                raise ConfigError(f"{path}: objective {parts[i + 1]!r} has no field {'.'.join(rest)!r}; fields: {sorted(model.model_fields)}")
+            return model, rest[0]
+        if part not in model.model_fields:
+            raise ConfigError(f"{path}: no field {part!r} in {'.'.join(parts[:i]) or 'the recipe'}; fields: {sorted(model.model_fields)}")
+        if i == len(parts) - 1:
+            return model, part
+        annotation = model.model_fields[part].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            raise ConfigError(f"{path}: {'.'.join(parts[: i + 1])} is a value, not a section")
+        model = annotation
+    raise ConfigError(f"{path}: empty path")

@@ -1,0 +1,1 @@
+"""Pretext tasks, one module each, registered by name (see registry.py)."""
