@@ -40,6 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from vlptune.io import atomic_write_bytes
 from vlptune.data.schema import (
     RECORD_ID_FIELD,
     SCHEMA_VERSION,
@@ -94,21 +95,6 @@ def _fsync_and_replace(tmp: Path, final: Path) -> None:
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, final)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` via `path.tmp` + os.replace (no partial file)."""
-    path = Path(path)
-    tmp = _tmp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
