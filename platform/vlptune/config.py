@@ -107,6 +107,7 @@ class FusionConfig(Section):
     layers: int = Field(3, ge=1, le=48, description="keep the first N encoder layers of the checkpoint")
     max_grid: int = Field(64, ge=1, le=1024, description="largest grid side supported by the 2-D sine position embedding")
     grad_checkpointing: bool = Field(False, description="recompute encoder activations in backward to save memory")
+    unimodal_layers: int = Field(0, ge=0, le=48, description="MVPTR two-stage split: the first N layers run text and image separately (uni-modal), the rest cross-modally; 0 = all cross-modal (SOHO); must stay below layers")
 
 
 class ModelConfig(Section):
@@ -185,7 +186,7 @@ class Recipe(Section):
     name: str = Field("recipe", min_length=1, description="a short name for logs and reports")
     data: DataConfig = Field(default_factory=DataConfig, description="data, augmentation, tokenization and batching")
     model: ModelConfig = Field(default_factory=ModelConfig, description="backbone, visual dictionary, fusion Transformer")
-    objectives: dict[str, Any] = Field(default_factory=lambda: {"mlm": {"weight": 1.0}, "itm": {"weight": 1.0}, "mvm": {"weight": 1.0}}, description="pretext tasks by registered name, each with its weight and own fields")
+    objectives: dict[str, Any] = Field(default_factory=lambda: {"mlm": {"weight": 1.0}, "itm": {"weight": 1.0}, "mvm": {"weight": 1.0}}, validate_default=True, description="pretext tasks by registered name, each with its weight and own fields")
     optim: OptimConfig = Field(default_factory=OptimConfig, description="optimizers, schedule, clipping, accumulation, precision")
     train: TrainConfig = Field(default_factory=TrainConfig, description="steps, logging, checkpoints, seed")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="zero-shot retrieval and validation losses")

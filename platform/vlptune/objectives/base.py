@@ -1,0 +1,278 @@
+"""What every pretext task shares: the base class, the per-step context, the set of objectives.
+
+An objective (``vlptune.objectives.mlm``, ``itm``, ``mvm``, ...) is an
+``nn.Module`` that owns its head, computes its loss and its metrics from the
+batch, and declares the batch keys it reads (``needs``). It never calls the
+backbone itself: the :class:`StepContext` runs the CNN once per image per step
+(``ctx.images``) and caches fusion passes by name (``ctx.view``), so two
+objectives that need the same input (say, ITM and a future phrase-region
+alignment on clean text and clean image) share one pass.
+
+:class:`Pretrainer` bundles the model with the recipe's active objectives into
+the single module the loop optimises and, under DDP, wraps: its ``forward``
+computes every objective and the weighted total loss.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from vlptune.objectives import registry
+
+if TYPE_CHECKING:  # the model package is imported lazily by build_pretrainer
+    from vlptune.config import Recipe
+
+BERT_LAYER_NORM_EPS = 1e-12  # BERT's LayerNorm epsilon, so the heads normalise like the encoder
+HEAD_INIT_STD = 0.02  # BERT's initializer_range, used for every head weight and learned vector
+
+
+@dataclass
+class ObjectiveOutput:
+    """A loss (scalar tensor, already averaged) and metrics (detached scalars or floats)."""
+
+    loss: Tensor
+    metrics: dict[str, Tensor | float] = field(default_factory=dict)
+
+
+class StepContext:
+    """The step's shared state: image features computed once, fusion passes cached by name.
+
+    ``generator`` drives the objectives' own randomness (MVM's choice of pairs
+    and codes); it is a CPU generator owned by the loop and saved in
+    checkpoints, so a resumed run draws the same choices.
+    """
+
+    def __init__(self, model: nn.Module, batch: dict[str, Any], generator: torch.Generator | None = None):
+        self.model = model
+        self.batch = batch
+        self.generator = generator
+        self._images: Any = None
+        self._views: dict[str, Any] = {}
+        self._positive_rows: Tensor | None = None
+
+    @property
+    def images(self) -> Any:
+        """The batch's ``ImageFeatures`` (backbone, projection, pooling, VD), computed on first use."""
+        if self._images is None:
+            self._images = self.model.encode_images(self.batch["images"], self.batch["pixel_mask"])
+        return self._images
+
+    @property
+    def positive_rows(self) -> Tensor:
+        """Indices of the pairs with ``itm_labels == 1`` (MLM and MVM train on these only)."""
+        if self._positive_rows is None:
+            self._positive_rows = torch.nonzero(self.batch["itm_labels"] == 1, as_tuple=True)[0]
+        return self._positive_rows
+
+    def pair_grid(self, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Image features and grid mask gathered per pair: ``[R,D,gh,gw]``, ``[R,gh,gw]``.
+
+        ``rows`` selects pairs (all pairs when None); each pair gets its image's grid.
+        """
+        image_of_pair = self.batch["pair_image"]
+        if rows is not None:
+            image_of_pair = image_of_pair[rows]
+        feats = self.images
+        return feats.feats[image_of_pair], feats.grid_mask[image_of_pair]
+
+    def view(self, name: str, build: Callable[[], Any]) -> Any:
+        """The fusion output cached under ``name``; ``build()`` runs it the first time."""
+        if name not in self._views:
+            self._views[name] = build()
+        return self._views[name]
+
+    def fuse(self, text_ids: Tensor, text_mask: Tensor, grid: Tensor, grid_mask: Tensor) -> Any:
+        return self.model.fuse(text_ids, text_mask, grid, grid_mask)
+
+
+class Objective(nn.Module, abc.ABC):
+    """Base of every pretext task. Subclasses are registered with ``@register(name, ConfigCls)``.
+
+    ``Objective(cfg, model, recipe)``: ``cfg`` is the objective's own config
+    (with ``weight``), ``model`` the ``VLPModel`` (heads may tie to its
+    weights), ``recipe`` the whole recipe.
+    """
+
+    name: ClassVar[str] = "objective"  # set by @register
+    needs: ClassVar[tuple[str, ...]] = ()
+    # Every metric the objective may return. A step may leave some out (nothing
+    # to learn from); averages then count only the steps that have them.
+    metric_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, cfg: Any, model: nn.Module, recipe: Recipe):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = float(cfg.weight)
+
+    @classmethod
+    def check_recipe(cls, cfg: Any, recipe: Recipe) -> None:
+        """Refuse a recipe this objective cannot train with (raise ConfigError); called before the model is built."""
+        return None
+
+    def check_batch(self, batch: dict[str, Any]) -> None:
+        missing = [key for key in self.needs if key not in batch]
+        if missing:
+            raise KeyError(f"objective {self.name!r} needs batch keys {missing}; the batch has {sorted(batch)}")
+
+    @abc.abstractmethod
+    def forward(self, batch: dict[str, Any], ctx: StepContext) -> ObjectiveOutput:
+        """The objective's loss and metrics for one batch."""
+
+    def zero_loss(self, ref: Tensor) -> Tensor:
+        """A zero loss on ``ref``'s device for a step where this objective has nothing to learn from."""
+        return ref.new_zeros(())
+
+
+def init_head_weights(module: nn.Module) -> None:
+    """BERT's initialisation for a head's Linear and LayerNorm layers."""
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear):
+            nn.init.normal_(sub.weight, std=HEAD_INIT_STD)
+            if sub.bias is not None:
+                nn.init.zeros_(sub.bias)
+        elif isinstance(sub, nn.LayerNorm):
+            nn.init.ones_(sub.weight)
+            nn.init.zeros_(sub.bias)
+
+
+class PredictionTransform(nn.Sequential):
+    """BERT's prediction-head transform: dense, GELU, LayerNorm (before a decoder)."""
+
+    def __init__(self, hidden: int):
+        super().__init__(nn.Linear(hidden, hidden), nn.GELU(), nn.LayerNorm(hidden, eps=BERT_LAYER_NORM_EPS))
+        init_head_weights(self)
+
+
+def accuracy(logits: Tensor, labels: Tensor) -> Tensor:
+    return (logits.argmax(-1) == labels).float().mean().detach()
+
+
+class Pretrainer(nn.Module):
+    """The model plus its objectives: the one module the loop optimises (and DDP wraps).
+
+    ``forward(batch, generator)`` returns ``(total_loss, metrics)`` where the
+    total is ``sum(weight * loss)`` over the active objectives and metrics hold
+    every objective's metrics, ``loss`` (the total) and the VD statistics.
+    """
+
+    def __init__(self, model: nn.Module, objectives: dict[str, Objective]):
+        super().__init__()
+        if not objectives:
+            raise ValueError("no active objective: give at least one objective a weight > 0")
+        self.model = model
+        self.objectives = nn.ModuleDict(objectives)
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """Every metric ``forward`` may return (``loss`` and the objectives' own), VD statistics aside."""
+        names = ["loss"]
+        for objective in self.objectives.values():
+            names.extend(objective.metric_names)
+        return tuple(names)
+
+    def forward(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor | float]]:
+        ctx = StepContext(self.model, batch, generator)
+        total: Tensor | None = None
+        metrics: dict[str, Tensor | float] = {}
+        for objective in self.objectives.values():
+            objective.check_batch(batch)
+            out = objective(batch, ctx)
+            weighted = objective.weight * out.loss
+            total = weighted if total is None else total + weighted
+            metrics.update(out.metrics)
+        assert total is not None  # the constructor refuses an empty set
+        metrics["loss"] = total.detach()
+        for key, value in (ctx.images.vd_stats or {}).items():
+            metrics[f"vd_{key}"] = value
+        return total, metrics
+
+
+class MetricMeter:
+    """Sums and counts per metric over steps or batches; ``means()`` averages each over the steps that had it.
+
+    ``names`` fixes the keys (so ranks can all-reduce the same vector); other
+    keys passed to :meth:`add` are kept as "last value" (VD statistics).
+    """
+
+    def __init__(self, names: tuple[str, ...]):
+        self.names = tuple(names)
+        self.sums = torch.zeros(len(self.names), dtype=torch.float64)
+        self.counts = torch.zeros(len(self.names), dtype=torch.float64)
+        self.last: dict[str, float] = {}
+        self._index = {name: i for i, name in enumerate(self.names)}
+
+    def add(self, metrics: dict[str, Tensor | float]) -> None:
+        values = {k: float(v) for k, v in metrics.items()}  # one sync per step for the tensors
+        for key, value in values.items():
+            i = self._index.get(key)
+            if i is None:
+                self.last[key] = value
+            else:
+                self.sums[i] += value
+                self.counts[i] += 1
+
+    def all_reduce(self) -> None:
+        """Sum the sums and counts over torch.distributed ranks (no-op when not distributed)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        if torch.distributed.get_world_size() == 1:
+            return
+        both = torch.cat([self.sums, self.counts])
+        if torch.distributed.get_backend() == "nccl":
+            both = both.cuda()
+        torch.distributed.all_reduce(both)
+        both = both.cpu()
+        self.sums, self.counts = both[: len(self.names)], both[len(self.names) :]
+
+    def means(self) -> dict[str, float]:
+        out = {n: float(s / c) for n, s, c in zip(self.names, self.sums, self.counts) if c > 0}
+        out.update(self.last)
+        return out
+
+
+def build_objectives(recipe: Recipe, model: nn.Module) -> dict[str, Objective]:
+    """The recipe's active objectives (weight > 0), constructed in recipe order."""
+    check_recipe(recipe)
+    built: dict[str, Objective] = {}
+    for name, cfg in active_objectives(recipe).items():
+        impl = registry.get(name).impl
+        built[name] = impl(cfg, model, recipe)
+    return built
+
+
+def active_objectives(recipe: Recipe) -> dict[str, Any]:
+    """The recipe's objectives with weight > 0, as validated configs, in recipe order.
+
+    Unlike ``Recipe.active_objectives`` this also accepts entries left as plain
+    dicts (the field's default is not validated by pydantic).
+    """
+    out: dict[str, Any] = {}
+    for name, cfg in recipe.objectives.items():
+        if not isinstance(cfg, registry.ObjectiveConfig):
+            cfg = registry.config_class(name).model_validate(cfg if cfg is not None else {})
+        if cfg.weight > 0:
+            out[name] = cfg
+    return out
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """Let every active objective refuse the recipe (ConfigError naming the fields) before anything is built."""
+    active = active_objectives(recipe)
+    if not active:
+        raise registry.ConfigError("objectives: no objective has a weight > 0; nothing to train")
+    for name, cfg in active.items():
+        registry.get(name).impl.check_recipe(cfg, recipe)
+
+
+def build_pretrainer(recipe: Recipe) -> Pretrainer:
+    """Build ``VLPModel(recipe)`` and the recipe's objectives; refuses inconsistent recipes first."""
+    from vlptune.model.vlp import VLPModel
+
+    check_recipe(recipe)
+    model = VLPModel(recipe)
+    return Pretrainer(model, build_objectives(recipe, model))

@@ -1,0 +1,111 @@
+"""ITM: binary image-text match on the fused sequence, SOHO batching.
+
+Each image comes with ``data.itm_positives`` matching and ``data.itm_negatives``
+non-matching captions; the head classifies every pair. The fusion pass (view
+``"clean"``) sees the clean text (``text_ids``, not the MLM-masked ids) and the
+clean image, so a masked token or a masked grid cell can never tell a pair
+apart. The same head scores pairs for zero-shot retrieval
+(:meth:`ITM.match_score`).
+
+What the head reads (``pooling``): ``cls``, the fused [CLS] state, as in SOHO;
+or ``mean``, the mean of every real text and image state. A pretrained BERT's
+[CLS] barely attends to the new image tokens at first, so with ``cls`` ITM
+sits at chance until the encoder learns to route the image into [CLS] (many
+steps); ``mean`` sees the image states directly and leaves that plateau within
+tens of steps, which is what the tiny CPU recipes use.
+
+Negatives (``negatives``): ``random`` keeps the collate's negatives (captions of
+other images drawn at random, SOHO); ``hard`` and ``sampled`` replace each
+image's negative captions by other images' in-batch captions chosen by MVPTR's
+VSC similarities (the most similar, or drawn by softmax; see
+:func:`vlptune.objectives.vsc.itm_negative_texts`), which needs the ``vsc``
+objective. The pass then runs on its own view (``"itm_hard"`` /
+``"itm_sampled"``), since its negatives differ from the clean pairs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
+from vlptune.config import ConfigError
+from vlptune.objectives.base import Objective, ObjectiveOutput, StepContext, accuracy, active_objectives, init_head_weights
+from vlptune.objectives.registry import ObjectiveConfig, register
+
+ITM_CLASSES = 2  # 0: the caption does not describe the image, 1: it does
+
+
+class ITMConfig(ObjectiveConfig):
+    """Image-text matching; positives/negatives per image live in data.itm_positives/itm_negatives."""
+
+    pooling: Literal["cls", "mean"] = Field(
+        "cls", description="what the head reads: 'cls' the fused [CLS] state (SOHO), 'mean' the mean of all real text and image states (faster start)"
+    )
+    negatives: Literal["random", "hard", "sampled"] = Field(
+        "random", description="negative captions: 'random' from the collate (SOHO), 'hard' / 'sampled' by MVPTR's VSC similarities (needs objectives.vsc)"
+    )
+
+
+def clean_view(batch: dict[str, Any], ctx: StepContext) -> Any:
+    """The fusion pass over every pair with clean text and clean image (shared by name ``"clean"``)."""
+    return ctx.view("clean", lambda: ctx.fuse(batch["text_ids"], batch["text_mask"], *ctx.pair_grid(None)))
+
+
+def mean_state(fused: Any, text_mask: Tensor) -> Tensor:
+    """Mean of the real text and image states of each pair: [Np,D]."""
+    states = torch.cat([fused.text_states, fused.image_states], dim=1)
+    real = torch.cat([text_mask.bool(), fused.image_mask.bool()], dim=1).unsqueeze(-1).to(states.dtype)
+    return (states * real).sum(dim=1) / real.sum(dim=1).clamp_min(1.0)
+
+
+@register("itm", ITMConfig)
+class ITM(Objective):
+    """Image-text matching over all pairs; metrics ``itm_loss``, ``itm_acc``."""
+
+    needs = ("text_ids", "text_mask", "itm_labels", "pair_image")
+    metric_names = ("itm_loss", "itm_acc")
+
+    @classmethod
+    def check_recipe(cls, cfg: ITMConfig, recipe: Any) -> None:
+        if cfg.negatives != "random" and "vsc" not in active_objectives(recipe):
+            raise ConfigError(
+                f"objectives.itm.negatives={cfg.negatives!r} chooses negatives by VSC similarities: give objectives.vsc a weight > 0 "
+                "(it needs model.fusion.unimodal_layers > 0) or set objectives.itm.negatives=random"
+            )
+
+    def __init__(self, cfg: ITMConfig, model: nn.Module, recipe: Any):
+        super().__init__(cfg, model, recipe)
+        self.pooling = cfg.pooling
+        self.negatives = cfg.negatives
+        hidden = model.hidden_size
+        # BERT's pooler (dense + tanh; the fusion model drops its own) then the classifier.
+        self.head = nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, ITM_CLASSES))
+        init_head_weights(self.head)
+
+    def pair_logits(self, fused: Any, text_mask: Tensor) -> Tensor:
+        """[Np,2] logits of a fusion output (``text_mask`` [Np,T] marks its real tokens)."""
+        pooled = fused.cls if self.pooling == "cls" else mean_state(fused, text_mask)
+        return self.head(pooled)
+
+    def match_score(self, fused: Any, text_mask: Tensor) -> Tensor:
+        """Log-odds that each pair matches (higher = better match); used to rank retrieval candidates."""
+        logits = self.pair_logits(fused, text_mask).float()
+        return logits[:, 1] - logits[:, 0]
+
+    def forward(self, batch: dict[str, Any], ctx: StepContext) -> ObjectiveOutput:
+        text_mask = batch["text_mask"]
+        if self.negatives == "random":
+            out = clean_view(batch, ctx)
+        else:
+            from vlptune.objectives.vsc import itm_negative_texts
+
+            text_ids, text_mask, _ = itm_negative_texts(batch, ctx, self.negatives)
+            out = ctx.view(f"itm_{self.negatives}", lambda: ctx.fuse(text_ids, text_mask, *ctx.pair_grid(None)))
+        logits = self.pair_logits(out, text_mask).float()
+        labels = batch["itm_labels"]
+        loss = F.cross_entropy(logits, labels)
+        return ObjectiveOutput(loss, {"itm_loss": loss.detach(), "itm_acc": accuracy(logits, labels)})

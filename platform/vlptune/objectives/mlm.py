@@ -1,0 +1,65 @@
+"""MLM: predict masked WordPiece tokens from text and image (positive pairs only).
+
+Masking itself (probability, 80/10/10) happens in the data pipeline
+(``data.mlm_prob``); this objective owns the head (BERT transform + decoder tied
+to the word embeddings) and the loss.
+
+The fusion pass it uses (view ``"mlm"``) holds the positive pairs only, with
+the masked text (``mlm_ids``) and the clean image, as in SOHO. The decoder's
+weight is the model's word-embedding matrix itself (tied, not copied), so the
+head adds only the transform and a per-token bias.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlptune.objectives.base import Objective, ObjectiveOutput, PredictionTransform, StepContext, accuracy
+from vlptune.objectives.registry import ObjectiveConfig, register
+
+IGNORE_INDEX = -100  # mlm_labels value where there is nothing to predict (see docs/contracts.md)
+
+
+class MLMConfig(ObjectiveConfig):
+    """Masked language modelling; masking probability lives in data.mlm_prob."""
+
+
+@register("mlm", MLMConfig)
+class MLM(Objective):
+    """Masked language modelling on positive pairs; metrics ``mlm_loss``, ``mlm_acc``."""
+
+    needs = ("mlm_ids", "mlm_labels", "text_mask", "itm_labels", "pair_image")
+    metric_names = ("mlm_loss", "mlm_acc")
+
+    def __init__(self, cfg: MLMConfig, model: nn.Module, recipe: Any):
+        super().__init__(cfg, model, recipe)
+        embeddings = model.word_embeddings
+        self.transform = PredictionTransform(model.hidden_size)
+        self.bias = nn.Parameter(embeddings.weight.new_zeros(embeddings.num_embeddings))
+        # Tied decoder: keep a reference without registering the embedding a second
+        # time (it is already a parameter of the model), so state dicts hold it once.
+        self._tied: tuple[nn.Embedding] = (embeddings,)
+
+    @property
+    def decoder_weight(self) -> Tensor:
+        return self._tied[0].weight
+
+    def logits(self, states: Tensor) -> Tensor:
+        """Vocabulary logits for fused text states ``[..., H]``."""
+        return F.linear(self.transform(states), self.decoder_weight, self.bias)
+
+    def forward(self, batch: dict[str, Any], ctx: StepContext) -> ObjectiveOutput:
+        rows = ctx.positive_rows
+        out = ctx.view("mlm", lambda: ctx.fuse(batch["mlm_ids"][rows], batch["text_mask"][rows], *ctx.pair_grid(rows)))
+        labels = batch["mlm_labels"][rows]
+        picked = labels != IGNORE_INDEX
+        states = out.text_states[picked]
+        if states.shape[0] == 0:  # no token was masked in this batch: nothing to learn
+            return ObjectiveOutput(self.zero_loss(out.text_states), {})
+        targets = labels[picked]
+        logits = self.logits(states).float()
+        loss = F.cross_entropy(logits, targets)
+        return ObjectiveOutput(loss, {"mlm_loss": loss.detach(), "mlm_acc": accuracy(logits, targets)})

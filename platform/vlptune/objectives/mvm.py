@@ -1,0 +1,138 @@
+"""MVM: mask every grid cell mapped to one visual-dictionary index, predict that index.
+
+SOHO's masked visual modelling. For each positive pair, with probability
+``prob``, one VD index is drawn uniformly among the indices present in the
+pair's image (valid cells only); every valid cell quantised to that index, and
+no other cell, is replaced by a learned [MASK] vector owned by this objective.
+The fusion pass (view ``"mvm"``) sees those pairs with their clean text and
+the masked grid, and a head (BERT transform + linear over the k codes)
+predicts the index at each masked cell. Because all cells of the index are
+masked, the answer cannot be copied from a neighbouring cell.
+
+The text is left clean (the conditional masking of UNITER: one modality
+corrupted at a time), so MVM and MLM use separate passes over the positives.
+
+A recipe that gives MVM a weight with the VD switched off (``model.vd.size=0``)
+is refused before the model is built. A step with nothing to mask (no pair
+drawn, or no codes) yields a zero loss and only ``mvm_skipped = 1`` (its loss
+and accuracy are left out of the averages rather than counted as zeros).
+
+``mvm_chance`` is the accuracy of always answering the most frequent masked
+index of the batch: a generous chance level for ``mvm_acc``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
+from vlptune.config import ConfigError
+from vlptune.objectives.base import (
+    HEAD_INIT_STD,
+    Objective,
+    ObjectiveOutput,
+    PredictionTransform,
+    StepContext,
+    accuracy,
+    init_head_weights,
+)
+from vlptune.objectives.registry import ObjectiveConfig, register
+
+
+class MVMConfig(ObjectiveConfig):
+    prob: float = Field(1.0, ge=0.0, le=1.0, description="probability that a positive pair gets MVM (released SOHO code: 0.015)")
+
+
+def choose_masks(
+    codes: Tensor,
+    valid: Tensor,
+    prob: float,
+    num_codes: int,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Pick the pairs and the VD index to mask.
+
+    ``codes`` int64 [R,gh,gw] (VD index per cell), ``valid`` bool [R,gh,gw].
+    Returns ``selected`` bool [R] (pair drawn with ``prob`` and has a valid
+    cell), ``chosen`` int64 [R] (the masked index; meaningless where not
+    selected) and ``mask`` bool [R,gh,gw]: True exactly on the valid cells of
+    selected pairs whose code is the chosen one. Random numbers come from the
+    CPU ``generator``, and the same amount is drawn whatever the outcome, so the
+    stream stays aligned across runs and resumes.
+    """
+    rows = codes.shape[0]
+    drawn = (torch.rand(rows, generator=generator) < prob).to(codes.device)
+    scores = torch.rand(rows, num_codes, generator=generator).to(codes.device)
+    present = torch.zeros(rows, num_codes + 1, dtype=torch.bool, device=codes.device)
+    cell_codes = torch.where(valid, codes, torch.full_like(codes, num_codes)).flatten(1)  # invalid -> overflow slot
+    present.scatter_(1, cell_codes, True)
+    present = present[:, :num_codes]
+    chosen = scores.masked_fill(~present, -1.0).argmax(dim=1)  # uniform over the indices present
+    selected = drawn & present.any(dim=1)
+    mask = valid & (codes == chosen[:, None, None]) & selected[:, None, None]
+    return selected, chosen, mask
+
+
+@register("mvm", MVMConfig)
+class MVM(Objective):
+    """Masked visual modelling on positive pairs; metrics ``mvm_loss``, ``mvm_acc``, ``mvm_chance``, ``mvm_skipped``."""
+
+    needs = ("text_ids", "text_mask", "itm_labels", "pair_image")
+    metric_names = ("mvm_loss", "mvm_acc", "mvm_chance", "mvm_skipped")
+
+    @classmethod
+    def check_recipe(cls, cfg: MVMConfig, recipe: Any) -> None:
+        if cfg.weight > 0 and recipe.model.vd.size == 0:
+            raise ConfigError(
+                f"objectives.mvm.weight={cfg.weight} needs the visual dictionary, but model.vd.size=0 switches it off: "
+                "set model.vd.size > 0 or objectives.mvm.weight=0"
+            )
+
+    def __init__(self, cfg: MVMConfig, model: nn.Module, recipe: Any):
+        super().__init__(cfg, model, recipe)
+        self.check_recipe(cfg, recipe)
+        self.num_codes = int(recipe.model.vd.size)
+        self.prob = float(cfg.prob)
+        hidden = model.hidden_size
+        self.mask_embedding = nn.Parameter(torch.randn(hidden) * HEAD_INIT_STD)
+        self.transform = PredictionTransform(hidden)
+        self.decoder = nn.Linear(hidden, self.num_codes)
+        init_head_weights(self.decoder)
+
+    def logits(self, states: Tensor) -> Tensor:
+        return self.decoder(self.transform(states))
+
+    def _skipped(self, ref: Tensor) -> ObjectiveOutput:
+        return ObjectiveOutput(self.zero_loss(ref), {"mvm_skipped": 1.0})
+
+    def forward(self, batch: dict[str, Any], ctx: StepContext) -> ObjectiveOutput:
+        images = ctx.images
+        if images.codes is None:  # the VD is off: nothing to predict
+            return self._skipped(images.feats)
+        rows = ctx.positive_rows
+        image_of_pair = batch["pair_image"][rows]
+        selected, chosen, mask = choose_masks(
+            images.codes[image_of_pair], images.grid_mask[image_of_pair], self.prob, self.num_codes, ctx.generator
+        )
+        picked = torch.nonzero(selected, as_tuple=True)[0]
+        if picked.numel() == 0:
+            return self._skipped(images.feats)
+        pair_rows = rows[picked]
+        mask = mask[picked]
+        grid, grid_mask = ctx.pair_grid(pair_rows)
+        masked_grid = torch.where(mask[:, None], self.mask_embedding.to(grid.dtype)[None, :, None, None], grid)
+        out = ctx.view("mvm", lambda: ctx.fuse(batch["text_ids"][pair_rows], batch["text_mask"][pair_rows], masked_grid, grid_mask))
+        cells = mask.flatten(1)  # row-major (gh, gw), the order of image_states
+        states = out.image_states[cells]
+        targets = chosen[picked][:, None].expand_as(cells)[cells]
+        logits = self.logits(states).float()
+        loss = F.cross_entropy(logits, targets)
+        chance = torch.bincount(targets, minlength=1).max().float() / targets.numel()
+        return ObjectiveOutput(
+            loss,
+            {"mvm_loss": loss.detach(), "mvm_acc": accuracy(logits, targets), "mvm_chance": chance.detach(), "mvm_skipped": 0.0},
+        )

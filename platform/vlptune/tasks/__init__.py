@@ -1,0 +1,1 @@
+"""Downstream evaluation and finetuning tasks (zero-shot retrieval: retrieval.py)."""

@@ -1,0 +1,269 @@
+"""Checkpoints: everything a resumed run needs to continue as if never stopped, without pickle.
+
+A checkpoint is a directory ``<root>/step_<NNNNNNNN>/`` holding
+
+* ``model.safetensors``: the Pretrainer's state dict (the model, the VD
+  buffers, every objective head). Tensors that are the same storage under two
+  names (tied weights) are stored once and listed as aliases in state.json.
+* ``state.safetensors``: every other tensor (optimiser moments, RNG states).
+* ``state.json``: everything else: step, epoch, data position, counters,
+  optimiser hyper-parameters, scheduler state, python RNG state, and a
+  description of where each tensor of the nested states lives.
+
+Nested states (optimiser state dicts, RNG tuples) are flattened by
+:func:`encode_tree`: tensors and numpy arrays go to ``state.safetensors``
+under a path-like key; dicts (whatever their key types), lists and tuples
+become tagged JSON. Nothing is ever unpickled.
+
+Writing is atomic: the files go to a temporary sibling directory that is
+renamed onto its final name, then the ``latest`` pointer file is replaced
+with ``os.replace``. A crash leaves either the previous checkpoint or the new
+one, never half of one. The newest :data:`KEEP_CHECKPOINTS` are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vlptune.io import atomic_write_text
+
+CHECKPOINT_DIR = "checkpoints"  # under the run directory
+LATEST = "latest"  # pointer file: the name of the newest complete checkpoint
+MODEL_FILE = "model.safetensors"
+TENSORS_FILE = "state.safetensors"
+STATE_FILE = "state.json"
+FORMAT_VERSION = 1
+# Two, not one: the previous checkpoint stays on disk while the next is written,
+# and a reader (Ray copying the directory) never sees it vanish mid-copy.
+KEEP_CHECKPOINTS = 2
+STEP_DIGITS = 8
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read back (names the directory and the problem)."""
+
+
+# ----------------------------------------------------------------- tree <-> json
+
+
+def encode_tree(obj: Any, tensors: dict[str, torch.Tensor], key: str) -> Any:
+    """JSON form of ``obj``; tensors and arrays are moved into ``tensors`` under ``key``-derived names."""
+    if isinstance(obj, torch.Tensor):
+        tensors[key] = obj.detach().cpu().contiguous().clone()
+        return {"__tensor__": key}
+    if isinstance(obj, np.ndarray):
+        tensors[key] = torch.from_numpy(np.ascontiguousarray(obj).copy())
+        return {"__ndarray__": key}
+    if isinstance(obj, dict):
+        return {"__dict__": [[encode_tree(k, tensors, f"{key}.k{i}"), encode_tree(v, tensors, f"{key}.{i}")] for i, (k, v) in enumerate(obj.items())]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [encode_tree(v, tensors, f"{key}.{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [encode_tree(v, tensors, f"{key}.{i}") for i, v in enumerate(obj)]
+    if isinstance(obj, (np.integer, np.floating, np.bool_)):
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"checkpoint: cannot store a {type(obj).__name__} at {key}")
+
+
+def decode_tree(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`encode_tree`."""
+    if isinstance(obj, list):
+        return [decode_tree(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__ndarray__" in obj:
+            return tensors[obj["__ndarray__"]].numpy()
+        if "__tuple__" in obj:
+            return tuple(decode_tree(v, tensors) for v in obj["__tuple__"])
+        if "__dict__" in obj:
+            return {_hashable(decode_tree(k, tensors)): decode_tree(v, tensors) for k, v in obj["__dict__"]}
+    return obj
+
+
+def _hashable(key: Any) -> Any:
+    return tuple(_hashable(k) for k in key) if isinstance(key, list) else key
+
+
+# ----------------------------------------------------------------- RNG states
+
+
+def capture_rng(generators: dict[str, torch.Generator] | None = None) -> dict[str, Any]:
+    """Python, numpy, torch (CPU and every CUDA device) and the named generators' states."""
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "generators": {name: g.get_state() for name, g in (generators or {}).items()},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any], generators: dict[str, torch.Generator] | None = None) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = state.get("generators", {})
+    for name, gen in (generators or {}).items():
+        if name not in saved:
+            raise CheckpointError(f"checkpoint has no state for generator {name!r} (it has {sorted(saved)})")
+        gen.set_state(saved[name])
+
+
+# ----------------------------------------------------------------- model tensors
+
+
+def _model_tensors(module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state dict on CPU without duplicated storage; ``aliases`` maps a dropped name to its twin."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[int, int, tuple[int, ...], tuple[int, ...], torch.dtype], str] = {}
+    for name, value in module.state_dict().items():
+        value = value.detach()
+        ident = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), tuple(value.stride()), value.dtype)
+        if value.numel() > 0 and ident in seen:
+            aliases[name] = seen[ident]
+            continue
+        seen[ident] = name
+        tensors[name] = value.cpu().contiguous().clone()  # clone: no two entries share memory
+    return tensors, aliases
+
+
+# ----------------------------------------------------------------- save / load
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:0{STEP_DIGITS}d}"
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    module: nn.Module,
+    optimizers: Any,
+    generators: dict[str, torch.Generator] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write the checkpoint of ``step`` atomically; returns its directory.
+
+    ``module`` is the unwrapped Pretrainer; ``optimizers`` an
+    :class:`~vlptune.train.optim.Optimizers`; ``extra`` JSON-able loop state
+    (epoch, data position, counters).
+    """
+    root = checkpoint_root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dir_name(step)
+    tmp = root / f".tmp-{final.name}-{os.getpid()}-{time.monotonic_ns()}"
+    tmp.mkdir()
+    try:
+        model_tensors, aliases = _model_tensors(module)
+        save_file(model_tensors, str(tmp / MODEL_FILE), metadata={"format": "vlptune", "step": str(step)})
+        other: dict[str, torch.Tensor] = {}
+        nested = {
+            "optimizers": {side: opt.state_dict() for side, opt in optimizers.optimizers.items()},
+            "schedulers": {side: sched.state_dict() for side, sched in optimizers.schedulers.items()},
+            "rng": capture_rng(generators),
+        }
+        state = {
+            "format_version": FORMAT_VERSION,
+            "step": int(step),
+            "aliases": aliases,
+            "extra": extra or {},
+            "nested": encode_tree(nested, other, "s"),
+        }
+        save_file(other, str(tmp / TENSORS_FILE))
+        with open(tmp / STATE_FILE, "w") as f:
+            json.dump(state, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():  # re-saving a step (after a resume): move the old one aside first
+            trash = root / f".old-{final.name}-{time.monotonic_ns()}"
+            os.replace(final, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_text(root / LATEST, final.name + "\n")
+    _prune(root, keep=final.name)
+    return final
+
+
+def _prune(root: Path, keep: str) -> None:
+    done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+    for old in done[:-KEEP_CHECKPOINTS]:
+        if old.name != keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run directory, or None."""
+    root = checkpoint_root(run_dir)
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    path = root / pointer.read_text().strip()
+    return path if (path / STATE_FILE).is_file() else None
+
+
+def load_checkpoint(
+    path: str | Path,
+    module: nn.Module,
+    optimizers: Any | None = None,
+    generators: dict[str, torch.Generator] | None = None,
+    restore_rng_state: bool = True,
+) -> dict[str, Any]:
+    """Load a checkpoint directory into ``module`` (and the optimisers, RNGs); returns its state.
+
+    The returned dict has ``step`` and ``extra`` (the loop state given to
+    :func:`save_checkpoint`).
+    """
+    path = Path(path)
+    for name in (MODEL_FILE, TENSORS_FILE, STATE_FILE):
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path}: not a complete checkpoint ({name} is missing)")
+    with open(path / STATE_FILE) as f:
+        state = json.load(f)
+    if state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format version {state.get('format_version')!r}, this code reads {FORMAT_VERSION}")
+    model_tensors = load_file(str(path / MODEL_FILE))
+    for alias, source in state["aliases"].items():
+        model_tensors[alias] = model_tensors[source]
+    missing, unexpected = module.load_state_dict(model_tensors, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: the checkpoint does not fit this model (missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+            f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}); was it written by another recipe?"
+        )
+    nested = decode_tree(state["nested"], load_file(str(path / TENSORS_FILE)))
+    if optimizers is not None:
+        if sorted(nested["optimizers"]) != sorted(optimizers.optimizers):
+            raise CheckpointError(f"{path}: optimisers {sorted(nested['optimizers'])} saved, this run has {sorted(optimizers.optimizers)}")
+        for side, opt in optimizers.optimizers.items():
+            opt.load_state_dict(nested["optimizers"][side])
+        for side, sched in optimizers.schedulers.items():
+            sched.load_state_dict(nested["schedulers"][side])
+    if restore_rng_state:
+        restore_rng(nested["rng"], generators)
+    return {"step": state["step"], "extra": state["extra"], "rng": nested["rng"]}

@@ -1,0 +1,524 @@
+"""The per-worker training loop: THE one training loop of vlptune.
+
+``train_worker(recipe, reporter, out_dir)`` runs on one worker (rank). It is
+called in-process by ``vlptune train`` and by ``bench/``, and on every Ray
+Train worker by the Ray code; when torch.distributed is already initialised
+(Ray does that) the model is wrapped in DDP (gloo on CPU, NCCL on GPU) and
+rank and world size come from torch.distributed. Nothing here imports Ray.
+
+One optimiser step::
+
+    for each of `accum` micro-batches (DDP syncs gradients on the last only):
+        total = sum(weight * loss) over the objectives   (objectives/base.py)
+        (total / accum).backward()
+    if the loss or the gradient norm is not finite on any rank: skip the step
+    clip the global gradient norm, step both optimisers and schedules
+
+Around it: the freeze schedule (the CNN frozen for the first
+``model.backbone.freeze_for`` steps or epochs), training scalars every
+``train.log_every`` steps, evaluation every ``train.eval_every`` steps and at
+the end (validation losses, zero-shot retrieval, a VD picture), a checkpoint
+at each evaluation (or every ``train.checkpoint_every`` steps), a report to
+the reporter at each evaluation, and a stop with a reason after
+``train.nan_patience`` consecutive non-finite steps.
+
+Resume: with ``resume`` on and a checkpoint in ``out_dir/checkpoints`` (or a
+checkpoint directory given as ``resume``), the model, optimisers, schedules,
+VD, RNG states and data position are restored, and the run continues exactly
+where an uninterrupted one would have gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from vlptune.config import Recipe, dump_recipe, recipe_to_dict, validate_recipe
+from vlptune.io import atomic_write_text
+from vlptune.objectives.base import MetricMeter, Pretrainer, build_pretrainer
+from vlptune.train import checkpoint as ckpt
+from vlptune.train.optim import (
+    Optimizers,
+    accumulation_steps,
+    autocast,
+    build_optimizers,
+    clip_gradients,
+    resolve_precision,
+)
+from vlptune.train.reporting import Reporter
+from vlptune.train.tensorboard import RunWriter, throughput, vd_picture
+
+log = logging.getLogger("vlptune.train")
+
+OBJECTIVE_STREAM = 1  # salt of the objectives' random stream (MVM choices), per rank
+DROPOUT_STREAM = 2  # salt of the torch global stream (dropout), per rank
+STOP_MAX_STEPS = "max_steps"
+
+
+# --------------------------------------------------------------------------- workers & devices
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def detect(cls) -> "Dist":
+        """Rank and world size from torch.distributed when initialised (Ray Train), else a single worker."""
+        if dist.is_available() and dist.is_initialized():
+            local = int(os.environ.get("LOCAL_RANK", dist.get_rank() % max(1, torch.cuda.device_count() or 1)))
+            return cls(dist.get_rank(), dist.get_world_size(), local)
+        return cls()
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+
+def resolve_device(choice: str, workers: Dist) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device=cuda but no CUDA device is visible to this worker")
+        device = torch.device("cuda", workers.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+def set_threads(recipe: Recipe) -> None:
+    res = recipe.resources
+    threads = res.torch_threads or math.ceil(res.cpus_per_worker)
+    torch.set_num_threads(max(1, threads))
+
+
+def stream_seed(seed: int, rank: int, stream: int) -> int:
+    """A distinct, reproducible seed per (run seed, rank, stream)."""
+    return (seed * 1_000_003 + rank * 7919 + stream) % (2**63 - 1)
+
+
+def module_generators(module: nn.Module) -> dict[str, torch.Generator]:
+    """Every ``torch.Generator`` held as an attribute by a sub-module (e.g. the VD's private one), by path."""
+    out: dict[str, torch.Generator] = {}
+    for path, sub in module.named_modules():
+        for attr, value in vars(sub).items():
+            if isinstance(value, torch.Generator):
+                out[f"{path or 'root'}.{attr}"] = value
+    return out
+
+
+def as_recipe(recipe: Recipe | dict) -> Recipe:
+    return recipe if isinstance(recipe, Recipe) else validate_recipe(dict(recipe), "train_worker recipe")
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+# --------------------------------------------------------------------------- data
+
+
+def prepare_data(recipe: Recipe, workers: Dist) -> None:
+    """Rank 0 generates the synthetic world if needed; the other ranks wait for it."""
+    from vlptune.data.dataset import ensure_data
+
+    if workers.is_main:
+        ensure_data(recipe)
+    workers.barrier()
+    if not workers.is_main:
+        ensure_data(recipe)
+
+
+class BatchStream:
+    """Training micro-batches, epoch after epoch; ``(epoch, position)`` is the data position.
+
+    ``position`` counts the batches of ``epoch`` already handed out. A stream
+    opened at a position starts at that batch without reading the earlier
+    ones (the epoch's order and every sample's randomness depend only on the
+    seed, the epoch and the record, see data/dataset.py).
+    """
+
+    def __init__(self, loader: DataLoader, epoch: int = 0, position: int = 0, skipped: int = 0):
+        self.loader = loader
+        self.epoch = epoch
+        self.position = position
+        self.skipped = skipped
+        self._iter: Iterator[dict] | None = None
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def _open(self) -> Iterator[dict]:
+        self.loader.dataset.set_epoch(self.epoch)
+        batch_size = self.loader.batch_size
+        n = len(self.loader.dataset)
+        start = self.position * batch_size
+        view = DataLoader(
+            self.loader.dataset,
+            batch_size=batch_size,
+            sampler=range(start, n),
+            # its own generator: opening an epoch must not draw from the global
+            # stream (dropout), or a resumed run would drift from an uninterrupted one
+            generator=torch.Generator().manual_seed(self.epoch),
+            drop_last=self.loader.drop_last,
+            num_workers=self.loader.num_workers,
+            collate_fn=self.loader.collate_fn,
+            worker_init_fn=self.loader.worker_init_fn,
+        )
+        return iter(view)
+
+    def next(self) -> dict[str, Any]:
+        for _ in range(2):  # at most one epoch boundary per call
+            if self._iter is None:
+                self._iter = self._open()
+            try:
+                batch = next(self._iter)
+            except StopIteration:
+                self._iter = None
+                self.epoch += 1
+                self.position = 0
+                continue
+            self.position += 1
+            self.skipped += int(batch.get("skipped", 0))
+            batch["skipped"] = self.skipped
+            return batch
+        raise RuntimeError(f"the training split yields no batch in epoch {self.epoch} (data.batch_images={self.loader.batch_size})")
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "skipped": self.skipped}
+
+
+# --------------------------------------------------------------------------- one step
+
+
+@dataclass
+class StepResult:
+    loss: float
+    metrics: list[dict[str, Tensor | float]]  # one dict per micro-batch
+    grad_norm: float
+    finite: bool
+    images: int
+    pairs: int
+
+
+def train_step(
+    module: nn.Module,
+    pretrainer: Pretrainer,
+    optimizers: Optimizers,
+    micro_batches: list[dict[str, Any]],
+    device: torch.device,
+    precision: str,
+    grad_clip: float,
+    generator: torch.Generator | None,
+) -> StepResult:
+    """One optimiser step over ``micro_batches`` (gradient accumulation).
+
+    ``module`` is what runs the forward (the DDP wrapper, or the Pretrainer
+    itself); ``pretrainer`` the unwrapped module. Each micro-batch's total
+    loss is divided by the number of micro-batches, so the gradient is the
+    mean over them. The step is skipped (gradients dropped, weights untouched)
+    when the loss or the gradient norm is not finite on any rank.
+    """
+    accum = len(micro_batches)
+    total = torch.zeros((), device=device)
+    per_batch: list[dict[str, Tensor | float]] = []
+    images = pairs = 0
+    for i, batch in enumerate(micro_batches):
+        batch = to_device(batch, device)
+        last = i == accum - 1
+        sync = module.no_sync() if isinstance(module, DistributedDataParallel) and not last else _null()
+        with sync:
+            with autocast(precision, device):
+                loss, metrics = module(batch, generator)
+            if loss.requires_grad:
+                (loss / accum).backward()
+        total = total + loss.detach().float() / accum
+        per_batch.append(metrics)
+        images += int(batch["images"].shape[0])
+        pairs += int(batch["pair_image"].numel())
+    params = list(optimizers.params())
+    grad_norm = clip_gradients(params, grad_clip).to(device)
+    flag = (torch.isfinite(total) & torch.isfinite(grad_norm)).float()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    finite = bool(flag.item())
+    if finite:
+        optimizers.step()
+    else:
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
+            warnings.simplefilter("ignore", UserWarning)
+            for sched in optimizers.schedulers.values():  # keep the schedule on the step counter
+                sched.step()
+    optimizers.zero_grad()
+    return StepResult(float(total), per_batch, float(grad_norm), finite, images, pairs)
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def backbone_frozen_at(step: int, recipe: Recipe, steps_per_epoch: float) -> bool:
+    """The freeze schedule: is the CNN frozen at optimiser step ``step``?"""
+    cfg = recipe.model.backbone
+    if cfg.freeze_for == 0:
+        return False
+    limit = cfg.freeze_for if cfg.freeze_unit == "steps" else cfg.freeze_for * steps_per_epoch
+    return step < limit
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+class Evaluation:
+    """Validation losses (all ranks) and zero-shot retrieval (rank 0), data prepared once."""
+
+    def __init__(self, recipe: Recipe, workers: Dist, device: torch.device, precision: str):
+        from vlptune.data.dataset import build_loader
+
+        self.recipe = recipe
+        self.workers = workers
+        self.device = device
+        self.precision = precision
+        self.val_loader = (
+            build_loader(recipe, train=False, rank=workers.rank, world_size=workers.world_size) if recipe.eval.loss_batches > 0 else None
+        )
+        self._retrieval: Any = None
+
+    def __call__(self, pretrainer: Pretrainer) -> tuple[dict[str, float], Tensor | None]:
+        # The evaluation draws nothing from the training's random streams: it
+        # runs inside a fork of the global RNG, so the training trajectory does
+        # not depend on how often (or whether) it evaluates.
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            return self._evaluate(pretrainer)
+
+    def _evaluate(self, pretrainer: Pretrainer) -> tuple[dict[str, float], Tensor | None]:
+        from vlptune.tasks.retrieval import RetrievalInputs, evaluate_losses, evaluate_retrieval
+
+        metrics: dict[str, float] = {}
+        if self.val_loader is not None:
+            val = evaluate_losses(pretrainer, self.val_loader, self.recipe.eval.loss_batches, self.device, self.precision)
+            metrics.update({f"val/{k}": v for k, v in val.items()})
+        picture = None
+        if self.workers.is_main and "itm" in pretrainer.objectives:
+            if self._retrieval is None:
+                self._retrieval = RetrievalInputs.load(self.recipe)
+            retrieval, encoded = evaluate_retrieval(pretrainer, self.recipe, self._retrieval, self.device, self.precision)
+            metrics.update({f"retrieval/{k}": v for k, v in retrieval.items()})
+            if encoded.codes and self.recipe.eval.vd_picture_codes > 0:
+                data = self.recipe.data
+                picture = vd_picture(self._retrieval.images, encoded.codes, self._retrieval.stride, data.mean, data.std, self.recipe.eval.vd_picture_codes)
+        if self.workers.active:  # every rank reports the same numbers
+            box = [metrics]
+            dist.broadcast_object_list(box, src=0)
+            metrics = box[0]
+        return metrics, picture
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train_worker(recipe: Recipe | dict, reporter: Reporter, out_dir: str | os.PathLike, resume: bool | str = True) -> dict[str, Any]:
+    """Train ``recipe`` on this worker; returns the final metrics.
+
+    ``reporter.report(metrics, checkpoint_dir)`` is called at every
+    evaluation on every rank. ``out_dir`` is the run directory: TensorBoard
+    events, ``recipe.yaml`` and ``checkpoints/`` go there (rank 0 writes).
+    ``resume``: True continues from ``out_dir``'s latest checkpoint if there is
+    one; a path resumes from that checkpoint directory; False starts afresh.
+
+    The result holds the last evaluation's metrics plus ``step``, ``epoch``,
+    ``stop_reason`` (``"max_steps"``, or why the run stopped early),
+    ``checkpoint`` (the last checkpoint directory or None), ``run_dir``,
+    ``train_seconds``, ``images_seen`` (over all ranks) and
+    ``skipped_records`` (corrupt training records skipped by this rank).
+    """
+    recipe = as_recipe(recipe)
+    run_dir = Path(out_dir)
+    workers = Dist.detect()
+    device = resolve_device(recipe.train.device, workers)
+    precision = resolve_precision(recipe.optim.precision, device)
+    set_threads(recipe)
+    seed = recipe.train.seed
+    torch.manual_seed(seed)  # the same initial weights on every rank
+
+    # ---- data, model, optimisers
+    accum = accumulation_steps(recipe.optim.global_batch, recipe.data.batch_images, workers.world_size)
+    prepare_data(recipe, workers)
+    from vlptune.data.dataset import build_loader
+
+    pretrainer = build_pretrainer(recipe).to(device)
+    pretrainer.train()
+    optimizers = build_optimizers(pretrainer, pretrainer.model.backbone, recipe.optim, recipe.train.max_steps)
+    module: nn.Module = pretrainer
+    if workers.active:
+        # find_unused_parameters: the frozen CNN, a skipped MVM step or a batch
+        # without MLM tokens leave parameters without gradient on some steps.
+        ids = [device.index] if device.type == "cuda" else None
+        module = DistributedDataParallel(pretrainer, device_ids=ids, find_unused_parameters=True)
+    objective_gen = torch.Generator().manual_seed(stream_seed(seed, workers.rank, OBJECTIVE_STREAM))
+    generators = {"objectives": objective_gen, **module_generators(pretrainer)}
+    torch.manual_seed(stream_seed(seed, workers.rank, DROPOUT_STREAM))  # dropout differs across ranks
+    loader = build_loader(recipe, train=True, rank=workers.rank, world_size=workers.world_size)
+    stream = BatchStream(loader)
+
+    # ---- resume
+    step, nonfinite, images_seen, last_ckpt, resumed_rng = 0, 0, 0, None, None
+    source = Path(resume) if isinstance(resume, (str, os.PathLike)) else (ckpt.latest_checkpoint(run_dir) if resume else None)
+    if source is not None:
+        state = ckpt.load_checkpoint(source, pretrainer, optimizers, generators, restore_rng_state=False)
+        step = int(state["step"])
+        extra = state["extra"]
+        stream = BatchStream(loader, extra["epoch"], extra["position"], extra["skipped"])
+        nonfinite = int(extra.get("nonfinite", 0))
+        images_seen = int(extra.get("images_seen", 0))
+        resumed_rng = state["rng"]
+        last_ckpt = str(source)
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", source, step, stream.epoch, stream.position)
+
+    writer = None
+    if workers.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
+        writer = RunWriter(run_dir, purge_step=step + 1 if source is not None else None)
+        if source is None:
+            writer.hparams_start(recipe_to_dict(recipe))
+    evaluation = Evaluation(recipe, workers, device, precision)
+    steps_per_epoch = max(1.0, len(stream) / accum)
+    if resumed_rng is not None:  # after every construction that draws random numbers
+        ckpt.restore_rng(resumed_rng, generators)
+
+    # ---- train
+    max_steps = recipe.train.max_steps
+    meter = MetricMeter(pretrainer.metric_names)
+    window = {"images": 0, "pairs": 0, "grad_norm": 0.0, "steps": 0, "start": time.perf_counter()}
+    frozen: bool | None = None
+    stop_reason = STOP_MAX_STEPS
+    result: dict[str, Any] = {}
+    train_start = time.perf_counter()
+    while step < max_steps:
+        want_frozen = backbone_frozen_at(step, recipe, steps_per_epoch)
+        if want_frozen != frozen:
+            pretrainer.model.set_backbone_frozen(want_frozen)
+            frozen = want_frozen
+        out = train_step(module, pretrainer, optimizers, [stream.next() for _ in range(accum)], device, precision, recipe.optim.grad_clip, objective_gen)
+        step += 1
+        if out.finite:
+            nonfinite = 0
+            for metrics in out.metrics:
+                meter.add(metrics)
+            window["grad_norm"] += out.grad_norm
+            window["steps"] += 1
+        else:
+            nonfinite += 1
+            log.warning("step %d: non-finite loss %s or gradient norm %s; step skipped (%d in a row)", step, out.loss, out.grad_norm, nonfinite)
+            if nonfinite >= recipe.train.nan_patience:
+                stop_reason = (
+                    f"non-finite loss or gradient for {nonfinite} consecutive steps (train.nan_patience={recipe.train.nan_patience}), "
+                    f"last at step {step}: loss={out.loss}, grad_norm={out.grad_norm}"
+                )
+                log.error("stopping: %s", stop_reason)
+                break
+        images_seen += out.images * workers.world_size
+        window["images"] += out.images * workers.world_size
+        window["pairs"] += out.pairs * workers.world_size
+
+        if step % recipe.train.log_every == 0 or step == max_steps:
+            log_window(writer, meter, window, optimizers, step, stream.epoch)
+            meter = MetricMeter(pretrainer.metric_names)
+            window = {"images": 0, "pairs": 0, "grad_norm": 0.0, "steps": 0, "start": time.perf_counter()}
+
+        is_eval = step % recipe.train.eval_every == 0 or step == max_steps
+        every = recipe.train.checkpoint_every
+        is_ckpt = (every > 0 and step % every == 0) or (every == 0 and is_eval) or step == max_steps
+        if is_eval:
+            result = run_evaluation(evaluation, pretrainer, writer, step, stream.epoch)
+        written = None
+        if is_ckpt:
+            extra = {**stream.state(), "nonfinite": nonfinite, "images_seen": images_seen, "recipe_name": recipe.name}
+            if workers.is_main:
+                written = str(ckpt.save_checkpoint(run_dir, step, pretrainer, optimizers, generators, extra))
+                last_ckpt = written
+            workers.barrier()
+        if is_eval:
+            reporter.report({**result, "step": step, "epoch": stream.epoch}, written)
+
+    # ---- finish
+    if not result and stop_reason == STOP_MAX_STEPS:  # resumed a finished run: evaluate it once more
+        result = run_evaluation(evaluation, pretrainer, writer, step, stream.epoch)
+        reporter.report({**result, "step": step, "epoch": stream.epoch}, last_ckpt if workers.is_main else None)
+    final = {
+        **result,
+        "step": step,
+        "epoch": stream.epoch,
+        "stop_reason": stop_reason,
+        "checkpoint": last_ckpt,
+        "run_dir": str(run_dir),
+        "train_seconds": time.perf_counter() - train_start,
+        "skipped_records": stream.skipped,
+        "images_seen": images_seen,
+    }
+    if stop_reason != STOP_MAX_STEPS:
+        reporter.report(final, None)
+    if writer is not None:
+        if stop_reason == STOP_MAX_STEPS:
+            writer.hparams_end()
+        writer.close()
+    return final
+
+
+def log_window(writer: RunWriter | None, meter: MetricMeter, window: dict[str, Any], optimizers: Optimizers, step: int, epoch: int) -> None:
+    """Average the window's metrics over ranks and write them (rank 0)."""
+    meter.all_reduce()
+    means = meter.means()
+    seconds = time.perf_counter() - window["start"]
+    speed = throughput(window["images"], window["pairs"], seconds)
+    grad = window["grad_norm"] / max(1, window["steps"])
+    if writer is None:
+        return
+    train = {k: v for k, v in means.items() if not k.startswith("vd_")}
+    writer.scalars(train, step, "train/")
+    writer.scalars({"grad_norm": grad, "epoch": epoch}, step, "train/")
+    writer.scalars(optimizers.lrs(), step)
+    writer.scalars({k[3:]: v for k, v in means.items() if k.startswith("vd_")}, step, "vd/")
+    writer.scalars(speed, step, "throughput/")
+    writer.flush()
+    shown = " ".join(f"{k}={v:.4g}" for k, v in train.items() if k.endswith(("loss", "acc")))
+    log.info("step %d epoch %d %s grad_norm=%.3g %.1f img/s", step, epoch, shown, grad, speed["images_per_s"])
+
+
+def run_evaluation(evaluation: Evaluation, pretrainer: Pretrainer, writer: RunWriter | None, step: int, epoch: int) -> dict[str, float]:
+    metrics, picture = evaluation(pretrainer)
+    if writer is not None:
+        writer.scalars(metrics, step)
+        if picture is not None:
+            writer.image("vd/codes", picture, step)
+        writer.flush()
+    shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if "chance" not in k)
+    log.info("eval step %d epoch %d %s", step, epoch, shown)
+    return metrics

@@ -1,0 +1,63 @@
+"""How the training loop hands its metrics (and checkpoints) to whoever runs it.
+
+The loop knows only the :class:`Reporter` protocol. ``vlptune train`` uses
+:class:`LocalReporter`; a Ray Train run passes an adapter that calls
+``ray.train.report`` (that adapter lives with the Ray code, so nothing here
+imports Ray).
+
+Contract: ``report`` is called at every evaluation (and once at the end) on
+EVERY rank, because Ray Train requires all workers to report; the
+``checkpoint_dir`` is the directory of the checkpoint written at that step on
+rank 0 and None on the other ranks (or when no checkpoint was written).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any, Protocol, TextIO, runtime_checkable
+
+DEFAULT_LINE_KEYS = ("step", "loss", "itm_acc", "mlm_acc", "mvm_acc", "val/itm_acc", "retrieval/rsum", "retrieval/tr_r1", "retrieval/ir_r1")
+
+
+@runtime_checkable
+class Reporter(Protocol):
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        """Receive one evaluation's metrics and, on rank 0, the checkpoint written with them."""
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            return str(value)
+        return f"{value:.4g}"
+    return str(value)
+
+
+class LocalReporter:
+    """Prints one line per report and keeps every report in ``history``.
+
+    ``keys``: metrics shown on the line (those present); ``stream``: where to
+    print (stdout by default); ``quiet`` keeps history without printing.
+    """
+
+    def __init__(self, keys: tuple[str, ...] = DEFAULT_LINE_KEYS, stream: TextIO | None = None, quiet: bool = False):
+        self.keys = keys
+        self.stream = stream
+        self.quiet = quiet
+        self.history: list[dict[str, Any]] = []
+        self.checkpoints: list[str | None] = []
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        self.history.append(dict(metrics))
+        self.checkpoints.append(checkpoint_dir)
+        if self.quiet:
+            return
+        parts = [f"{key}={format_value(metrics[key])}" for key in self.keys if key in metrics]
+        if checkpoint_dir:
+            parts.append(f"checkpoint={checkpoint_dir}")
+        print("[report] " + " ".join(parts), file=self.stream or sys.stdout, flush=True)
+
+    @property
+    def last(self) -> dict[str, Any]:
+        return self.history[-1] if self.history else {}
