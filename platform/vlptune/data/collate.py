@@ -165,17 +165,20 @@ class SOHOCollate:
         # pairs: image by image, P positives then N negatives
         texts: list[str] = []
         spans: list[list] = []
+        sims: list[np.ndarray | None] = []  # phrase-label similarity [K_c, O_b] of positive pairs
         pair_image: list[int] = []
         itm: list[int] = []
         for b, s in enumerate(samples):
             for ci in self._positives(s["captions"], rng):
                 texts.append(s["captions"][ci])
                 spans.append(s["phrases"][ci])
+                sims.append(s["phrase_sim"][ci] if s.get("phrase_sim") is not None else None)
                 pair_image.append(b)
                 itm.append(1)
             for c, ph in self._negatives(b, samples, rng):
                 texts.append(c)
                 spans.append(ph)
+                sims.append(None)
                 pair_image.append(b)
                 itm.append(0)
         enc = encode(self.tokenizer, texts, self.max_len)
@@ -218,6 +221,15 @@ class SOHOCollate:
                 obj_has_roi[b, :n] = torch.as_tensor(s["has_roi"], dtype=torch.bool)
             seg[b] = seg_to_grid(s["seg"], gh, gw, self.stride, h, w)
 
+        # KD-VLP phrase-label similarity, positive pairs of records that carry it
+        phrase_obj_sim = torch.zeros(len(texts), K, O, dtype=torch.float32)
+        phrase_obj_valid = torch.zeros(len(texts), K, O, dtype=torch.bool)
+        for r, m in enumerate(sims):
+            if m is not None and m.size:
+                k, o = m.shape
+                phrase_obj_sim[r, :k, :o] = torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32))
+                phrase_obj_valid[r, :k, :o] = True
+
         return {
             "images": images,
             "pixel_mask": pixel_mask,
@@ -238,6 +250,8 @@ class SOHOCollate:
             "obj_has_roi": obj_has_roi,
             "seg": seg,
             "phrase_spans": phrase_spans,
+            "phrase_obj_sim": phrase_obj_sim,
+            "phrase_obj_valid": phrase_obj_valid,
             "captions": texts,
             "skipped": skipped,
         }
@@ -264,5 +278,6 @@ def pad_images(tensors: Sequence[torch.Tensor], stride: int) -> tuple[torch.Tens
 BATCH_KEYS = (
     "images", "pixel_mask", "image_ids", "text_ids", "text_mask", "pair_image", "itm_labels",
     "mlm_ids", "mlm_labels", "grid_hw", "grid_mask", "obj_masks", "obj_labels", "obj_boxes",
-    "obj_attrs", "obj_roi", "obj_has_roi", "seg", "phrase_spans", "captions", "skipped",
+    "obj_attrs", "obj_roi", "obj_has_roi", "seg", "phrase_spans", "phrase_obj_sim", "phrase_obj_valid",
+    "captions", "skipped",
 )

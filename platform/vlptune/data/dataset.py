@@ -64,10 +64,34 @@ def data_root(recipe: Recipe) -> Path:
     return Path(recipe.data.root).expanduser()
 
 
+def needs_phrase_similarity(recipe: Recipe) -> bool:
+    """Whether an active objective of ``recipe`` reads the ``phrase_label_sim`` column.
+
+    An objective says so with a classmethod ``required_columns(cfg)`` returning
+    the optional ``image_text`` columns it needs (KD-VLP's OMVM with guided
+    sampling, PRA).
+    """
+    from vlptune.objectives import registry
+    from vlptune.objectives.base import active_objectives
+
+    for name, cfg in active_objectives(recipe).items():
+        required = getattr(registry.get(name).impl, "required_columns", None)
+        if required is not None and "phrase_label_sim" in required(cfg):
+            return True
+    return False
+
+
+def manifest_vocabularies(recipe: Recipe) -> dict:
+    """The ``vocabularies`` of the recipe's dataset manifest (generating the synthetic world first if needed)."""
+    return read_manifest(ensure_data(recipe))["vocabularies"]
+
+
 def ensure_data(recipe: Recipe) -> Path:
     """The data directory of ``recipe``; generates the synthetic world first when
     it has no manifest and ``data.synthesize`` is on (under a file lock, so
-    concurrent ranks generate it once)."""
+    concurrent ranks generate it once). The world gets phrase-label
+    similarities (``phrase_label_sim``) when an active objective needs them
+    (:func:`needs_phrase_similarity`)."""
     root = data_root(recipe)
     if (root / "manifest.json").is_file():
         return root
@@ -84,7 +108,10 @@ def ensure_data(recipe: Recipe) -> Path:
             if not (root / "manifest.json").is_file():
                 s = recipe.data.synth
                 log.info("generating the synthetic world into %s", root)
-                synth.make_world(root, train=s.train, val=s.val, test=s.test, image_size=s.image_size, seed=s.seed, shard_size=s.shard_size)
+                synth.make_world(
+                    root, train=s.train, val=s.val, test=s.test, image_size=s.image_size, seed=s.seed, shard_size=s.shard_size,
+                    phrase_similarity=needs_phrase_similarity(recipe),
+                )
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return root
@@ -169,6 +196,7 @@ def decode_record(row: dict, transform: ImageTransform, vocab: Vocab, max_object
         roi = o.get("roi_feature")
         if roi is not None and len(roi) != vocab.roi_dim:
             raise DataError(f"record {rid}: field 'objects[{k}].roi_feature' has {len(roi)} values, the manifest says roi_feature_dim={vocab.roi_dim}")
+    sims = _phrase_similarity(row.get("phrase_label_sim"), phrases, len(objects), rid)
     rng = np.random.default_rng(seed)
     try:
         t = transform(image, boxes, seg, captions, rng)
@@ -193,9 +221,30 @@ def decode_record(row: dict, transform: ImageTransform, vocab: Vocab, max_object
         "seg": t.seg,
         "captions": list(captions),
         "phrases": [[(int(p["start"]), int(p["end"])) for p in (ph or [])] for ph in phrases],
+        "phrase_sim": None if sims is None else [m[:, keep] for m in sims],
         "flipped": t.flipped,
         "seed": int(seed),
     }
+
+
+def _phrase_similarity(value: Any, phrases: list, num_objects: int, rid: str) -> list[np.ndarray] | None:
+    """The record's ``phrase_label_sim`` as one float32 [K_c, O] array per caption (None when absent)."""
+    if value is None:
+        return None
+    if len(value) != len(phrases):
+        raise DataError(f"record {rid}: field 'phrase_label_sim' has {len(value)} entries for {len(phrases)} captions")
+    out = []
+    for c, (per_phrase, caption_phrases) in enumerate(zip(value, phrases)):
+        k = len(caption_phrases or [])
+        rows = per_phrase or []
+        if len(rows) != k or any(len(r or []) != num_objects for r in rows):
+            found = f"{len(rows)}x{[len(r or []) for r in rows]}"
+            raise DataError(f"record {rid}: field 'phrase_label_sim[{c}]' must be {k} phrases x {num_objects} objects, found {found}")
+        m = np.asarray([list(r or []) for r in rows], dtype=np.float32).reshape(k, num_objects)
+        if not np.isfinite(m).all():
+            raise DataError(f"record {rid}: field 'phrase_label_sim[{c}]' holds a non-finite value")
+        out.append(m)
+    return out
 
 
 def _read_rows(paths: Sequence[Path], counts: Sequence[int], wanted: np.ndarray) -> pa.Table:

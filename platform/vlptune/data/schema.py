@@ -14,7 +14,10 @@ Comparison rules (`validate_schema`):
     schema allows them, and a column declared nullable that happens to hold
     none is harmless;
   * the names of list items ("item" from Arrow, "element" from other Parquet
-    writers) are not compared, struct field names and order are.
+    writers) are not compared, struct field names and order are;
+  * a column listed in `OPTIONAL_COLUMNS` may be missing altogether (shards
+    written before it existed, converters that do not produce it): readers
+    see it as all nulls (`complete_optional_columns`).
 """
 
 from __future__ import annotations
@@ -79,8 +82,16 @@ IMAGE_TEXT_SCHEMA = pa.schema(
         pa.field("phrases", pa.list_(pa.list_(PHRASE_TYPE)), nullable=False),
         pa.field("objects", pa.list_(OBJECT_TYPE), nullable=False),
         pa.field("segmentation", pa.binary(), nullable=True),  # PNG of a uint8 map
+        # KD-VLP phrase-label similarity alpha(z, n): per caption, per phrase, per object
+        # (vlptune.data.similarity); optional: absent from older shards
+        pa.field("phrase_label_sim", pa.list_(pa.list_(pa.list_(pa.float32()))), nullable=True),
     ]
 )
+
+# Columns a shard may lack entirely (read as nulls); each must be nullable in its schema.
+OPTIONAL_COLUMNS: dict[str, tuple[str, ...]] = {
+    TABLE_IMAGE_TEXT: ("phrase_label_sim",),
+}
 
 VQA_ANSWER_TYPE = pa.struct(
     [
@@ -188,9 +199,12 @@ def _type_mismatch(path: str, expected: pa.DataType, found: pa.DataType) -> str 
 def schema_problems(table_name: str, arrow_schema: pa.Schema) -> list[str]:
     """Every difference between `arrow_schema` and the schema of `table_name`."""
     expected = schema_for(table_name)
+    optional = OPTIONAL_COLUMNS.get(table_name, ())
     problems = []
     for field in expected:
         idx = arrow_schema.get_field_index(field.name)
+        if idx < 0 and field.name in optional:
+            continue
         if idx < 0:
             problems.append(f"{field.name}: missing column (expected {field.type})")
             continue
@@ -198,6 +212,25 @@ def schema_problems(table_name: str, arrow_schema: pa.Schema) -> list[str]:
         if problem:
             problems.append(problem)
     return problems
+
+
+def present_columns(table_name: str, arrow_schema: pa.Schema) -> list[str]:
+    """The columns of `table_name`'s schema that `arrow_schema` holds (optional ones may be absent)."""
+    return [f.name for f in schema_for(table_name) if arrow_schema.get_field_index(f.name) >= 0]
+
+
+def complete_optional_columns(table_name: str, table: pa.Table) -> pa.Table:
+    """`table` with every missing optional column added as nulls, columns in schema order."""
+    expected = schema_for(table_name)
+    columns = []
+    for field in expected:
+        if table.schema.get_field_index(field.name) >= 0:
+            columns.append(table.column(field.name))
+        elif field.name in OPTIONAL_COLUMNS.get(table_name, ()):
+            columns.append(pa.nulls(table.num_rows, type=field.type))
+        else:
+            raise DataError(f"table {table_name!r}: column {field.name!r} is missing and not optional")
+    return pa.Table.from_arrays(columns, schema=pa.schema([pa.field(f.name, f.type, f.nullable) for f in expected]))
 
 
 def validate_schema(table_name: str, arrow_schema: pa.Schema, path) -> None:

@@ -46,6 +46,8 @@ from vlptune.data.schema import (
     SCHEMA_VERSION,
     TABLES,
     DataError,
+    complete_optional_columns,
+    present_columns,
     schema_for,
     validate_schema,
 )
@@ -436,9 +438,11 @@ def read_shard(path: str | os.PathLike, table: str) -> pa.Table:
         raise DataError(f"{path}: not a readable Parquet file: {exc}") from exc
     validate_schema(table, pfile.schema_arrow, path)
     try:
-        arrow = pfile.read(columns=schema.names)
+        arrow = pfile.read(columns=present_columns(table, pfile.schema_arrow))
     except Exception as exc:
         raise DataError(f"{path}: cannot read table {table!r}: {exc}") from exc
+    if arrow.num_columns != len(schema.names):  # optional columns absent from this shard: nulls
+        arrow = complete_optional_columns(table, arrow)
     if not arrow.schema.equals(schema):
         try:
             arrow = arrow.cast(schema)

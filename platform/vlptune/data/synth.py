@@ -1182,6 +1182,8 @@ def make_world(
     roi_feature_dim: int = ROI_FEATURE_DIM_DEFAULT,
     overwrite: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
+    phrase_similarity: bool = False,
+    similarity_model: str | None = None,
 ) -> dict:
     """Generate the world into `out_dir` as Parquet shards; return a summary dict.
 
@@ -1190,12 +1192,26 @@ def make_world(
     Summary keys: out_dir, counts (table -> split -> records), images,
     seconds and images_per_second (wall clock), stage_cpu_seconds (CPU seconds
     per stage, summed over workers: scene_captions, phrases, draw_encode,
-    downstream, write), phrase_cache (hits, misses, hit_rate,
-    parse_cpu_seconds, load_seconds), workers.
+    downstream, write, and similarity when on), phrase_cache (hits, misses, hit_rate,
+    parse_cpu_seconds, load_seconds), workers, phrase_similarity (None when
+    off, else encoded, hits, encode_cpu_seconds, load_seconds).
+
+    ``phrase_similarity``: also fill the ``image_text`` column
+    ``phrase_label_sim`` (KD-VLP's alpha(z, n), :mod:`vlptune.data.similarity`)
+    with the text encoder ``similarity_model`` (None: the packaged MiniLM), and
+    record ``phrase_label_similarity`` in the manifest. It runs in this process
+    as the chunks arrive (in order, one cache for the whole run), so the output
+    stays the same whatever ``workers`` is. Cost: one encoder pass per distinct
+    phrase string (about 1250 distinct phrases in a 2000-image world).
     """
     cfg = WorldConfig(seed=seed, image_size=image_size, captions_per_image=captions_per_image,
                       roi_feature_dim=roi_feature_dim)
     cfg.validate()
+    similarity = None
+    if phrase_similarity:
+        from vlptune.data.similarity import MANIFEST_KEY, PhraseLabelSimilarity
+
+        similarity = PhraseLabelSimilarity(similarity_model)  # a fresh cache: same bytes whatever ran before
     sizes = {"train": train, "val": val, "test": test}
     for split, n in sizes.items():
         if n < 0:
@@ -1210,14 +1226,18 @@ def make_world(
     done = {s: 0 for s in sizes}
     stage = {"scene_captions": 0.0, "phrases": 0.0, "draw_encode": 0.0, "downstream": 0.0,
              "write": 0.0}
+    if similarity is not None:
+        stage["similarity"] = 0.0
+    extra = {"generator": {"name": "synth", "seed": seed, "image_size": image_size,
+                           "captions_per_image": captions_per_image,
+                           "splits": {s: n for s, n in sizes.items() if n},
+                           "schema_version": SCHEMA_VERSION}}
+    if similarity is not None:
+        extra[MANIFEST_KEY] = similarity.describe()
     cache = {"hits": 0, "misses": 0, "parse_cpu_seconds": 0.0, "load_seconds": 0.0}
     writer = ShardWriter(
         out_dir, vocabularies=vocabularies(roi_feature_dim), created_by=CREATED_BY,
-        shard_size=shard_size,
-        extra={"generator": {"name": "synth", "seed": seed, "image_size": image_size,
-                             "captions_per_image": captions_per_image,
-                             "splits": {s: n for s, n in sizes.items() if n},
-                             "schema_version": SCHEMA_VERSION}},
+        shard_size=shard_size, extra=extra,
     )
     start_time = time.perf_counter()
     pool = None
@@ -1229,6 +1249,10 @@ def make_world(
             results = map(_generate_chunk_star, tasks)
         with writer:
             for task, result in zip(tasks, results):
+                if similarity is not None:
+                    s0 = time.process_time()
+                    similarity.fill_records(result["tables"][TABLE_IMAGE_TEXT])
+                    stage["similarity"] += time.process_time() - s0
                 w0 = time.process_time()
                 for table, records in result["tables"].items():
                     writer.add_many(table, records)
@@ -1258,4 +1282,5 @@ def make_world(
         "stage_cpu_seconds": stage,
         "phrase_cache": cache,
         "workers": workers,
+        "phrase_similarity": similarity.stats() if similarity is not None else None,
     }
