@@ -119,8 +119,8 @@ def test_local_bert_directory_and_limits(tmp_path):
         fusion(torch.randint(0, 100, (1, 7)), torch.ones(1, 7), torch.randn(1, 32, 5, 1), None)
     with pytest.raises(ValueError, match="fusion width"):
         fusion(torch.randint(0, 100, (1, 7)), torch.ones(1, 7), torch.randn(1, 16, 2, 2), None)
-    with pytest.raises(NotImplementedError):
-        FusionTransformer(FusionConfig(init=str(tmp_path / "tiny"), layers=2), unimodal_layers=1)
+    with pytest.raises(ValueError, match="unimodal_layers=2 must be below"):
+        FusionTransformer(FusionConfig(init=str(tmp_path / "tiny"), layers=2), unimodal_layers=2)
     with pytest.raises(ValueError, match="could not be loaded"):
         FusionTransformer(FusionConfig(init="no-such-org/no-such-bert", layers=2))
 

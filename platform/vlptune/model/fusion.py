@@ -27,6 +27,18 @@ Attention: a key-padding mask covers padded text tokens (``text_mask == 0``) and
 padded grid cells (``grid_mask == False``, cells outside an image's real size),
 so padded positions never change the states of real ones. Padded positions
 still get (meaningless) states; use ``image_mask`` / ``text_mask`` downstream.
+
+Two-stage encoding (MVPTR, ``model.fusion.unimodal_layers = L1 > 0``): the
+first L1 layers are uni-modal, i.e. text attends only to text and grid cells
+only to grid cells (a block-diagonal attention mask over ``[text ; grid]``);
+the remaining ``layers - L1`` layers are cross-modal. The uni-modal layers are
+run as two separate passes (text alone, grid alone) through the same layer
+weights: every operation of a BERT layer other than attention is per position,
+so this equals the block-diagonal mask exactly and costs ``T^2 + G^2`` instead
+of ``(T+G)^2``. :meth:`FusionTransformer.encode_unimodal` runs only those L1
+layers and returns the uni-modal text [CLS] state (and the mean token state)
+and a pooled image embedding (mean of the real cells), for contrastive losses
+(VSC) that must not see the other modality.
 """
 
 from __future__ import annotations
@@ -45,6 +57,21 @@ from vlptune.config import FusionConfig
 from vlptune.model.backbone import from_pretrained_or_explain
 
 MINILM = "minilm"
+
+
+@dataclass
+class UnimodalOutput:
+    """Output of :meth:`FusionTransformer.encode_unimodal`: the first ``unimodal_layers`` layers only.
+
+    Text and image batch sizes are independent (Nt captions, Ni images).
+    """
+
+    text_states: Tensor  # [Nt,T,D]
+    image_states: Tensor  # [Ni,gh*gw,D]
+    text_cls: Tensor  # [Nt,D]: uni-modal state of [CLS]
+    text_mean: Tensor  # [Nt,D]: mean of the uni-modal states of the real tokens ([CLS] and [SEP] included)
+    image_emb: Tensor  # [Ni,D]: mean of the uni-modal states of the real grid cells
+    image_mask: Tensor  # bool [Ni,gh*gw]: True on real grid cells
 
 
 @dataclass
@@ -100,28 +127,33 @@ def sine_table(positions: int, dim: int, temperature: float = 10000.0) -> Tensor
 class FusionTransformer(nn.Module):
     """BERT encoder layers over ``[text tokens ; grid cells]``.
 
-    ``unimodal_layers`` is reserved for MVPTR-style two-stage encoding (the
-    first L1 layers run text and grid separately, the rest cross-modally); only
-    0 (fully cross-modal, SOHO) is implemented.
+    ``unimodal_layers`` (default: ``cfg.unimodal_layers``) switches on MVPTR's
+    two-stage encoding: the first L1 layers run text and grid separately, the
+    rest cross-modally (see the module docstring). 0 = fully cross-modal (SOHO).
     """
 
     def __init__(
         self,
         cfg: FusionConfig | None = None,
-        unimodal_layers: int = 0,
+        unimodal_layers: int | None = None,
         attn_implementation: str = "sdpa",
         **overrides: Any,
     ) -> None:
         super().__init__()
         cfg = cfg or FusionConfig()
+        if unimodal_layers is not None:
+            overrides = {**overrides, "unimodal_layers": unimodal_layers}
         if overrides:
             cfg = FusionConfig(**{**cfg.model_dump(), **overrides})
-        if unimodal_layers != 0:
-            raise NotImplementedError("unimodal_layers > 0 (MVPTR two-stage encoding) is not implemented yet")
+        if cfg.unimodal_layers >= cfg.layers:
+            raise ValueError(
+                f"model.fusion.unimodal_layers={cfg.unimodal_layers} must be below model.fusion.layers={cfg.layers}: "
+                "at least one cross-modal layer has to follow the uni-modal ones"
+            )
         if attn_implementation not in ("sdpa", "eager"):
             raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', got {attn_implementation!r}")
         self.cfg = cfg
-        self.unimodal_layers = unimodal_layers
+        self.unimodal_layers: int = int(cfg.unimodal_layers)
         bert = load_bert(cfg.init, attn_implementation)
         available = len(bert.encoder.layer)
         if cfg.layers > available:
@@ -198,6 +230,70 @@ class FusionTransformer(nn.Module):
             return checkpoint(layer, hidden, mask, use_reentrant=False)
         return layer(hidden, mask)
 
+    def _run_layers(self, layers: Any, hidden: Tensor, key_mask: Tensor) -> Tensor:
+        mask = self.attention_mask(key_mask, hidden.dtype)
+        for layer in layers:
+            hidden = self._run_layer(layer, hidden, mask)
+        return hidden
+
+    def _check_grid(self, grid: Tensor, grid_mask: Tensor | None) -> Tensor:
+        n = grid.shape[0]
+        gh, gw = grid.shape[-2:]
+        if grid_mask is None:
+            grid_mask = torch.ones(n, gh, gw, dtype=torch.bool, device=grid.device)
+        if tuple(grid_mask.shape) != (n, gh, gw):
+            raise ValueError(f"grid_mask must be [{n},{gh},{gw}], got {tuple(grid_mask.shape)}")
+        return grid_mask.flatten(1).bool()
+
+    # ------------------------------------------------------------ uni-modal
+
+    def encode_unimodal(
+        self,
+        text_ids: Tensor | None,
+        text_mask: Tensor | None,
+        grid: Tensor | None,
+        grid_mask: Tensor | None = None,
+    ) -> UnimodalOutput:
+        """Run only the first ``unimodal_layers`` layers, text and grid separately.
+
+        ``text_ids``/``text_mask`` [Nt,T] and ``grid`` [Ni,D,gh,gw] (``grid_mask``
+        bool [Ni,gh,gw]) need not have the same batch size: each image and
+        each caption is encoded once. Either side may be None (its fields are
+        then empty tensors). Refused when ``unimodal_layers`` is 0.
+        """
+        if self.unimodal_layers == 0:
+            raise ValueError("encode_unimodal needs model.fusion.unimodal_layers > 0 (MVPTR two-stage encoding); it is 0")
+        layers = self.layers[: self.unimodal_layers]
+        ref = text_ids if text_ids is not None else grid
+        if ref is None:
+            raise ValueError("encode_unimodal: give text_ids, grid, or both")
+        d = self.hidden_size
+        if text_ids is not None:
+            if text_mask is None:
+                text_mask = torch.ones_like(text_ids)
+            text_states = self._run_layers(layers, self.embed_text(text_ids), text_mask.bool())
+            text_cls = text_states[:, 0]
+            token_weight = text_mask.unsqueeze(-1).to(text_states.dtype)
+            text_mean = (text_states * token_weight).sum(1) / token_weight.sum(1).clamp_min(1.0)
+        else:
+            text_states = self.word_embeddings.weight.new_zeros(0, 0, d)
+            text_cls = text_mean = text_states.new_zeros(0, d)
+        if grid is not None:
+            image_mask = self._check_grid(grid, grid_mask)
+            cells = self.embed_grid(grid)
+            if text_ids is not None:
+                cells = cells.to(text_states.dtype)
+            image_states = self._run_layers(layers, cells, image_mask)
+            weight = image_mask.unsqueeze(-1).to(image_states.dtype)
+            image_emb = (image_states * weight).sum(1) / weight.sum(1).clamp_min(1.0)
+        else:
+            image_states = text_states.new_zeros(0, 0, d)
+            image_emb = text_states.new_zeros(0, d)
+            image_mask = torch.zeros(0, 0, dtype=torch.bool, device=text_states.device)
+        return UnimodalOutput(
+            text_states=text_states, image_states=image_states, text_cls=text_cls, text_mean=text_mean, image_emb=image_emb, image_mask=image_mask
+        )
+
     # -------------------------------------------------------------- forward
 
     def forward(self, text_ids: Tensor, text_mask: Tensor, grid: Tensor, grid_mask: Tensor | None = None) -> FusionOutput:
@@ -205,19 +301,16 @@ class FusionTransformer(nn.Module):
         n, t = text_ids.shape
         if grid.shape[0] != n:
             raise ValueError(f"text has {n} rows but grid has {grid.shape[0]}; gather the image features per pair first")
-        gh, gw = grid.shape[-2:]
-        if grid_mask is None:
-            grid_mask = torch.ones(n, gh, gw, dtype=torch.bool, device=grid.device)
-        if tuple(grid_mask.shape) != (n, gh, gw):
-            raise ValueError(f"grid_mask must be [{n},{gh},{gw}], got {tuple(grid_mask.shape)}")
+        image_mask = self._check_grid(grid, grid_mask)
         text = self.embed_text(text_ids)
         cells = self.embed_grid(grid).to(text.dtype)
+        l1 = self.unimodal_layers
+        if l1 > 0:  # uni-modal stage: text and grid apart (== a block-diagonal attention mask)
+            text = self._run_layers(self.layers[:l1], text, text_mask.bool())
+            cells = self._run_layers(self.layers[:l1], cells, image_mask)
         hidden = torch.cat([text, cells], dim=1)
-        image_mask = grid_mask.flatten(1).bool()
         key_mask = torch.cat([text_mask.bool(), image_mask], dim=1)
-        mask = self.attention_mask(key_mask, hidden.dtype)
-        for layer in self.layers:
-            hidden = self._run_layer(layer, hidden, mask)
+        hidden = self._run_layers(self.layers[l1:], hidden, key_mask)
         return FusionOutput(
             text_states=hidden[:, :t],
             image_states=hidden[:, t:],
@@ -226,4 +319,4 @@ class FusionTransformer(nn.Module):
         )
 
 
-__all__ = ["FusionOutput", "FusionTransformer", "load_bert", "minilm_path", "sine_table"]
+__all__ = ["FusionOutput", "FusionTransformer", "UnimodalOutput", "load_bert", "minilm_path", "sine_table"]

@@ -21,6 +21,8 @@ BUILTIN_MODULES = (
     "vlptune.objectives.mlm",
     "vlptune.objectives.itm",
     "vlptune.objectives.mvm",
+    "vlptune.objectives.omvm", "vlptune.objectives.pra", "vlptune.objectives.ssul", "vlptune.objectives.segl", "vlptune.objectives.spl",
+    "vlptune.objectives.detection", "vlptune.objectives.captioning", "vlptune.objectives.vsc", "vlptune.objectives.wpg",
 )
 
 
