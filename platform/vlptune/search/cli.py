@@ -1,0 +1,145 @@
+"""Sub-commands of the search: ``space check``, ``search``, ``results``, ``board``.
+
+Wired into ``vlptune`` by listing ``"vlptune.search.cli"`` in
+``vlptune.cli.COMMAND_MODULES``; each parser's ``func`` takes the parsed
+Namespace and returns the exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from vlptune.config import ConfigError
+
+
+def _override_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-o", "--override", action="append", default=[], metavar="PATH=VALUE",
+        help="a recipe field applied to every trial (-o train.max_steps=30), or a space setting "
+        "(-o num_samples=4, -o scheduler.grace_period=10, -o searcher.seed=3); repeatable",
+    )
+
+
+def _space_check(args: argparse.Namespace) -> int:
+    from vlptune.search.space import load_space
+
+    space = load_space(args.file, args.override)
+    print(space.describe())
+    print(f"  corners checked: {len(space.corner_values())} recipe(s) validated")
+    print("OK")
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    from vlptune.search import results as res
+    from vlptune.search.runner import SearchError, run_search
+
+    try:
+        if args.resume:
+            grid = run_search(args.file, exp_dir=args.resume, resume=True, address=args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus, verbose=args.verbose, worker_log_level=args.worker_log_level)
+            exp_dir = Path(args.resume).resolve()
+        else:
+            if args.file is None:
+                print("error: give a search-space file (or --resume EXP_DIR)", file=sys.stderr)
+                return 2
+            from vlptune.search.space import load_space
+            from vlptune.search.runner import default_exp_dir
+
+            space = load_space(args.file, args.override)  # refuse a bad file before anything starts
+            exp_dir = default_exp_dir(space, args.storage, args.name)
+            print(f"experiment directory: {exp_dir}", flush=True)
+            grid = run_search(args.file, exp_dir=exp_dir, overrides=args.override, address=args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus, verbose=args.verbose, worker_log_level=args.worker_log_level)
+    except SearchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    collected = res.collect(exp_dir)
+    print(res.summary(collected))
+    print(res.format_table(collected))
+    print(f"resume with: vlptune search --resume {exp_dir}; compare with: vlptune board {exp_dir}")
+    return 1 if grid.num_errors and grid.num_errors == len(grid) else 0
+
+
+def _results(args: argparse.Namespace) -> int:
+    from vlptune.search import results as res
+    from vlptune.search.runner import SearchError
+
+    try:
+        collected = res.collect(args.exp_dir)
+    except SearchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(res.summary(collected))
+    print(res.format_table(collected))
+    if args.csv:
+        res.write_csv(collected, args.csv)
+        print(f"wrote {args.csv}")
+    if args.json:
+        res.write_json(collected, args.json)
+        print(f"wrote {args.json}")
+    if not args.no_recipe:
+        print()
+        print(res.format_best(collected), end="")
+    return 0
+
+
+def _board(args: argparse.Namespace) -> int:
+    from vlptune.search.board import serve_forever
+    from vlptune.search.runner import SearchError
+
+    try:
+        return serve_forever(args.exp_dir, args.port)
+    except SearchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    space = sub.add_parser("space", help="check search-space files")
+    ssub = space.add_subparsers(dest="space_command", required=True)
+    check = ssub.add_parser("check", help="validate a search-space file against the recipe schema and print what will be searched")
+    check.add_argument("file", help="search-space YAML, e.g. search_spaces/demo.yaml")
+    _override_arg(check)
+    check.set_defaults(func=_space_check)
+
+    search = sub.add_parser("search", help="run (or resume) a hyperparameter search on Ray Tune")
+    search.add_argument("file", nargs="?", help="search-space YAML (not needed with --resume)")
+    search.add_argument("--address", help="Ray cluster to join (e.g. ray://head:10001 or auto); default: start a local cluster on 127.0.0.1")
+    search.add_argument("--name", help="experiment name (default: <space name>-<date>-<time>)")
+    search.add_argument("--storage", help="directory holding experiments (default: runs/search)")
+    search.add_argument("--resume", metavar="EXP_DIR", help="continue an interrupted experiment: finished trials are kept, unfinished ones resume from their checkpoints")
+    search.add_argument("--num-cpus", type=int, help="CPUs of the local cluster (default: all of this machine's)")
+    search.add_argument("--num-gpus", type=int, help="GPUs of the local cluster (default: detected)")
+    search.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2), help="Tune's console output: 0 silent, 1 status tables, 2 every result")
+    search.add_argument("--worker-log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="log level of the training workers on the console (INFO shows the loop's step lines); full logs stay in Ray's session directory")
+    _override_arg(search)
+    search.set_defaults(func=_search)
+
+    results = sub.add_parser("results", help="table of a search's trials, sorted by the metric, and the best trial's recipe")
+    results.add_argument("exp_dir", help="experiment directory (printed by `vlptune search`)")
+    results.add_argument("--csv", help="also write the table to this CSV file")
+    results.add_argument("--json", help="also write trials, histories and the best recipe to this JSON file")
+    results.add_argument("--no-recipe", action="store_true", help="do not print the best trial's full recipe")
+    results.set_defaults(func=_results)
+
+    board = sub.add_parser("board", help="TensorBoard over a search (one run per trial, HParams compare), on 127.0.0.1")
+    board.add_argument("exp_dir", help="experiment directory")
+    board.add_argument("--port", type=int, default=6006, help="port on 127.0.0.1 (0: any free port)")
+    board.set_defaults(func=_board)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the search sub-commands on their own (the `vlptune` command wires the same parsers)."""
+    parser = argparse.ArgumentParser(prog="vlptune")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""A Ray Tune searcher that drives an Optuna study with ask-and-tell.
+
+Why our own and not ``ray.tune.search.optuna.OptunaSearch``: a trial the
+scheduler stops early must reach Optuna as PRUNED, with the intermediate
+values it reported, never as COMPLETE with its last value (OptunaSearch tells
+every trial stopped without an error as complete); and parameters that depend
+on one another (``when:``) need define-by-run sampling.
+
+* ``suggest``: ``study.ask()``, then each parameter of the space in file
+  order, skipping those whose ``when:`` is false (define-by-run, so TPE's
+  ``group`` option models conditional parameters properly).
+* ``on_trial_result``: ``trial.report(metric, step)`` at each evaluation.
+* ``on_trial_complete``: COMPLETE with the final metric when the trial reached
+  the maximum fidelity (``train.max_steps``); PRUNED when it was stopped
+  before (the last reported value is Optuna's value of a pruned trial); FAIL
+  on an error, a non-finite metric, or a loop that stopped itself (its
+  ``stop_reason``, kept as a user attribute).
+
+The study lives in an RDB storage (SQLite in the experiment directory by
+default), so ``optuna-dashboard sqlite:///EXP_DIR/optuna.db`` opens it and a
+resumed experiment keeps its history. ``save``/``restore`` keep the mapping
+of Tune trials to Optuna trials and the sampler's state.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import pickle
+import random
+import warnings
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+from ray.tune.search import Searcher
+
+from vlptune.search.space import TIME_ATTR, Param, SearchSpace
+
+log = logging.getLogger(__name__)
+
+RAY_TRIAL_ATTR = "ray_trial_id"
+STOP_REASON_ATTR = "stop_reason"
+FIDELITY_ATTR = "fidelity"
+OUTCOME_ATTR = "outcome"  # completed | pruned | failed | nan | error | lost
+
+
+def make_sampler(space: SearchSpace) -> optuna.samplers.BaseSampler:
+    s = space.searcher
+    if s.type == "tpe":
+        with warnings.catch_warnings():  # `group` is marked experimental in Optuna
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(
+                seed=s.seed,
+                multivariate=s.multivariate,
+                group=space.tpe_group,
+                constant_liar=s.constant_liar,
+                n_startup_trials=space.n_startup_trials,
+            )
+    if s.type == "cmaes":
+        kwargs: dict[str, Any] = {"seed": s.seed, "n_startup_trials": space.n_startup_trials}
+        if s.sigma0 is not None:
+            kwargs["sigma0"] = s.sigma0
+        if s.restart_strategy is not None:
+            kwargs["restart_strategy"] = s.restart_strategy
+        if s.popsize is not None:
+            kwargs["popsize"] = s.popsize
+        return optuna.samplers.CmaEsSampler(**kwargs)
+    # random, and grid (whose points are enqueued, see grid_points)
+    return optuna.samplers.RandomSampler(seed=s.seed)
+
+
+def grid_points(space: SearchSpace) -> list[dict[str, Any]]:
+    """Every distinct combination of the active parameters' values, shuffled by the seed.
+
+    Conditional parameters take part only where their ``when:`` holds, so a
+    grid over ``vd.size in [0, 64]`` x ``mvm.weight in [0.5, 1]`` (when
+    vd.size > 0) has 3 points, not 4.
+    """
+    points: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    grids = [p.grid_values() for p in space.params]
+    for combo in itertools.product(*grids):
+        chosen = dict(zip((p.path for p in space.params), combo))
+        values: dict[str, Any] = {}
+        for p in space.params:
+            if p.active(space.lookup({k: space.param(k).decode(v) for k, v in values.items()})):
+                values[p.path] = chosen[p.path]
+        key = repr(sorted(values.items()))
+        if key not in seen:
+            seen.add(key)
+            points.append(values)
+    random.Random(space.searcher.seed).shuffle(points)
+    return points
+
+
+def suggest_value(trial: optuna.Trial, p: Param) -> Any:
+    if p.kind == "categorical":
+        return p.decode(trial.suggest_categorical(p.path, p.optuna_choices()))
+    if p.kind == "int":
+        return trial.suggest_int(p.path, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
+    if p.kind == "uniform":
+        return trial.suggest_float(p.path, float(p.low), float(p.high), step=float(p.step) if p.step else None)
+    return trial.suggest_float(p.path, float(p.low), float(p.high), log=True)
+
+
+def sample(space: SearchSpace, trial: optuna.Trial) -> dict[str, Any]:
+    """Define-by-run: suggest each active parameter in file order."""
+    return space.active_values(lambda p: suggest_value(trial, p))
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class OptunaSearcher(Searcher):
+    """Ray Tune searcher over a :class:`SearchSpace`, backed by an Optuna study in ``storage_url``."""
+
+    def __init__(self, space: SearchSpace, storage_url: str, study_name: str):
+        super().__init__(metric=space.metric, mode=space.mode)
+        self.space = space
+        self.storage_url = storage_url
+        self.study_name = study_name
+        self._sampler: optuna.samplers.BaseSampler = make_sampler(space)
+        self._study: optuna.Study | None = None
+        self._live: dict[str, int] = {}  # Tune trial id -> Optuna storage trial id (running trials)
+        self._last_step: dict[str, int] = {}  # Tune trial id -> last step reported to Optuna
+        self._suggested = 0
+        self._grid_enqueued = False
+
+    # ------------------------------------------------------------ study
+
+    @property
+    def study(self) -> optuna.Study:
+        if self._study is None:
+            direction = "maximize" if self.space.mode == "max" else "minimize"
+            self._study = optuna.create_study(
+                storage=self.storage_url,
+                study_name=self.study_name,
+                sampler=self._sampler,
+                pruner=optuna.pruners.NopPruner(),  # the Tune scheduler decides; Optuna records
+                direction=direction,
+                load_if_exists=True,
+            )
+            if self._study.direction != optuna.study.StudyDirection[direction.upper()]:
+                raise ValueError(f"study {self.study_name!r} in {self.storage_url} has direction {self._study.direction.name}, the space asks for {direction}")
+            self._study.set_user_attr("metric", self.space.metric)
+            self._study.set_user_attr("space_file", self.space.file)
+            self._study.set_user_attr("max_fidelity", self.space.max_fidelity)
+            if self.space.searcher.type == "grid" and not self._grid_enqueued:
+                self._enqueue_grid()
+        return self._study
+
+    def _enqueue_grid(self) -> None:
+        existing = len(self._study.get_trials(deepcopy=False))
+        if existing == 0:
+            for point in grid_points(self.space)[: self.space.num_samples]:
+                self._study.enqueue_trial(point, skip_if_exists=False)
+        self._grid_enqueued = True
+
+    def _trial(self, storage_id: int) -> optuna.Trial:
+        return optuna.Trial(self.study, storage_id)
+
+    def _find(self, trial_id: str) -> int | None:
+        """Storage id of the Optuna trial of a Tune trial (from the map or the study's user attributes)."""
+        if trial_id in self._live:
+            return self._live[trial_id]
+        for frozen in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if frozen.user_attrs.get(RAY_TRIAL_ATTR) == trial_id:
+                self._live[trial_id] = frozen._trial_id
+                steps = frozen.intermediate_values
+                self._last_step[trial_id] = max(steps) if steps else -1
+                return frozen._trial_id
+        return None
+
+    # ------------------------------------------------------------ Searcher API
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
+        if metric not in (None, self.space.metric) or mode not in (None, self.space.mode):
+            raise ValueError(f"the searcher optimises {self.space.metric} ({self.space.mode}); Tune asked for {metric} ({mode})")
+        return True
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        study = self.study
+        if self.space.searcher.type == "grid":
+            waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+            if not waiting:
+                return Searcher.FINISHED
+        trial = study.ask()
+        values = sample(self.space, trial)
+        trial.set_user_attr(RAY_TRIAL_ATTR, trial_id)
+        self._live[trial_id] = trial._trial_id
+        self._last_step[trial_id] = -1
+        self._suggested += 1
+        log.info("trial %s = optuna trial %d: %s", trial_id, trial.number, values)
+        return dict(values)
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        storage_id = self._find(trial_id)
+        if storage_id is None:
+            return
+        self._report(trial_id, storage_id, result)
+
+    def _report(self, trial_id: str, storage_id: int, result: dict[str, Any]) -> None:
+        step, value = result.get(TIME_ATTR), result.get(self.space.metric)
+        if not _finite(value) or not isinstance(step, (int, float)):
+            return
+        step = int(step)
+        if step <= self._last_step.get(trial_id, -1):
+            return  # a restarted trial re-reporting from its checkpoint
+        self._trial(storage_id).report(float(value), step)
+        self._last_step[trial_id] = step
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        storage_id = self._find(trial_id)
+        if storage_id is None:
+            return
+        trial = self._trial(storage_id)
+        state, value, outcome = self.classify(result, error)
+        if result is not None and state is not TrialState.FAIL:
+            # Tune does not pass the result that made the scheduler stop a trial to
+            # on_trial_result: report it here, so it is the pruned trial's last value.
+            self._report(trial_id, storage_id, result)
+        if result is not None:
+            if isinstance(result.get(TIME_ATTR), (int, float)):
+                trial.set_user_attr(FIDELITY_ATTR, int(result[TIME_ATTR]))
+            if result.get("stop_reason"):
+                trial.set_user_attr(STOP_REASON_ATTR, str(result["stop_reason"]))
+        trial.set_user_attr(OUTCOME_ATTR, outcome)
+        self.study.tell(trial, values=value if state is TrialState.COMPLETE else None, state=state, skip_if_finished=True)
+        self._live.pop(trial_id, None)
+        self._last_step.pop(trial_id, None)
+        log.info("trial %s -> optuna %s (%s)", trial_id, state.name, outcome)
+
+    def classify(self, result: dict[str, Any] | None, error: bool) -> tuple[TrialState, float | None, str]:
+        """(Optuna state, value, outcome) of a finished Tune trial."""
+        if error:
+            return TrialState.FAIL, None, "error"
+        if not result:
+            return TrialState.FAIL, None, "no result"
+        value = result.get(self.space.metric)
+        step = result.get(TIME_ATTR)
+        stop_reason = result.get("stop_reason")
+        if stop_reason and stop_reason != "max_steps":
+            return TrialState.FAIL, None, f"stopped: {stop_reason}"
+        if not _finite(value):
+            return TrialState.FAIL, None, "nan" if value is not None else "no metric"
+        reached = isinstance(step, (int, float)) and step >= self.space.max_fidelity
+        if reached:
+            return TrialState.COMPLETE, float(value), "completed"
+        return TrialState.PRUNED, None, "pruned"
+
+    # ------------------------------------------------------------ persistence
+
+    def get_state(self) -> dict[str, Any]:
+        return {
+            "storage_url": self.storage_url,
+            "study_name": self.study_name,
+            "live": dict(self._live),
+            "last_step": dict(self._last_step),
+            "suggested": self._suggested,
+            "grid_enqueued": self._grid_enqueued,
+            "sampler": pickle.dumps(self._sampler),
+            "space": self.space,
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.storage_url = state["storage_url"]
+        self.study_name = state["study_name"]
+        self._live = dict(state["live"])
+        self._last_step = dict(state["last_step"])
+        self._suggested = state["suggested"]
+        self._grid_enqueued = state["grid_enqueued"]
+        self._sampler = pickle.loads(state["sampler"])
+        self.space = state["space"]
+        self._study = None
+        self._fail_lost_trials()
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.get_state(), f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.set_state(pickle.load(f))
+
+    def _fail_lost_trials(self) -> None:
+        """Optuna trials left RUNNING by an interrupted driver whose Tune trial was never recorded."""
+        known = set(self._live.values())
+        for frozen in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if frozen._trial_id not in known:
+                trial = self._trial(frozen._trial_id)
+                trial.set_user_attr(OUTCOME_ATTR, "lost")
+                self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+                log.warning("optuna trial %d was running when the driver stopped and is not in the restored experiment: told FAIL", frozen.number)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_study"] = None  # holds a database connection; reopened on use
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
