@@ -17,6 +17,9 @@ from vlptune.config import ConfigError, dump_recipe, json_schema, load_recipe
 COMMAND_MODULES = (
     "vlptune.data.cli",
     "vlptune.train.cli",
+    "vlptune.tasks.cli",
+    "vlptune.search.cli",
+    "vlptune.cluster.cli",
 )
 
 
