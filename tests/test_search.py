@@ -98,16 +98,22 @@ def tiny_experiment(tmp_path_factory):
     )
     exp_dir = root / "runs" / "tiny"
     start = time.time()
+    env_before = os.environ.get("RAY_ADDRESS")
     try:
         rc = cli(["search", str(space), "--storage", str(root / "runs"), "--name", "tiny", "--verbose", "0"])
+        import ray
+
+        cleaned = not ray.is_initialized() and os.environ.get("RAY_ADDRESS") == env_before
     finally:
         shutdown_ray()
-    return {"exp_dir": exp_dir, "rc": rc, "seconds": time.time() - start, "space": space}
+    return {"exp_dir": exp_dir, "rc": rc, "seconds": time.time() - start, "space": space, "cleaned": cleaned}
 
 
 def test_tiny_search_with_the_real_loop(tiny_experiment):
     exp_dir = tiny_experiment["exp_dir"]
     assert tiny_experiment["rc"] == 0
+    # the local cluster ended with the search, and left no RAY_ADDRESS behind
+    assert tiny_experiment["cleaned"]
     from vlptune.search import results
 
     collected = results.collect(exp_dir)
@@ -343,6 +349,20 @@ def run_standin(tmp_path: Path, control: dict, body: str, **kwargs):
     finally:
         shutdown_ray()
     return grid, exp_dir
+
+
+@pytest.mark.slow
+def test_a_trial_that_cannot_fit_is_refused_and_leaves_nothing(tmp_path):
+    from vlptune.search.runner import SearchError, run_search
+
+    module = standin_module(tmp_path)
+    space = standin_space(tmp_path, {}, "resources: {workers: 3, cpus_per_worker: 1}\nparameters:\n  objectives.mvm.weight: {uniform: [0.5, 1.5]}\n")
+    with pytest.raises(SearchError, match=r"a trial needs 3 worker\(s\) x 1 CPU = 3 CPUs; the cluster has 2"):
+        run_search(space, exp_dir=tmp_path / "exp", worker_fn=module.worker, num_cpus=2, verbose=0)
+    assert not (tmp_path / "exp").exists()
+    import ray
+
+    assert not ray.is_initialized()
 
 
 @pytest.mark.slow

@@ -396,17 +396,29 @@ def test_stop_a_running_job(client_env, capsys):
     assert "raysubmit_doesnotexist" in capsys.readouterr().err
 
 
+def run_cli_process(argv: list[str]) -> subprocess.CompletedProcess:
+    """The CLI in a fresh process, as a user runs it.
+
+    Ray caches the authentication mode and token per process: once a test in
+    this pytest process has started a local cluster, Ray's own client would add
+    that cluster's token to every request, so "no token" is only observable in a
+    fresh process.
+    """
+    return subprocess.run([sys.executable, "-m", "vlptune.cli", *argv], capture_output=True, text=True, timeout=120)
+
+
 def test_missing_or_wrong_token_is_explained(client_env, monkeypatch, capsys):
     head = client_env
     monkeypatch.delenv("RAY_AUTH_TOKEN")
-    assert run_cli(["jobs", "list", "--address", head.url]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: the Ray cluster at " + head.url + " requires an authentication token")
+    done = run_cli_process(["jobs", "list", "--address", head.url])
+    assert done.returncode == 2, done.stderr[-2000:]
+    err = done.stderr
+    assert err.startswith("error: the Ray cluster at " + head.url + " requires an authentication token"), err[-2000:]
     assert "RAY_AUTH_TOKEN" in err and "RAY_AUTH_TOKEN_PATH" in err and "~/.ray/auth_token" in err and "ray get-auth-token" in err
     assert "Traceback" not in err
     # Submitting says the same before anything is uploaded.
-    assert run_cli(["submit", "--address", head.url, "--", "config", "show", "trials/demo-light.yaml"]) == 2
-    assert "requires an authentication token" in capsys.readouterr().err
+    done = run_cli_process(["submit", "--address", head.url, "--", "config", "show", "trials/demo-light.yaml"])
+    assert done.returncode == 2 and "requires an authentication token" in done.stderr
     monkeypatch.setenv("RAY_AUTH_TOKEN", "not-the-token")
     assert run_cli(["jobs", "list", "--address", head.url]) == 2
     err = capsys.readouterr().err

@@ -31,10 +31,8 @@ from __future__ import annotations
 import copy
 import datetime as _dt
 import fcntl
-import functools
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -43,7 +41,7 @@ from typing import Any, Callable
 
 import yaml
 
-from vlptune.config import ConfigError, Recipe, recipe_to_dict, validate_recipe
+from vlptune.config import Recipe, recipe_to_dict, validate_recipe
 from vlptune.search.space import TIME_ATTR, SearchSpace, load_space
 
 log = logging.getLogger(__name__)
@@ -418,6 +416,9 @@ def make_scheduler(space: SearchSpace):
 # ------------------------------------------------------------------ Ray
 
 
+LOCAL_ENV_KEYS = (*RAY_ENV, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS", "RAY_GCS_SERVER_PORT")
+
+
 def _set_local_env() -> None:
     """Environment for a local cluster: inherited by every Ray process it starts."""
     for key, value in RAY_ENV.items():
@@ -425,12 +426,43 @@ def _set_local_env() -> None:
     # Bind the local cluster to the loopback interface: with clustering disabled Ray
     # uses 127.0.0.1 as the node address (GCS, raylet, object manager, dashboard).
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    _set_cluster_flag(os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] not in ("0", "false", "False"))
+
+
+def _set_cluster_flag(enabled: bool) -> None:
     try:
         import ray._private.ray_constants as rc
 
-        rc.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] not in ("0", "false", "False")
+        rc.ENABLE_RAY_CLUSTER = enabled
     except (ImportError, AttributeError):  # pragma: no cover - layout of a future Ray
         pass
+
+
+class _LocalSession:
+    """Undo what starting a local cluster did to this process (env, Ray's node-address
+    flag), and stop the cluster: a later ``ray.init()`` in the same process (a test,
+    a notebook) must not find a RAY_ADDRESS pointing at a cluster that is gone."""
+
+    def __init__(self) -> None:
+        self.saved = {key: os.environ.get(key) for key in LOCAL_ENV_KEYS}
+        try:
+            import ray._private.ray_constants as rc
+
+            self.flag = rc.ENABLE_RAY_CLUSTER
+        except (ImportError, AttributeError):  # pragma: no cover
+            self.flag = True
+
+    def close(self) -> None:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        for key, value in self.saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        _set_cluster_flag(self.flag)
 
 
 def _free_loopback_port() -> int:
@@ -553,11 +585,7 @@ def run_search(
     ``worker_fn``: the per-worker function, ``train_worker``'s signature
     (tests pass a stand-in); default :func:`vlptune.train.loop.train_worker`.
     """
-    from ray import tune
-    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-
-    from vlptune.search.optuna_searcher import OptunaSearcher
-
+    fresh = False
     if resume:
         if exp_dir is None:
             raise SearchError("--resume needs the experiment directory")
@@ -576,13 +604,35 @@ def run_search(
         if exp_dir.exists() and any(exp_dir.iterdir()):
             raise SearchError(f"{exp_dir}: already exists; continue it with --resume {exp_dir}, or choose another --name")
         space.base_raw = _absolute_paths(space.base_raw, Path.cwd())
+        fresh = True
         meta = write_experiment_files(space, exp_dir, Path(space_file), address)
 
-    prepare_data(space)
-    connect(address, num_cpus=num_cpus, num_gpus=num_gpus, worker_log_level=worker_log_level)
-    # Make sure the env of the Tune driver matches what the cluster processes inherit.
-    for key, value in RAY_ENV.items():
-        os.environ.setdefault(key, value)
+    import ray
+
+    local = None if (address or ray.is_initialized()) else _LocalSession()
+    try:
+        prepare_data(space)
+        connect(address, num_cpus=num_cpus, num_gpus=num_gpus, worker_log_level=worker_log_level)
+        # The Tune driver (this process) reads some of these too.
+        for key, value in RAY_ENV.items():
+            os.environ.setdefault(key, value)
+        return _fit(space, exp_dir, meta, resume, worker_fn, callbacks, verbose)
+    except BaseException:
+        # A search that failed before Tune saved any state leaves no half experiment
+        # behind (its name stays free for the next try).
+        if fresh and not any(exp_dir.glob("experiment_state-*.json")):
+            shutil.rmtree(exp_dir, ignore_errors=True)
+        raise
+    finally:
+        if local is not None:
+            local.close()  # the local cluster this call started ends with it
+
+
+def _fit(space: SearchSpace, exp_dir: Path, meta: dict[str, Any], resume: bool, worker_fn: Callable | None, callbacks: list | None, verbose: int):
+    from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    from vlptune.search.optuna_searcher import OptunaSearcher
 
     trainable = tune.with_resources(
         make_trainable(exp_dir, space.base_raw, space.metric, space.failures.max_failures, worker_fn),
