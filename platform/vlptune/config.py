@@ -216,7 +216,8 @@ class Recipe(Section):
 # ------------------------------------------------------------------- loading
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (empty file: {}); ConfigError naming the file otherwise."""
     if not path.is_file():
         raise ConfigError(f"{path}: file not found")
     try:
@@ -258,7 +259,7 @@ def load_raw_with_sources(path: str | Path, _chain: tuple[Path, ...] = ()) -> tu
     if path in _chain:
         cycle = " -> ".join(str(p) for p in (*_chain, path))
         raise ConfigError(f"{path}: base: cycle: {cycle}")
-    data = _read_yaml(path)
+    data = read_yaml_mapping(path)
     base = data.pop("base", None)
     sources = {leaf: str(path) for leaf in _leaf_paths(data)}
     if base is None:

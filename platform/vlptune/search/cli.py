@@ -11,7 +11,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from vlptune.config import ConfigError
 
 
 def _override_arg(parser: argparse.ArgumentParser) -> None:
@@ -130,15 +129,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the search sub-commands on their own (the `vlptune` command wires the same parsers)."""
-    parser = argparse.ArgumentParser(prog="vlptune")
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    """``python -m vlptune.search.cli ...``: the `vlptune` command (it wires these parsers)."""
+    from vlptune.cli import main as vlptune_main
+
+    return vlptune_main(argv)
 
 
 if __name__ == "__main__":

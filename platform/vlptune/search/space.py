@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Annotated, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from vlptune.config import (
@@ -48,6 +47,7 @@ from vlptune.config import (
     format_validation_error,
     load_raw_with_sources,
     parse_override,
+    read_yaml_mapping,
     set_dotted,
     validate_recipe,
 )
@@ -734,15 +734,7 @@ def _split_overrides(overrides: list[str] | None) -> tuple[list[str], list[str]]
 
 
 def read_space_document(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level (base, metric, mode, parameters, ...), found {type(data).__name__}")
+    data = read_yaml_mapping(Path(path))
     for text in overrides or []:
         parts, value = parse_override(text)
         set_dotted(data, parts, value, f"override {text!r}")
