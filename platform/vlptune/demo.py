@@ -100,7 +100,7 @@ def stage_search(space_path: Path, root: Path, out: Path) -> int:
     collected = res.collect(exp_dir)
     print(res.summary(collected))
     print(res.format_table(collected))
-    best = collected.best()
+    best = collected.best
     if best is None or best.best is None:
         print("no trial reported the metric")
         return 1
