@@ -189,7 +189,7 @@ def _ddp_worker(rank: int, world_size: int, init_file: str, root: str, out: str,
         result = loop.train_worker(recipe, LocalReporter(quiet=True), out, resume=False)
         checksum = float(sum(p.detach().double().sum() for p in built["module"].parameters()))
         codes = float(built["module"].model.vd.codes.double().sum())
-        Path(result_dir, f"{rank}.json").write_text(json.dumps({"result": {k: v for k, v in result.items() if isinstance(v, (int, float, str))}, "checksum": checksum, "codes": codes}))
+        Path(result_dir, f"{rank}.json").write_text(json.dumps({"result": {k: v for k, v in result.items() if v is None or isinstance(v, (int, float, str))}, "checksum": checksum, "codes": codes}))
     finally:
         dist.destroy_process_group()
 
@@ -212,3 +212,65 @@ def test_two_workers_with_ddp_stay_in_sync(world, tmp_path):
     assert rank0["result"]["val/loss"] == pytest.approx(rank1["result"]["val/loss"])
     assert rank0["result"]["images_seen"] == 3 * 2 * 4  # steps x workers x images per worker
     assert rank0["result"]["checkpoint"] and rank1["result"]["checkpoint"] is None  # rank 0 writes
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def test_ranks_are_pessimistic_on_ties_and_chance_levels_are_exact():
+    from math import comb
+
+    from vlptune.tasks.retrieval import chance_recall, gt_ranks, recall_metrics
+
+    relevant = torch.eye(4, dtype=torch.bool)
+    tier = torch.zeros(4, 4, dtype=torch.int64)
+    flat = gt_ranks(tier, torch.zeros(4, 4), relevant)
+    assert flat.tolist() == [3, 3, 3, 3]  # all tied: ranked last, never first
+    perfect = gt_ranks(tier, torch.eye(4), relevant)
+    assert perfect.tolist() == [0, 0, 0, 0]
+    tiered = gt_ranks(torch.tensor([[0, 1, 1, 1]]), torch.tensor([[9.0, 0.0, 1.0, 2.0]]), torch.tensor([[True, False, False, False]]))
+    assert tiered.tolist() == [3]  # a higher tier (candidates) outranks any score below it
+    assert chance_recall(1, 10, 1) == pytest.approx(0.1)
+    assert chance_recall(5, 10, 2) == pytest.approx(1 - comb(8, 5) / comb(10, 5))
+    assert chance_recall(10, 5, 1) == 1.0
+    m = recall_metrics(perfect, perfect, [1, 1, 1, 1], 4)
+    assert m["tr_r1"] == m["ir_r1"] == 100.0 and m["rsum"] == 600.0 and m["chance_ir_r1"] == pytest.approx(25.0)
+
+
+def test_candidate_reranking_matches_full_scoring_when_it_keeps_everything(world):
+    from vlptune.objectives.base import build_pretrainer
+    from vlptune.tasks.retrieval import RetrievalInputs, evaluate_retrieval
+
+    torch.manual_seed(0)
+    recipe = loop_recipe(world)
+    pretrainer = build_pretrainer(recipe)
+    inputs = RetrievalInputs.load(recipe)
+    full, _ = evaluate_retrieval(pretrainer, recipe, inputs, torch.device("cpu"))
+    recipe.eval.candidates = 2
+    cheap, enc = evaluate_retrieval(pretrainer, recipe, inputs, torch.device("cpu"))
+    assert "cand_recall_tr" in cheap and "cand_recall_tr" not in full
+    assert 0.0 <= cheap["cand_recall_tr"] <= 100.0 and full["pairs_scored"] < cheap["pairs_scored"] <= 2 * full["pairs_scored"]
+    for key in ("tr_r5", "ir_r5"):  # with 4 images, R@5 covers every candidate and non-candidate alike
+        assert cheap[key] == full[key] == 100.0
+    recipe.eval.candidates = 4  # keeps every pair: identical to full scoring
+    same, _ = evaluate_retrieval(pretrainer, recipe, inputs, torch.device("cpu"))
+    assert {k: same[k] for k in ("tr_r1", "ir_r1", "rsum")} == {k: full[k] for k in ("tr_r1", "ir_r1", "rsum")}
+    assert len(enc.codes) == 4 and full["vd_codes_used"] >= 1
+
+
+def test_vlptune_train_command(world, tmp_path, capsys):
+    import yaml
+
+    from vlptune.cli import main
+
+    recipe_file = tmp_path / "tiny.yaml"
+    spec = loop_recipe(world, train={"max_steps": 2, "eval_every": 2, "log_every": 1}).model_dump(mode="json")
+    recipe_file.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "run"
+    assert main(["train", str(recipe_file), "-o", "train.max_steps=1", "-o", "train.eval_every=1", "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "TR R@1" in printed and "RSUM" in printed and "chance" in printed and "stop reason: max_steps" in printed
+    assert main(["train", str(recipe_file), "--out", str(out), "--quiet"]) == 2  # refuses to overwrite a run
+    assert "--resume" in capsys.readouterr().err
+    assert main(["train", str(recipe_file), "-o", "train.max_steps=2", "--out", str(out), "--resume", "--quiet"]) == 0
+    assert "step 2" in capsys.readouterr().out

@@ -206,20 +206,21 @@ def test_itm_scores_every_pair_and_match_score_is_the_log_odds(pretrainer):
     assert logits.shape == (4, 2)
     assert torch.allclose(logits, itm.head(fused.cls))  # default pooling: the fused [CLS]
     expected = torch.nn.functional.cross_entropy(logits.float(), batch["itm_labels"])
-    assert float(out.loss) == pytest.approx(float(expected), rel=1e-6)
+    assert float(out.loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
     assert torch.allclose(itm.match_score(fused, batch["text_mask"]), logits[:, 1] - logits[:, 0])
     pretrainer.train()
 
 
-def test_itm_mean_pooling_reads_only_real_tokens_and_cells():
+def test_itm_mean_and_product_pooling_read_only_real_tokens_and_cells():
     from types import SimpleNamespace
 
-    from vlptune.objectives.itm import mean_state
+    from vlptune.objectives.itm import mean_state, product_state
 
     text = torch.tensor([[[1.0], [3.0], [100.0]]])  # third token is padding
     image = torch.tensor([[[5.0], [100.0]]])  # second cell is padding
     fused = SimpleNamespace(text_states=text, image_states=image, image_mask=torch.tensor([[True, False]]))
     assert mean_state(fused, torch.tensor([[1, 1, 0]])).item() == pytest.approx(3.0)
+    assert product_state(fused, torch.tensor([[1, 1, 0]])).item() == pytest.approx(2.0 * 5.0)  # mean text x mean image
 
 
 # --------------------------------------------------------------------------- VD off

@@ -207,7 +207,11 @@ class MetricMeter:
         self._index = {name: i for i, name in enumerate(self.names)}
 
     def add(self, metrics: dict[str, Tensor | float]) -> None:
-        values = {k: float(v) for k, v in metrics.items()}  # one sync per step for the tensors
+        tensors = {k: v for k, v in metrics.items() if isinstance(v, Tensor)}
+        values = {k: float(v) for k, v in metrics.items() if not isinstance(v, Tensor)}
+        if tensors:  # one device sync for all of them
+            stacked = torch.stack([v.detach().float().reshape(()) for v in tensors.values()]).tolist()
+            values.update(zip(tensors, stacked))
         for key, value in values.items():
             i = self._index.get(key)
             if i is None:

@@ -180,6 +180,21 @@ def all_pairs(num_images: int, num_texts: int) -> tuple[Tensor, Tensor]:
     return image_index, text_index
 
 
+def code_usage(codes: list[Tensor], size: int) -> dict[str, float]:
+    """VD usage over the evaluation images: distinct codes, their share of the dictionary, perplexity."""
+    if not codes or size <= 0:
+        return {}
+    flat = torch.cat([c.flatten() for c in codes])
+    flat = flat[flat >= 0]
+    if flat.numel() == 0:
+        return {}
+    counts = torch.bincount(flat, minlength=size).double()
+    p = counts / counts.sum()
+    perplexity = float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
+    used = int((counts > 0).sum())
+    return {"vd_codes_used": float(used), "vd_code_share": used / size, "vd_perplexity": perplexity}
+
+
 # --------------------------------------------------------------------------- retrieval
 
 
@@ -218,7 +233,9 @@ def evaluate_retrieval(
 
     Returns ``(metrics, encoded images)``; metrics are percentages (keys
     ``tr_r1 ... ir_r10``, ``rsum``, ``chance_*``, plus ``images``, ``texts``,
-    ``pairs_scored``, ``seconds`` and, with candidates, ``cand_recall_tr/ir``).
+    ``pairs_scored``, ``seconds``; with candidates, ``cand_recall_tr/ir``; with
+    the VD on, ``vd_codes_used``, ``vd_code_share`` and ``vd_perplexity`` over
+    the evaluation images' cells).
     """
     if "itm" not in pretrainer.objectives:
         raise ValueError("zero-shot retrieval is scored by the ITM head: give objectives.itm a weight > 0")
@@ -258,6 +275,7 @@ def evaluate_retrieval(
             metrics["cand_recall_ir"] = 100.0 * float((cand_ir & relevant).any(dim=0).float().mean())
             scored = n * m + int(union.sum())
         metrics.update(recall_metrics(ranks_tr, ranks_ir, [len(c) for c in inputs.image_captions], m))
+        metrics.update(code_usage(enc.codes, getattr(model.vd, "size", 0)))
         metrics.update({"images": float(n), "texts": float(m), "pairs_scored": float(scored), "seconds": time.perf_counter() - start})
         return metrics, enc
     finally:
