@@ -315,3 +315,16 @@ def test_batches_do_not_depend_on_the_number_of_workers(world, tokenizer):
     for a, b in zip(*runs):
         for key, value in a.items():
             assert torch.equal(value, b[key]) if torch.is_tensor(value) else value == b[key], key
+
+
+def test_a_world_generated_with_other_synth_settings_is_refused(world):
+    from vlptune.data.schema import DataError
+
+    assert ensure_data(recipe_for(world)) == world  # same settings: reused as is
+    other = recipe_for(world, synth={**WORLD, "caption_style": "descriptive", "train": WORLD["train"] + 1})
+    with pytest.raises(DataError) as err:
+        ensure_data(other)
+    message = str(err.value)
+    assert "manifest.json" in message and "data.synth.caption_style='descriptive' but the world has 'varied'" in message
+    assert f"data.synth.train={WORLD['train'] + 1}" in message and "delete" in message
+    assert ensure_data(recipe_for(world, synth={**WORLD, "caption_style": "descriptive"}, synthesize=False)) == world  # no synthesis: no check

@@ -53,6 +53,11 @@ class SynthConfig(Section):
     image_size: int = Field(96, ge=16, le=2048, description="shorter side of the generated images, pixels")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="seed of the world; same seed, same bytes")
     shard_size: int = Field(1000, ge=1, le=1_000_000, description="records per Parquet shard")
+    caption_style: Literal["varied", "descriptive"] = Field(
+        "varied",
+        description="'varied': objects, lists, counts, positions and relations, colours often left out; "
+        "'descriptive': every mentioned object named with its colour, so another image's caption almost never fits (tiny CPU demos)",
+    )
 
 
 class DataConfig(Section):

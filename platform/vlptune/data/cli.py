@@ -13,7 +13,7 @@ import sys
 
 from vlptune.data.schema import DataError
 from vlptune.data.shards import DEFAULT_SHARD_SIZE
-from vlptune.data.synth import DEFAULT_CAPTIONS_PER_IMAGE, ROI_FEATURE_DIM_DEFAULT
+from vlptune.data.synth import CAPTION_STYLES, DEFAULT_CAPTION_STYLE, DEFAULT_CAPTIONS_PER_IMAGE, ROI_FEATURE_DIM_DEFAULT
 
 MIN_IMAGE_SIZE = 32
 DEFAULT_IMAGE_SIZE = 96
@@ -65,6 +65,8 @@ def add_commands(subparsers) -> argparse.ArgumentParser:
     synth.add_argument("--roi-feature-dim", type=_int_at_least(1),
                        default=ROI_FEATURE_DIM_DEFAULT,
                        help=f"length of each object's roi_feature (default {ROI_FEATURE_DIM_DEFAULT})")
+    synth.add_argument("--caption-style", choices=sorted(CAPTION_STYLES), default=DEFAULT_CAPTION_STYLE,
+                       help=f"caption style (default {DEFAULT_CAPTION_STYLE}; 'descriptive' names every object by colour)")
     synth.add_argument("--overwrite", action="store_true",
                        help="replace the dataset already in --out")
     synth.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -105,7 +107,7 @@ def run_synth(args: argparse.Namespace) -> int:
             image_size=args.image_size, seed=args.seed, shard_size=args.shard_size,
             workers=args.workers, captions_per_image=args.captions_per_image,
             roi_feature_dim=args.roi_feature_dim, overwrite=args.overwrite,
-            progress=None if args.quiet else progress,
+            caption_style=args.caption_style, progress=None if args.quiet else progress,
         )
     except (DataError, OSError) as exc:  # OSError: e.g. no permission, disk full
         print(f"error: {exc}", file=sys.stderr)

@@ -86,6 +86,38 @@ def manifest_vocabularies(recipe: Recipe) -> dict:
     return read_manifest(ensure_data(recipe))["vocabularies"]
 
 
+def world_mismatches(manifest: dict[str, Any], recipe: Recipe) -> list[str]:
+    """``data.synth`` fields whose value differs from the synthetic world in ``manifest`` (empty: it matches).
+
+    Only worlds written by the generator are compared; a world from before a
+    field existed counts as that field's default.
+    """
+    generator = manifest.get("generator") or {}
+    if generator.get("name") != "synth":
+        return []
+    s = recipe.data.synth
+    splits = generator.get("splits", {})
+    wanted = {
+        "seed": (s.seed, generator.get("seed")),
+        "image_size": (s.image_size, generator.get("image_size")),
+        "caption_style": (s.caption_style, generator.get("caption_style", type(s).model_fields["caption_style"].default)),
+        "train": (s.train, splits.get("train", 0)),
+        "val": (s.val, splits.get("val", 0)),
+        "test": (s.test, splits.get("test", 0)),
+    }
+    return [f"data.synth.{k}={want!r} but the world has {have!r}" for k, (want, have) in wanted.items() if want != have]
+
+
+def check_world_matches(root: Path, recipe: Recipe) -> None:
+    """Refuse a synthetic world at ``root`` generated with other ``data.synth`` settings than ``recipe``'s."""
+    differences = world_mismatches(read_manifest(root), recipe)
+    if differences:
+        raise DataError(
+            f"{root / 'manifest.json'}: the synthetic world there was generated with other settings: {'; '.join(differences)}. "
+            f"Point data.root at another directory (it is generated on first use) or delete {root} to regenerate it"
+        )
+
+
 def ensure_data(recipe: Recipe) -> Path:
     """The data directory of ``recipe``; generates the synthetic world first when
     it has no manifest and ``data.synthesize`` is on (under a file lock, so
@@ -94,6 +126,8 @@ def ensure_data(recipe: Recipe) -> Path:
     (:func:`needs_phrase_similarity`)."""
     root = data_root(recipe)
     if (root / "manifest.json").is_file():
+        if recipe.data.synthesize:
+            check_world_matches(root, recipe)
         return root
     if not recipe.data.synthesize:
         read_manifest(root)  # raises the DataError that explains what is missing
@@ -110,7 +144,7 @@ def ensure_data(recipe: Recipe) -> Path:
                 log.info("generating the synthetic world into %s", root)
                 synth.make_world(
                     root, train=s.train, val=s.val, test=s.test, image_size=s.image_size, seed=s.seed, shard_size=s.shard_size,
-                    phrase_similarity=needs_phrase_similarity(recipe),
+                    phrase_similarity=needs_phrase_similarity(recipe), caption_style=s.caption_style,
                 )
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)

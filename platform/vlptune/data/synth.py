@@ -167,6 +167,31 @@ CAPTION_KIND_WEIGHTS: dict[str, float] = {
     "relation": 2.0, "position": 1.5,
 }
 
+
+@dataclass(frozen=True)
+class CaptionStyle:
+    """Which caption kinds are drawn (relative weights) and how objects are described."""
+
+    kind_weights: dict[str, float]
+    describe_p: dict[str, tuple[float, float]]  # kind -> (P(name the colour), P(name the size))
+
+
+# 'descriptive': every mentioned object is named with its colour, and captions are object
+# lists, single objects or relations between two objects; no counts or bare positions. About
+# a third of 'varied' captions ("one object in the picture", "there is a hexagon in the image")
+# are true of many images, so a caption of another image is often true of this one and ITM
+# must learn counting and relations first; with 'descriptive' another image's caption almost
+# never fits, which is what a tiny CPU recipe needs to learn matching within minutes.
+DESCRIPTIVE_KIND_WEIGHTS: dict[str, float] = {"object": 1.0, "list": 3.0, "relation": 1.0}
+DESCRIPTIVE_SIZE_P = 0.15
+CAPTION_STYLES: dict[str, CaptionStyle] = {
+    "varied": CaptionStyle(CAPTION_KIND_WEIGHTS, DESCRIBE_P),
+    "descriptive": CaptionStyle(
+        DESCRIPTIVE_KIND_WEIGHTS, {kind: (1.0, DESCRIPTIVE_SIZE_P) for kind in DESCRIBE_P}
+    ),
+}
+DEFAULT_CAPTION_STYLE = "varied"
+
 # downstream
 VQA_MAIN_SCORE = 1.0
 VQA_SYNONYM_SCORE = 0.3
@@ -567,8 +592,9 @@ class Description:
                 and (self.size is None or obj.size == self.size))
 
 
-def describe(obj: SceneObject, rnd: random.Random, kind: str = "object") -> Description:
-    colour_p, size_p = DESCRIBE_P[kind]
+def describe(obj: SceneObject, rnd: random.Random, kind: str = "object",
+             style: CaptionStyle = CAPTION_STYLES[DEFAULT_CAPTION_STYLE]) -> Description:
+    colour_p, size_p = style.describe_p[kind]
     words = []
     size = obj.size if rnd.random() < size_p else None
     colour = obj.colour if rnd.random() < colour_p else None
@@ -591,9 +617,10 @@ def refer(desc: Description, scene: Scene, rnd: random.Random) -> str:
     return with_article(desc.text)
 
 
-def _caption_object(scene: Scene, rnd: random.Random) -> str | None:
+def _caption_object(scene: Scene, rnd: random.Random,
+                    style: CaptionStyle = CAPTION_STYLES[DEFAULT_CAPTION_STYLE]) -> str | None:
     obj = rnd.choice(scene.objects)
-    d = with_article(describe(obj, rnd).text)
+    d = with_article(describe(obj, rnd, "object", style).text)
     bg = rnd.choice(BACKGROUND_PHRASES[scene.background])
     return rnd.choice((
         f"{d}", f"there is {d} in the image", f"{d} on {bg}",
@@ -601,18 +628,20 @@ def _caption_object(scene: Scene, rnd: random.Random) -> str | None:
     ))
 
 
-def _caption_list(scene: Scene, rnd: random.Random) -> str | None:
+def _caption_list(scene: Scene, rnd: random.Random,
+                  style: CaptionStyle = CAPTION_STYLES[DEFAULT_CAPTION_STYLE]) -> str | None:
     if len(scene.objects) < 2 or len(scene.objects) > 3:
         return None
     ordered = sorted(scene.objects, key=lambda o: o.center[0])
-    parts = [with_article(describe(o, rnd, "list").text) for o in ordered]
+    parts = [with_article(describe(o, rnd, "list", style).text) for o in ordered]
     listed = " and ".join(parts) if len(parts) == 2 else f"{parts[0]}, {parts[1]} and {parts[2]}"
     if rnd.random() < MENTION_BACKGROUND_P:
         return f"{listed} on {rnd.choice(BACKGROUND_PHRASES[scene.background])}"
     return listed
 
 
-def _caption_count_total(scene: Scene, rnd: random.Random) -> str | None:
+def _caption_count_total(scene: Scene, rnd: random.Random,
+                         style: CaptionStyle = CAPTION_STYLES[DEFAULT_CAPTION_STYLE]) -> str | None:
     n = len(scene.objects)
     bg = rnd.choice(BACKGROUND_PHRASES[scene.background])
     if n == 1:
@@ -636,7 +665,8 @@ def _count_groups(scene: Scene) -> list[tuple[str | None, str | None, int]]:
     return groups
 
 
-def _caption_count_group(scene: Scene, rnd: random.Random) -> str | None:
+def _caption_count_group(scene: Scene, rnd: random.Random,
+                         style: CaptionStyle = CAPTION_STYLES[DEFAULT_CAPTION_STYLE]) -> str | None:
     colour, shape, n = rnd.choice(_count_groups(scene))
     if shape is None:
         noun_sg, noun_pl = "object", "objects"
@@ -667,9 +697,10 @@ def true_relations(scene: Scene) -> list[tuple[SceneObject, str, SceneObject]]:
 
 
 def _relation_sentence(scene: Scene, rnd: random.Random, a: SceneObject, rel: str,
-                       b: SceneObject) -> tuple[str, Description, Description]:
+                       b: SceneObject, style: CaptionStyle = CAPTION_STYLES[DEFAULT_CAPTION_STYLE],
+                       ) -> tuple[str, Description, Description]:
     """'<a> <rel> <b>' with a description of each object; also returns the descriptions."""
-    da, db = describe(a, rnd, "relation"), describe(b, rnd, "relation")
+    da, db = describe(a, rnd, "relation", style), describe(b, rnd, "relation", style)
     phrase = rnd.choice(RELATION_PHRASES[rel])
     ra, rb = refer(da, scene, rnd), refer(db, scene, rnd)
     if ra.startswith("the "):
@@ -683,20 +714,22 @@ def described_relation_holds(scene: Scene, da: Description, rel: str, db: Descri
                for y in scene.objects if y is not x and db.matches(y))
 
 
-def _caption_relation(scene: Scene, rnd: random.Random) -> str | None:
+def _caption_relation(scene: Scene, rnd: random.Random,
+                      style: CaptionStyle = CAPTION_STYLES[DEFAULT_CAPTION_STYLE]) -> str | None:
     rels = true_relations(scene)
     if not rels:
         return None
-    return _relation_sentence(scene, rnd, *rnd.choice(rels))[0]
+    return _relation_sentence(scene, rnd, *rnd.choice(rels), style)[0]
 
 
-def _caption_position(scene: Scene, rnd: random.Random) -> str | None:
+def _caption_position(scene: Scene, rnd: random.Random,
+                      style: CaptionStyle = CAPTION_STYLES[DEFAULT_CAPTION_STYLE]) -> str | None:
     options = [(o, w) for o in scene.objects for w in POSITION_PHRASES
                if position_holds(o, w, scene.width, scene.height)]
     if not options:
         return None
     obj, where = rnd.choice(options)
-    d = describe(obj, rnd, "position")
+    d = describe(obj, rnd, "position", style)
     ref = refer(d, scene, rnd)
     phrase = rnd.choice(POSITION_PHRASES[where])
     if ref.startswith("the "):
@@ -714,15 +747,18 @@ CAPTION_MAKERS: dict[str, Callable[[Scene, random.Random], str | None]] = {
 }
 
 
-def make_captions(scene: Scene, n: int) -> list[str]:
-    """`n` distinct captions true of `scene` (fewer only if the scene allows no more)."""
+def make_captions(scene: Scene, n: int, style: str = DEFAULT_CAPTION_STYLE) -> list[str]:
+    """`n` distinct captions true of `scene` (fewer only if the scene allows no more), in `style` (CAPTION_STYLES)."""
+    if style not in CAPTION_STYLES:
+        raise DataError(f"unknown caption style {style!r}; known styles: {', '.join(CAPTION_STYLES)}")
+    chosen = CAPTION_STYLES[style]
     rnd = rng_for(scene.seed, scene.split, scene.index, "captions")
     captions: list[str] = []
     for _ in range(n * CAPTION_TRIES_PER_CAPTION):
         if len(captions) >= n:
             break
-        kind = _weighted_choice(rnd, CAPTION_KIND_WEIGHTS)
-        text = CAPTION_MAKERS[kind](scene, rnd)
+        kind = _weighted_choice(rnd, chosen.kind_weights)
+        text = CAPTION_MAKERS[kind](scene, rnd, chosen)
         if text is not None and text not in captions:
             captions.append(text)
     return captions
@@ -1071,8 +1107,11 @@ class WorldConfig:
     captions_per_image: int = DEFAULT_CAPTIONS_PER_IMAGE
     roi_feature_dim: int = ROI_FEATURE_DIM_DEFAULT
     spacy_model: str = SPACY_MODEL
+    caption_style: str = DEFAULT_CAPTION_STYLE
 
     def validate(self) -> None:
+        if self.caption_style not in CAPTION_STYLES:
+            raise DataError(f"caption_style must be one of {', '.join(CAPTION_STYLES)}, got {self.caption_style!r}")
         if self.image_size < 32:
             raise DataError(f"image_size must be >= 32 (objects must fit), got {self.image_size}")
         if self.captions_per_image < 1:
@@ -1116,7 +1155,7 @@ def generate_chunk(cfg: WorldConfig, split: str, start: int, stop: int,
     """Every record of images [start, stop) of `split`, plus CPU times and cache stats."""
     t0 = time.process_time()
     scenes = [sample_scene(cfg.seed, split, i, cfg.image_size) for i in range(start, stop)]
-    captions = [make_captions(s, cfg.captions_per_image) for s in scenes]
+    captions = [make_captions(s, cfg.captions_per_image, cfg.caption_style) for s in scenes]
     t1 = time.process_time()
     extractor = phrase_extractor(cfg.spacy_model)
     before = extractor.stats()
@@ -1184,6 +1223,7 @@ def make_world(
     progress: Callable[[str, int, int], None] | None = None,
     phrase_similarity: bool = False,
     similarity_model: str | None = None,
+    caption_style: str = DEFAULT_CAPTION_STYLE,
 ) -> dict:
     """Generate the world into `out_dir` as Parquet shards; return a summary dict.
 
@@ -1205,7 +1245,7 @@ def make_world(
     phrase string (about 1250 distinct phrases in a 2000-image world).
     """
     cfg = WorldConfig(seed=seed, image_size=image_size, captions_per_image=captions_per_image,
-                      roi_feature_dim=roi_feature_dim)
+                      roi_feature_dim=roi_feature_dim, caption_style=caption_style)
     cfg.validate()
     similarity = None
     if phrase_similarity:
@@ -1230,6 +1270,7 @@ def make_world(
         stage["similarity"] = 0.0
     extra = {"generator": {"name": "synth", "seed": seed, "image_size": image_size,
                            "captions_per_image": captions_per_image,
+                           "caption_style": caption_style,
                            "splits": {s: n for s, n in sizes.items() if n},
                            "schema_version": SCHEMA_VERSION}}
     if similarity is not None:
