@@ -51,7 +51,11 @@ def start(exp_dir: str | Path, port: int = 6006, reload_interval: float = 5.0) -
     return url
 
 
-def serve_forever(exp_dir: str | Path, port: int = 6006) -> int:
+def serve_forever(exp_dir: str | Path, port: int = 6006, mirror_dir: str | Path | None = None) -> int:
+    """Serve until Ctrl-C. A URI experiment is downloaded once first (a snapshot: run again to refresh)."""
+    from vlptune.search.runner import local_view
+
+    exp_dir = local_view(exp_dir, mirror_dir, tensorboard=True)
     url = start(exp_dir, port)
     print(f"TensorBoard for {Path(exp_dir).resolve()} at {url} (HParams tab: {url.rstrip('/')}/#hparams); Ctrl-C to stop", flush=True)
     try:

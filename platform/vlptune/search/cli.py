@@ -21,6 +21,16 @@ def _override_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _mirror_arg(parser: argparse.ArgumentParser) -> None:
+    from vlptune.search.location import DEFAULT_MIRROR_ROOT
+
+    parser.add_argument(
+        "--mirror-dir", default=None, metavar="DIR",
+        help="local root for URI experiments: the search driver's files and Optuna study (DIR/driver/...), and the "
+        f"copies results/board download (DIR/view/...); default: {DEFAULT_MIRROR_ROOT}",
+    )
+
+
 def _space_check(args: argparse.Namespace) -> int:
     from vlptune.search.space import load_space
 
@@ -35,10 +45,16 @@ def _search(args: argparse.Namespace) -> int:
     from vlptune.search import results as res
     from vlptune.search.runner import SearchError, run_search
 
+    from vlptune.cluster.storage import is_uri
+
+    common = dict(
+        address=args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus, verbose=args.verbose,
+        worker_log_level=args.worker_log_level, mirror_dir=args.mirror_dir, shared_storage=args.shared_storage,
+    )
     try:
         if args.resume:
-            grid = run_search(args.file, exp_dir=args.resume, resume=True, address=args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus, verbose=args.verbose, worker_log_level=args.worker_log_level)
-            exp_dir = Path(args.resume).resolve()
+            grid = run_search(args.file, exp_dir=args.resume, resume=True, **common)
+            exp_dir = args.resume if is_uri(args.resume) else Path(args.resume).resolve()
         else:
             if args.file is None:
                 print("error: give a search-space file (or --resume EXP_DIR)", file=sys.stderr)
@@ -48,12 +64,18 @@ def _search(args: argparse.Namespace) -> int:
 
             space = load_space(args.file, args.override)  # refuse a bad file before anything starts
             exp_dir = default_exp_dir(space, args.storage, args.name)
-            print(f"experiment directory: {exp_dir}", flush=True)
-            grid = run_search(args.file, exp_dir=exp_dir, overrides=args.override, address=args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus, verbose=args.verbose, worker_log_level=args.worker_log_level)
+            if is_uri(str(exp_dir)):
+                from vlptune.search.runner import experiment_location
+
+                mirror = experiment_location(exp_dir, args.mirror_dir).local
+                print(f"experiment: {exp_dir} (the driver's files and the Optuna study: {mirror}, uploaded there)", flush=True)
+            else:
+                print(f"experiment directory: {exp_dir}", flush=True)
+            grid = run_search(args.file, exp_dir=exp_dir, overrides=args.override, **common)
+        collected = res.collect(exp_dir, args.mirror_dir)
     except SearchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    collected = res.collect(exp_dir)
     print(res.summary(collected))
     print(res.format_table(collected))
     print(f"resume with: vlptune search --resume {exp_dir}; compare with: vlptune board {exp_dir}")
@@ -65,7 +87,7 @@ def _results(args: argparse.Namespace) -> int:
     from vlptune.search.runner import SearchError
 
     try:
-        collected = res.collect(args.exp_dir)
+        collected = res.collect(args.exp_dir, args.mirror_dir)
     except SearchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -88,7 +110,7 @@ def _board(args: argparse.Namespace) -> int:
     from vlptune.search.runner import SearchError
 
     try:
-        return serve_forever(args.exp_dir, args.port)
+        return serve_forever(args.exp_dir, args.port, args.mirror_dir)
     except SearchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -104,10 +126,25 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     search = sub.add_parser("search", help="run (or resume) a hyperparameter search on Ray Tune")
     search.add_argument("file", nargs="?", help="search-space YAML (not needed with --resume)")
-    search.add_argument("--address", help="Ray cluster to join (e.g. ray://head:10001 or auto); default: start a local cluster on 127.0.0.1")
+    search.add_argument(
+        "--address",
+        help="Ray cluster to join (auto, HEAD:6379, ray://HEAD:10001); default: $RAY_ADDRESS when set to a cluster "
+        "(inside a Ray job it is the job's cluster), else start a local cluster on 127.0.0.1; the cluster joined is printed",
+    )
     search.add_argument("--name", help="experiment name (default: <space name>-<date>-<time>)")
-    search.add_argument("--storage", help="directory holding experiments (default: runs/search)")
-    search.add_argument("--resume", metavar="EXP_DIR", help="continue an interrupted experiment: finished trials are kept, unfinished ones resume from their checkpoints")
+    search.add_argument(
+        "--storage",
+        help="where experiments go: a directory (default: runs/search), or a URI pyarrow opens (s3://BUCKET/DIR, "
+        "gs://BUCKET/DIR, abfs://..., file:///DIR); on a cluster of several nodes a directory must be on a filesystem "
+        "every node mounts (NFS, Lustre, CephFS...)",
+    )
+    search.add_argument(
+        "--shared-storage", action="store_true",
+        help="accept a --storage directory on a multi-node cluster although its filesystem type is not one known to be "
+        "shared (you know every node mounts it at the same path); default: refuse it",
+    )
+    _mirror_arg(search)
+    search.add_argument("--resume", metavar="EXP_DIR", help="continue an interrupted experiment (a directory or a URI): finished trials are kept, unfinished ones resume from their checkpoints")
     search.add_argument("--num-cpus", type=int, help="CPUs of the local cluster (default: all of this machine's)")
     search.add_argument("--num-gpus", type=int, help="GPUs of the local cluster (default: detected)")
     search.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2), help="Tune's console output: 0 silent, 1 status tables, 2 every result")
@@ -116,14 +153,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     search.set_defaults(func=_search)
 
     results = sub.add_parser("results", help="table of a search's trials, sorted by the metric, and the best trial's recipe")
-    results.add_argument("exp_dir", help="experiment directory (printed by `vlptune search`)")
+    results.add_argument("exp_dir", help="experiment directory or URI (printed by `vlptune search`)")
+    _mirror_arg(results)
     results.add_argument("--csv", help="also write the table to this CSV file")
     results.add_argument("--json", help="also write trials, histories and the best recipe to this JSON file")
     results.add_argument("--no-recipe", action="store_true", help="do not print the best trial's full recipe")
     results.set_defaults(func=_results)
 
     board = sub.add_parser("board", help="TensorBoard over a search (one run per trial, HParams compare), on 127.0.0.1")
-    board.add_argument("exp_dir", help="experiment directory")
+    board.add_argument("exp_dir", help="experiment directory or URI (a URI is downloaded once, when the board starts)")
+    _mirror_arg(board)
     board.add_argument("--port", type=int, default=6006, help="port on 127.0.0.1 (0: any free port)")
     board.set_defaults(func=_board)
 

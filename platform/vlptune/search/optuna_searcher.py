@@ -45,6 +45,11 @@ STOP_REASON_ATTR = "stop_reason"
 FIDELITY_ATTR = "fidelity"
 OUTCOME_ATTR = "outcome"  # completed | pruned | failed | nan | error | lost
 
+# Saved storage URL -> where that study is now. A searcher restored from Tune's state names
+# the SQLite file where the experiment first ran; a resumed experiment whose directory (or,
+# for a URI experiment, whose local mirror) is elsewhere now registers the new place here.
+STORAGE_RELOCATIONS: dict[str, str] = {}
+
 
 def make_sampler(space: SearchSpace) -> optuna.samplers.BaseSampler:
     s = space.searcher
@@ -217,6 +222,13 @@ class OptunaSearcher(Searcher):
         if storage_id is None:
             return
         trial = self._trial(storage_id)
+        if self.study._storage.get_trial(storage_id).state.is_finished():
+            # told already: a resumed experiment whose study (uploaded after every trial) is
+            # newer than Tune's saved state, which runs the trial's end once more
+            self._live.pop(trial_id, None)
+            self._last_step.pop(trial_id, None)
+            log.info("trial %s: optuna trial already finished; kept as it was told", trial_id)
+            return
         state, value, outcome = self.classify(result, error)
         if result is not None and state is not TrialState.FAIL:
             # Tune does not pass the result that made the scheduler stop a trial to
@@ -266,7 +278,7 @@ class OptunaSearcher(Searcher):
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
-        self.storage_url = state["storage_url"]
+        self.storage_url = STORAGE_RELOCATIONS.get(state["storage_url"], state["storage_url"])
         self.study_name = state["study_name"]
         self._live = dict(state["live"])
         self._last_step = dict(state["last_step"])

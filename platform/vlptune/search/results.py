@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from vlptune.config import recipe_to_dict, set_dotted, validate_recipe
-from vlptune.search.runner import BASE_COPY, STARTUP_KEY, TB_DIR, TRIAL_RECIPE, SearchError, read_meta
+from vlptune.search.runner import BASE_COPY, STARTUP_KEY, TB_DIR, TRIAL_RECIPE, SearchError, local_view, read_meta, study_url
 
 TUNE_STATUS_WORDS = {"TERMINATED": "terminated", "ERROR": "error", "RUNNING": "running", "PENDING": "pending", "PAUSED": "paused"}
 
@@ -82,21 +82,28 @@ def _read_results(trial_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
-def _optuna_trials(meta: dict[str, Any]) -> dict[str, Any]:
-    """Tune trial id -> Optuna FrozenTrial (empty when the study cannot be opened)."""
+def _optuna_trials(meta: dict[str, Any], exp_dir: Path | None = None) -> dict[str, Any]:
+    """Tune trial id -> Optuna FrozenTrial (empty when the study cannot be opened, or there is
+    none: an ablation study runs without a searcher)."""
+    if not meta.get("storage_url"):
+        return {}
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study = optuna.load_study(study_name=meta["study_name"], storage=meta["storage_url"])
+        url = study_url(meta, exp_dir) if exp_dir is not None else meta["storage_url"]
+        if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).is_file():
+            return {}  # no study written yet (and opening it would create an empty file)
+        study = optuna.load_study(study_name=meta["study_name"], storage=url)
     except Exception:  # noqa: BLE001 - a missing or foreign study only loses the Optuna columns
         return {}
     return {t.user_attrs["ray_trial_id"]: t for t in study.get_trials(deepcopy=False) if "ray_trial_id" in t.user_attrs}
 
 
-def collect(exp_dir: str | Path) -> ExperimentResults:
-    """Read an experiment directory (finished, running or interrupted)."""
-    exp_dir = Path(exp_dir).resolve()
+def collect(exp_dir: str | Path, mirror_dir: str | Path | None = None) -> ExperimentResults:
+    """Read an experiment (finished, running or interrupted): a directory, or a URI
+    (``s3://...``, ``file://...``) downloaded first into ``mirror_dir`` (see :func:`local_view`)."""
+    exp_dir = local_view(exp_dir, mirror_dir).resolve()
     meta = read_meta(exp_dir)
     metric, mode = meta["metric"], meta["mode"]
     from ray.tune import ExperimentAnalysis
@@ -111,7 +118,7 @@ def collect(exp_dir: str | Path) -> ExperimentResults:
         trials = []
     finally:
         analysis_log.setLevel(level)
-    studied = _optuna_trials(meta)
+    studied = _optuna_trials(meta, exp_dir)
     rows = []
     for t in trials:
         trial_dir = Path(t.path) if t.path else None
@@ -137,6 +144,14 @@ def collect(exp_dir: str | Path) -> ExperimentResults:
             status = frozen.user_attrs.get("outcome") or frozen.state.name.lower()
         elif t.status == "ERROR":
             status = "error"
+        elif t.status == "TERMINATED" and frozen is None and results:
+            # no searcher told this trial (an ablation study): judge by what it reported
+            if stop_reason and stop_reason != "max_steps":
+                status = f"stopped: {stop_reason}"
+            elif isinstance(last.get("step"), (int, float)) and int(last["step"]) >= int(meta["max_fidelity"]):
+                status = "completed"
+            else:
+                status = "terminated"
         elif t.status in ("PENDING", "RUNNING") and results:
             # Tune saves running trials as PENDING: started, not finished (running, or interrupted)
             status = "unfinished"

@@ -1,6 +1,8 @@
 """Run a search: Ray Tune trials, each a Ray Train run of the one training loop.
 
-Layout of an experiment directory ``EXP_DIR`` (``--storage``/``--name``)::
+Layout of an experiment directory ``EXP_DIR`` (``--storage``/``--name``; with a URI
+storage the same layout lives at the URI, and the driver keeps the Optuna study in
+a local mirror: :mod:`vlptune.search.location`)::
 
     EXP_DIR/
       vlptune_search.json     what this experiment is (metric, mode, fidelity, study, parameters)
@@ -36,12 +38,15 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
 
 from vlptune.config import Recipe, recipe_to_dict, validate_recipe
+from vlptune.io import atomic_write_text
+from vlptune.search.location import ACTIVE_MIRRORS, DriverSync, Location, join_uri
 from vlptune.search.space import TIME_ATTR, SearchSpace, load_space
 
 log = logging.getLogger(__name__)
@@ -91,6 +96,19 @@ def storage_url_for(space: SearchSpace, exp_dir: Path) -> str:
     return space.storage or f"sqlite:///{(exp_dir / OPTUNA_DB).resolve()}"
 
 
+def study_url(meta: dict[str, Any], exp_dir: str | Path) -> str:
+    """The Optuna storage of an experiment read from ``exp_dir``: its own ``optuna.db`` when the
+    study is the default SQLite one (wherever the directory now is: moved, resumed elsewhere, or a
+    downloaded copy of a URI experiment), else the RDB URL the space named."""
+    study_file = meta.get("study_file")
+    if study_file:
+        return f"sqlite:///{(Path(exp_dir) / study_file).resolve()}"
+    return meta["storage_url"]
+
+
+DRIVER_FILES = (META_FILE, SPACE_COPY, BASE_COPY)  # what the driver uploads to a URI experiment (and the study)
+
+
 def _absolute_paths(raw: dict[str, Any], cwd: Path) -> dict[str, Any]:
     """Relative paths of a recipe made absolute (workers may run elsewhere than the driver's cwd)."""
     raw = copy.deepcopy(raw)
@@ -108,10 +126,14 @@ def _absolute_paths(raw: dict[str, Any], cwd: Path) -> dict[str, Any]:
     return raw
 
 
-def write_experiment_files(space: SearchSpace, exp_dir: Path, space_path: Path, address: str | None) -> dict[str, Any]:
+def write_experiment_files(space: SearchSpace, exp_dir: Path, space_path: Path, address: str | None, location: str | None = None) -> dict[str, Any]:
+    """The experiment's own files in ``exp_dir`` (the directory, or the driver mirror of a URI experiment).
+
+    ``location``: where the experiment lives (its URI, or the directory; default ``exp_dir``).
+    """
     exp_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(space_path, exp_dir / SPACE_COPY)
-    (exp_dir / BASE_COPY).write_text(yaml.safe_dump(space.base_raw, sort_keys=False))
+    atomic_write_text(exp_dir / SPACE_COPY, Path(space_path).read_text())
+    atomic_write_text(exp_dir / BASE_COPY, yaml.safe_dump(space.base_raw, sort_keys=False))
     meta = {
         "name": exp_dir.name,
         "space_file": str(space_path.resolve()),
@@ -123,14 +145,16 @@ def write_experiment_files(space: SearchSpace, exp_dir: Path, space_path: Path, 
         "time_attr": TIME_ATTR,
         "parameters": [p.path for p in space.params],
         "storage_url": storage_url_for(space, exp_dir),
+        "study_file": None if space.storage else OPTUNA_DB,
         "study_name": exp_dir.name,
+        "location": location or str(exp_dir),
         "scheduler": space.scheduler.type,
         "searcher": space.searcher.type,
         "num_samples": space.num_samples,
         "address": address,
         "created": _dt.datetime.now().isoformat(timespec="seconds"),
     }
-    (exp_dir / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    atomic_write_text(exp_dir / META_FILE, json.dumps(meta, indent=1) + "\n")
     return meta
 
 
@@ -172,13 +196,29 @@ class RayTrainReporter:
     searcher see a result, not a missing key. The first report carries the
     wall-clock times of the loop's start and of this report, from which
     :class:`StartupTimer` derives the trial's start-up cost.
+
+    ``uploader``: on rank 0 of a trial of a URI experiment, uploads the run
+    directory (TensorBoard events, recipe) to the URI before each report (a
+    report may be the last: the scheduler can stop the trial on it).
     """
 
-    def __init__(self, metric: str | None = None, loop_entry: float | None = None):
+    def __init__(self, metric: str | None = None, loop_entry: float | None = None, uploader: Any = None):
         self.metric = metric
         self.loop_entry = loop_entry
+        self.uploader = uploader
         self.last: dict[str, Any] = {}
         self.count = 0
+
+    def upload(self, final: bool = False) -> None:
+        """Upload the run directory's new files; a failure is logged, or raised when ``final``."""
+        if self.uploader is None:
+            return
+        try:
+            self.uploader.sync()
+        except Exception as exc:  # noqa: BLE001 - an intermediate upload is retried at the next report
+            if final:
+                raise RuntimeError(f"cannot upload the trial's run directory {self.uploader.local} to {self.uploader.uri}: {exc}") from exc
+            log.warning("upload of %s to %s failed (retried at the next report): %s", self.uploader.local, self.uploader.uri, exc)
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         import ray.train
@@ -190,6 +230,7 @@ class RayTrainReporter:
             payload[LOOP_ENTRY_KEY] = self.loop_entry
             payload[FIRST_REPORT_KEY] = time.time()
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        self.upload()
         ray.train.report(payload, checkpoint=checkpoint)
         self.last = payload
         self.count += 1
@@ -251,8 +292,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     out_dir = Path(config["out_dir"])
     worker_fn = config.get("worker_fn") or _default_worker_fn()
     _materialize_ray_checkpoint(out_dir)
-    reporter = RayTrainReporter(config.get("metric"), loop_entry)
-    summary = worker_fn(recipe, reporter, str(out_dir), resume=True) or {}
+    uploader = None
+    if config.get("tb_uri"):
+        import ray.train
+
+        if ray.train.get_context().get_world_rank() == 0:  # rank 0 writes the run directory
+            from vlptune.search.location import DirUploader
+            from vlptune.train.checkpoint import CHECKPOINT_DIR
+
+            # checkpoints/ stays local: Ray Train stores the reported ones in the experiment's train/
+            uploader = DirUploader(out_dir, config["tb_uri"], exclude=(CHECKPOINT_DIR,))
+    reporter = RayTrainReporter(config.get("metric"), loop_entry, uploader)
+    try:
+        summary = worker_fn(recipe, reporter, str(out_dir), resume=True) or {}
+    except BaseException:
+        reporter.upload()  # what the run wrote before it failed (upload errors are only logged here)
+        raise
+    reporter.upload(final=True)
     stop_reason = summary.get("stop_reason") if isinstance(summary, dict) else None
     if stop_reason and stop_reason != "max_steps" and reporter.last.get("stop_reason") != stop_reason:
         # Every rank returns the same summary, so every rank makes this last report.
@@ -308,9 +364,40 @@ def _lean_trainer_class(base: type) -> type:
     return LeanTorchTrainer
 
 
-def make_trainable(exp_dir: Path, base_raw: dict[str, Any], metric: str, failures_max: int, worker_fn: Callable | None = None) -> Callable[[dict], None]:
-    """The function Tune runs per trial: build a TorchTrainer for the trial's recipe and ``fit()`` it."""
+def apply_config(base_raw: dict[str, Any], config: dict[str, Any], source: str) -> dict[str, Any]:
+    """A search trial's raw recipe: the base with every dotted path of Tune's config set."""
+    from vlptune.config import set_dotted
+
+    raw = copy.deepcopy(base_raw)
+    for path, value in config.items():
+        set_dotted(raw, path.split("."), value, source)
+    return raw
+
+
+def make_trainable(
+    exp_dir: Path,
+    base_raw: dict[str, Any],
+    metric: str,
+    failures_max: int,
+    worker_fn: Callable | None = None,
+    resolve: Callable[[dict[str, Any], dict[str, Any], str], dict[str, Any]] | None = None,
+    location: Location | None = None,
+) -> Callable[[dict], None]:
+    """The function Tune runs per trial: build a TorchTrainer for the trial's recipe and ``fit()`` it.
+
+    ``resolve(base_raw, config, source)``: the trial's raw recipe from Tune's
+    config; default :func:`apply_config` (a search: config keys are dotted
+    recipe paths). An ablation study passes its own (config: variant and seed).
+
+    ``location``: the experiment; for a URI one, Ray Train's run storage is
+    ``URI/train`` and rank 0 uploads the trial's run directory (written under
+    ``exp_dir/tb``, the driver mirror's path, on whichever node it runs) to
+    ``URI/tb/<trial_id>``.
+    """
     exp_dir = Path(exp_dir).resolve()
+    remote = location is not None and location.remote
+    train_storage = location.join(TRAIN_DIR) if remote else str(exp_dir / TRAIN_DIR)
+    resolve = resolve or apply_config
 
     def vlptune_trial(config: dict[str, Any]) -> None:
         import ray.train
@@ -320,11 +407,7 @@ def make_trainable(exp_dir: Path, base_raw: dict[str, Any], metric: str, failure
 
         ctx = tune.get_context()
         trial_id = ctx.get_trial_id()
-        raw = copy.deepcopy(base_raw)
-        from vlptune.config import set_dotted
-
-        for path, value in config.items():
-            set_dotted(raw, path.split("."), value, f"trial {trial_id}")
+        raw = resolve(base_raw, dict(config), f"trial {trial_id}")
         recipe = validate_recipe(raw, f"trial {trial_id}")
         from vlptune.search.space import check_objectives
 
@@ -343,11 +426,12 @@ def make_trainable(exp_dir: Path, base_raw: dict[str, Any], metric: str, failure
                 "out_dir": str(exp_dir / TB_DIR / trial_id),
                 "metric": metric,
                 "worker_fn": worker_fn,
+                "tb_uri": location.join(TB_DIR, trial_id) if remote else None,
             },
             scaling_config=ray.train.ScalingConfig(num_workers=res.workers, use_gpu=res.gpus_per_worker > 0, resources_per_worker=per_worker),
             run_config=ray.train.RunConfig(
                 name=trial_id,
-                storage_path=str(exp_dir / TRAIN_DIR),
+                storage_path=train_storage,
                 callbacks=[TuneReportCallback()],
                 failure_config=ray.train.FailureConfig(max_failures=failures_max),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
@@ -473,8 +557,69 @@ def _free_loopback_port() -> int:
         return sock.getsockname()[1]
 
 
-def connect(address: str | None, num_cpus: int | None = None, num_gpus: int | None = None, worker_log_level: str = "WARNING") -> None:
-    """Join ``address`` or start a local in-process cluster on 127.0.0.1 (with its dashboard).
+# Set by Ray's job supervisor in the environment of a job's entrypoint (with RAY_ADDRESS, the
+# cluster's GCS address): `vlptune submit -- search ...` runs with both.
+RAY_JOB_ENV_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def cluster_address(address: str | None, environ: dict[str, str] | None = None) -> tuple[str | None, str]:
+    """The Ray cluster a search joins, and why: ``(address, source)``; ``None``: start a local one.
+
+    ``--address`` first; else ``RAY_ADDRESS`` (inside a Ray job the supervisor
+    sets it to the job's cluster, so the search runs on that cluster); a
+    ``RAY_ADDRESS`` that is a dashboard URL (``http://HEAD:8265``, what
+    ``vlptune submit`` and ``ray job`` use) names no cluster to join and is
+    ignored; else a new local cluster.
+    """
+    environ = os.environ if environ is None else environ
+    if address:
+        return address, "--address"
+    env = (environ.get("RAY_ADDRESS") or "").strip()
+    if not env:
+        return None, "no --address and no RAY_ADDRESS"
+    if env.lower().startswith(("http://", "https://")):
+        return None, (
+            f"no --address; RAY_ADDRESS={env} is a dashboard (job API) address, not a cluster to join, so it is "
+            "ignored here; pass --address auto (or the GCS address HEAD:6379, or ray://HEAD:10001) to join a cluster"
+        )
+    if environ.get(RAY_JOB_ENV_VAR):
+        return env, "RAY_ADDRESS, set by the Ray job that runs this search"
+    return env, "RAY_ADDRESS from the environment; unset it to start a local cluster on this machine instead"
+
+
+def _unreachable(address: str, timeout_s: float = 3.0) -> str | None:
+    """Why ``HOST:PORT`` (or ``ray://HOST:PORT``) cannot be reached, or None (reached, or not that form:
+    ``auto`` is Ray's to resolve). Ray itself retries a dead address for many minutes."""
+    import socket
+
+    rest = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port = rest.rstrip("/").rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return None
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return None
+    except OSError as exc:
+        return f"nothing answers at {host}:{port} ({exc.strerror or exc})"
+
+
+def describe_cluster() -> str:
+    """``N alive node(s), C CPU, G GPU`` of the Ray this process joined."""
+    import ray
+
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    total = ray.cluster_resources()
+    return f"{len(alive)} alive node(s), {float(total.get('CPU', 0)):g} CPU, {float(total.get('GPU', 0)):g} GPU"
+
+
+def connect(address: str | None, num_cpus: int | None = None, num_gpus: int | None = None, worker_log_level: str = "WARNING") -> str | None:
+    """Join a cluster or start a local in-process one on 127.0.0.1 (with its dashboard).
+
+    Which: :func:`cluster_address` (``address``, else ``RAY_ADDRESS``, else a
+    local cluster). Prints one line saying which cluster this is and why, so a
+    ``RAY_ADDRESS`` left in a shell cannot silently send a search elsewhere.
+    Returns the address joined (``None``: a local cluster, or Ray was already
+    initialised by the caller).
 
     ``worker_log_level``: Python logging level on every worker of the job (the
     loop's per-step INFO lines of many trials would drown Tune's status table;
@@ -484,11 +629,27 @@ def connect(address: str | None, num_cpus: int | None = None, num_gpus: int | No
     import ray
 
     if ray.is_initialized():
-        return
+        return None
     logging_config = ray.LoggingConfig(log_level=worker_log_level.upper())
-    if address:
-        ray.init(address=address, runtime_env={"env_vars": dict(RAY_ENV)}, log_to_driver=True, logging_config=logging_config)
-        return
+    target, source = cluster_address(address)
+    if target:
+        unreachable = _unreachable(target)
+        if unreachable:
+            raise SearchError(f"cannot join the Ray cluster at {target} ({source}): {unreachable}")
+        try:
+            ray.init(address=target, runtime_env={"env_vars": dict(RAY_ENV)}, log_to_driver=True, logging_config=logging_config)
+        except (ConnectionError, ValueError, RuntimeError) as exc:
+            raise SearchError(f"cannot join the Ray cluster at {target} ({source}): {' '.join(str(exc).split())}") from None
+        print(f"ray cluster: joined {target} ({source}): {describe_cluster()}", flush=True)
+        return target
+    _start_local(num_cpus, num_gpus, logging_config)
+    print(f"ray cluster: started a local cluster at {os.environ.get('RAY_ADDRESS')} ({source}): {describe_cluster()}", flush=True)
+    return None
+
+
+def _start_local(num_cpus: int | None, num_gpus: int | None, logging_config: Any) -> None:
+    import ray
+
     _set_local_env()
     cpus = num_cpus if num_cpus is not None else len(os.sched_getaffinity(0))
     kwargs: dict[str, Any] = {}
@@ -547,21 +708,133 @@ def concurrency(space: SearchSpace) -> int:
 
 def prepare_data(space: SearchSpace) -> None:
     """Generate the synthetic world once, before trials start (they would all wait on its lock)."""
-    recipe = space.base_recipe
-    if not recipe.data.synthesize or (Path(recipe.data.root) / "manifest.json").is_file():
-        return
-    from vlptune.data.dataset import ensure_data
+    prepare_recipes_data([space.base_recipe])
 
-    log.info("preparing data in %s", recipe.data.root)
-    ensure_data(recipe)
+
+def prepare_recipes_data(recipes: list[Recipe]) -> None:
+    """Generate the synthetic world of each data root once, before trials start.
+
+    Recipes sharing a root get one world, with phrase-label similarities when
+    any of them needs them (guided OMVM, PRA). A world that already exists
+    without them while a recipe needs them is refused here, before any trial
+    starts, instead of failing in every trial that needs them.
+    """
+    from vlptune.data.dataset import ensure_data, needs_phrase_similarity
+    from vlptune.data.shards import read_manifest
+    from vlptune.data.similarity import MANIFEST_KEY
+
+    by_root: dict[Path, tuple[Recipe, bool]] = {}
+    for recipe in recipes:
+        root = Path(recipe.data.root).resolve()
+        needs = needs_phrase_similarity(recipe)
+        if root not in by_root or (needs and not by_root[root][1]):
+            by_root[root] = (recipe, needs)
+    for root, (recipe, needs) in by_root.items():
+        if (root / "manifest.json").is_file():
+            if needs and MANIFEST_KEY not in read_manifest(root):
+                raise SearchError(
+                    f"{root}: this dataset has no phrase-label similarities ({MANIFEST_KEY!r} missing from its manifest), "
+                    "but a trial's objectives need them (guided OMVM or PRA); delete the directory so it is generated again "
+                    "with them, or set data.root to another directory"
+                )
+            continue
+        if not recipe.data.synthesize:
+            continue
+        log.info("preparing data in %s", root)
+        ensure_data(recipe)
 
 
 # ------------------------------------------------------------------ the search
 
 
-def default_exp_dir(space: SearchSpace, storage: str | Path | None, name: str | None) -> Path:
+def default_exp_dir(space: SearchSpace, storage: str | Path | None, name: str | None) -> Path | str:
+    """``STORAGE/NAME``: an absolute directory, or a URI when ``storage`` is one (``s3://B/DIR/NAME``)."""
+    from vlptune.cluster.storage import is_uri
+
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return (Path(storage or DEFAULT_STORAGE) / (name or f"{space.name}-{stamp}")).resolve()
+    leaf = name or f"{space.name}-{stamp}"
+    root = os.fspath(storage) if storage else DEFAULT_STORAGE
+    if is_uri(root):
+        return join_uri(root, leaf)
+    return (Path(root) / leaf).resolve()
+
+
+def experiment_location(exp: str | Path, mirror_dir: str | Path | None = None) -> Location:
+    """The :class:`Location` of an experiment given as a directory or a URI (a bad URI: :class:`SearchError`)."""
+    from vlptune.cluster.storage import StorageError
+
+    try:
+        return Location.of(exp, mirror_dir)
+    except StorageError as exc:
+        raise SearchError(str(exc)) from None
+
+
+def download_for_resume(location: Location) -> None:
+    """Into the driver mirror of a URI experiment: its experiment files, and its SQLite study
+    unless the mirror's own copy is newer (this machine ran the driver last)."""
+    try:
+        got = location.download_driver_files(DRIVER_FILES, OPTUNA_DB)
+    except Exception as exc:  # noqa: BLE001 - pyarrow's errors: network, credentials, missing bucket
+        raise SearchError(f"{location.uri}: cannot download the experiment files: {' '.join(str(exc).split())}") from None
+    if META_FILE not in got:
+        raise SearchError(f"{location.uri}: not a vlptune search experiment ({META_FILE} is missing there)")
+    log.info("downloaded %s from %s into %s", ", ".join(got), location.uri, location.local)
+
+
+def local_view(exp: str | Path, mirror_dir: str | Path | None = None, tensorboard: bool = False) -> Path:
+    """A directory to read an experiment from: the directory itself, or for a URI a fresh
+    download of it (``<mirror root>/view/...``): everything but Ray Train's checkpoints
+    (``train/``) and the trials' ``checkpoints/``; TensorBoard events only with ``tensorboard``
+    (else each trial's ``recipe.yaml``)."""
+    loc = experiment_location(exp, mirror_dir)
+    if not loc.remote:
+        return loc.local
+
+    def keep(rel: str) -> bool:
+        parts = rel.split("/")
+        if parts[0] == TRAIN_DIR:
+            return False
+        if parts[0] == TB_DIR:
+            if "checkpoints" in parts[1:]:
+                return False
+            return tensorboard or parts[-1] == TRIAL_RECIPE
+        return True
+
+    try:
+        view = loc.download_view(keep)
+    except Exception as exc:  # noqa: BLE001 - pyarrow's errors: network, credentials, missing bucket
+        raise SearchError(f"{loc.uri}: cannot download the experiment: {' '.join(str(exc).split())}") from None
+    if not (view / META_FILE).is_file():
+        raise SearchError(f"{loc.uri}: not a vlptune search experiment ({META_FILE} is missing there)")
+    log.info("downloaded %s into %s", loc.uri, view)
+    return view
+
+
+def _cluster_nodes() -> list[dict[str, Any]] | int:
+    """``ray.nodes()`` of the cluster joined (1 when Ray is not initialised)."""
+    import ray
+
+    return ray.nodes() if ray.is_initialized() else 1
+
+
+def check_experiment_storage(location: Location, shared: bool = False, nodes: list[dict[str, Any]] | int | None = None, mounts_file: str | Path | None = None) -> None:
+    """Refuse (:class:`SearchError`) an experiment the nodes of the cluster cannot all reach.
+
+    ``nodes``: ``ray.nodes()``'s list or a count; default: asked of the Ray
+    this process joined. ``shared``: the user says every node mounts the
+    directory (``--shared-storage``). See :func:`vlptune.cluster.storage.check_storage`.
+    """
+    from vlptune.cluster.storage import MOUNTS_FILE, StorageError, check_storage
+
+    try:
+        check_storage(location.uri or location.local, _cluster_nodes() if nodes is None else nodes, assume_shared=shared, mounts_file=mounts_file or MOUNTS_FILE)
+    except StorageError as exc:
+        local_path = location.uri is None or location.uri.startswith("file://")
+        hint = "" if shared or not local_path else (
+            "; if every node does mount this directory at the same path (a shared filesystem vlptune does not "
+            "recognise), pass --shared-storage"
+        )
+        raise SearchError(f"{exc}{hint}") from None
 
 
 def run_search(
@@ -579,8 +852,17 @@ def run_search(
     worker_log_level: str = "WARNING",
     worker_fn: Callable | None = None,
     callbacks: list | None = None,
+    mirror_dir: str | Path | None = None,
+    shared_storage: bool = False,
 ):
     """Start (or, with ``resume``, continue) a search; returns Tune's ``ResultGrid``.
+
+    ``exp_dir`` / ``storage``: a directory or a URI pyarrow opens (``s3://``,
+    ``gs://``, ``file://``...; see :mod:`vlptune.search.location`).
+    ``mirror_dir``: root of the local mirrors of URI experiments (default
+    :data:`vlptune.search.location.DEFAULT_MIRROR_ROOT`). ``shared_storage``:
+    accept a local directory on a multi-node cluster although its filesystem
+    is not one known to be shared (the user says every node mounts it).
 
     ``worker_fn``: the per-worker function, ``train_worker``'s signature
     (tests pass a stand-in); default :func:`vlptune.train.loop.train_worker`.
@@ -589,10 +871,18 @@ def run_search(
     if resume:
         if exp_dir is None:
             raise SearchError("--resume needs the experiment directory")
-        exp_dir = Path(exp_dir).resolve()
+        loc = experiment_location(exp_dir, mirror_dir)
         if overrides:
-            raise SearchError(f"{exp_dir}: a resumed experiment keeps its settings; -o is not accepted with --resume")
+            raise SearchError(f"{loc.path}: a resumed experiment keeps its settings; -o is not accepted with --resume")
+        if loc.remote:
+            download_for_resume(loc)
+        exp_dir = loc.local
         meta = read_meta(exp_dir)
+        if meta.get("study_file") and study_url(meta, exp_dir) != meta["storage_url"]:
+            from vlptune.search.optuna_searcher import STORAGE_RELOCATIONS
+
+            # the searcher restored from Tune's state names the study where it was first
+            STORAGE_RELOCATIONS[meta["storage_url"]] = study_url(meta, exp_dir)
         space = load_experiment_space(exp_dir)
         if space_file is not None and Path(space_file).resolve() != Path(meta["space_file"]):
             log.warning("resuming %s with its saved space (from %s), not %s", exp_dir, meta["space_file"], space_file)
@@ -600,67 +890,194 @@ def run_search(
         if space_file is None:
             raise SearchError("a search needs a search-space file")
         space = load_space(space_file, overrides)
-        exp_dir = Path(exp_dir).resolve() if exp_dir else default_exp_dir(space, storage, name)
-        if exp_dir.exists() and any(exp_dir.iterdir()):
+        loc = experiment_location(exp_dir if exp_dir else default_exp_dir(space, storage, name), mirror_dir)
+        exp_dir = loc.local
+        if loc.remote:
+            try:
+                existing = loc.remote_files()
+            except Exception as exc:  # noqa: BLE001 - pyarrow's errors: network, credentials, missing bucket
+                raise SearchError(f"{loc.uri}: cannot list the storage: {' '.join(str(exc).split())}") from None
+            if existing:
+                raise SearchError(f"{loc.uri}: already holds {len(existing)} file(s); continue it with --resume {loc.uri}, or choose another --name")
+            if exp_dir.exists() and any(exp_dir.iterdir()):
+                raise SearchError(
+                    f"{exp_dir}: the local mirror of {loc.uri} is not empty (left by an earlier search of that URI, "
+                    "which left nothing at the URI); delete it, or choose another --name or --mirror-dir"
+                )
+        elif exp_dir.exists() and any(exp_dir.iterdir()):
             raise SearchError(f"{exp_dir}: already exists; continue it with --resume {exp_dir}, or choose another --name")
         space.base_raw = _absolute_paths(space.base_raw, Path.cwd())
         fresh = True
-        meta = write_experiment_files(space, exp_dir, Path(space_file), address)
+        meta = write_experiment_files(space, exp_dir, Path(space_file), address, location=loc.path)
 
+    plan = TrialPlan(
+        source=space,
+        data_recipes=[space.base_recipe],
+        tune_settings=lambda: _search_settings(space, meta),
+    )
+    return run_experiment(
+        plan, exp_dir, fresh=fresh, resume=resume, address=address, num_cpus=num_cpus, num_gpus=num_gpus,
+        verbose=verbose, worker_log_level=worker_log_level, worker_fn=worker_fn, callbacks=callbacks,
+        location=loc, shared_storage=shared_storage,
+    )
+
+
+# ------------------------------------------------------------------ one code path for searches and studies
+
+
+@dataclass
+class TrialPlan:
+    """What a search and an ablation study differ in; :func:`run_experiment` does the rest.
+
+    ``source``: the validated experiment (a :class:`SearchSpace` or a
+    :class:`vlptune.study.ablation.StudySpec`); what is read from it: ``file``,
+    ``base_raw``, ``base_recipe``, ``metric``, ``mode``, ``max_concurrent``,
+    ``failures``. ``data_recipes``: the recipes whose data must exist before a
+    trial starts. ``resolve``: a trial's raw recipe from Tune's config (see
+    :func:`make_trainable`; None: the config's keys are dotted recipe paths).
+    ``tune_settings()``: ``search_alg``, ``scheduler``, ``num_samples`` and
+    optionally ``param_space`` of a fresh experiment (not called on resume:
+    Tune restores them).
+    """
+
+    source: Any
+    data_recipes: list[Recipe]
+    tune_settings: Callable[[], dict[str, Any]]
+    resolve: Callable[[dict[str, Any], dict[str, Any], str], dict[str, Any]] | None = None
+
+
+def _search_settings(space: SearchSpace, meta: dict[str, Any]) -> dict[str, Any]:
+    from vlptune.search.optuna_searcher import OptunaSearcher
+
+    searcher = OptunaSearcher(space, storage_url=meta["storage_url"], study_name=meta["study_name"])
+    searcher.study  # create the study (and fail early on a bad storage URL)
+    return {"search_alg": searcher, "scheduler": make_scheduler(space), "num_samples": space.num_samples}
+
+
+def run_experiment(
+    plan: TrialPlan,
+    exp_dir: Path,
+    *,
+    fresh: bool,
+    resume: bool,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    verbose: int = 1,
+    worker_log_level: str = "WARNING",
+    worker_fn: Callable | None = None,
+    callbacks: list | None = None,
+    location: Location | None = None,
+    shared_storage: bool = False,
+):
+    """Prepare the data, connect to Ray, check the storage and run (or restore) the Tune experiment in ``exp_dir``.
+
+    ``fresh``: the caller has just created ``exp_dir``; if the experiment fails
+    before Tune saved any state, the directory is removed (its name stays free
+    for the next try). ``location``: where the experiment lives (default: the
+    directory ``exp_dir``); for a URI experiment ``exp_dir`` is its driver
+    mirror. After joining the cluster the storage is checked
+    (:func:`check_experiment_storage`): a local directory on a cluster of
+    several nodes is refused before any trial starts. Returns Tune's ``ResultGrid``.
+    """
     import ray
 
-    local = None if (address or ray.is_initialized()) else _LocalSession()
+    loc = location or Location(local=Path(exp_dir).resolve())
+    target, _ = cluster_address(address)
+    local = None if (target or ray.is_initialized()) else _LocalSession()
+    sync = None
     try:
-        prepare_data(space)
+        prepare_recipes_data(plan.data_recipes)
         connect(address, num_cpus=num_cpus, num_gpus=num_gpus, worker_log_level=worker_log_level)
+        check_experiment_storage(loc, shared_storage)
         # The Tune driver (this process) reads some of these too.
         for key, value in RAY_ENV.items():
             os.environ.setdefault(key, value)
-        return _fit(space, exp_dir, meta, resume, worker_fn, callbacks, verbose)
+        if loc.remote:
+            ACTIVE_MIRRORS[loc.uri] = loc.local
+            sync = DriverSync(loc, DRIVER_FILES, OPTUNA_DB)
+            callbacks = [*(callbacks or []), sync.callback()]
+        grid = _fit(plan, exp_dir, resume, worker_fn, callbacks, verbose, loc)
+        if sync is not None:
+            from vlptune.cluster.storage import StorageError
+
+            try:
+                sync.upload(strict=True)
+            except StorageError as exc:
+                raise SearchError(str(exc)) from None
+        return grid
     except BaseException:
-        # A search that failed before Tune saved any state leaves no half experiment
-        # behind (its name stays free for the next try).
-        if fresh and not any(exp_dir.glob("experiment_state-*.json")):
+        if fresh and not _tune_state_saved(loc):
             shutil.rmtree(exp_dir, ignore_errors=True)
+            if sync is not None and sync.uploads:
+                _delete_driver_uploads(loc)
+        elif sync is not None:
+            sync.upload()  # what the driver has, best effort (the error raised is the one that matters)
         raise
     finally:
+        if loc.remote:
+            ACTIVE_MIRRORS.pop(loc.uri, None)
         if local is not None:
             local.close()  # the local cluster this call started ends with it
 
 
-def _fit(space: SearchSpace, exp_dir: Path, meta: dict[str, Any], resume: bool, worker_fn: Callable | None, callbacks: list | None, verbose: int):
+def _tune_state_saved(loc: Location) -> bool:
+    """Has Tune saved the experiment's state (so it can be resumed)? Unknown counts as yes."""
+    if not loc.remote:
+        return any(loc.local.glob("experiment_state-*.json"))
+    try:
+        return any(name.startswith("experiment_state-") and "/" not in name for name in loc.remote_files())
+    except Exception:  # noqa: BLE001 - cannot tell: keep everything
+        return True
+
+
+def _delete_driver_uploads(loc: Location) -> None:
+    """Remove the driver files a fresh URI experiment uploaded before it failed (its name stays free)."""
+    from vlptune.search.location import _fs_and_path
+
+    try:
+        fs, base = _fs_and_path(loc.uri)
+        for name in (*DRIVER_FILES, OPTUNA_DB):
+            try:
+                fs.delete_file(f"{base}/{name}")
+            except FileNotFoundError:
+                pass
+    except Exception as exc:  # noqa: BLE001 - leftovers only make the next try pick another name
+        log.warning("could not remove the files uploaded to %s: %s", loc.uri, exc)
+
+
+def _fit(plan: TrialPlan, exp_dir: Path, resume: bool, worker_fn: Callable | None, callbacks: list | None, verbose: int, location: Location | None = None):
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
-    from vlptune.search.optuna_searcher import OptunaSearcher
-
+    source = plan.source
+    loc = location or Location(local=Path(exp_dir).resolve())
     trainable = tune.with_resources(
-        make_trainable(exp_dir, space.base_raw, space.metric, space.failures.max_failures, worker_fn),
+        make_trainable(exp_dir, source.base_raw, source.metric, source.failures.max_failures, worker_fn, plan.resolve, location=loc),
         tune.PlacementGroupFactory([{"CPU": 0, "memory": DRIVER_MEMORY_BYTES}]),
     )
     # StartupTimer first: it adds to the result that the loggers then write.
     run_callbacks = [StartupTimer(), CSVLoggerCallback(), JsonLoggerCallback(), *(callbacks or [])]
     if resume:
-        if not tune.Tuner.can_restore(str(exp_dir)):
-            raise SearchError(f"{exp_dir}: no Tune experiment state to resume from (did the search start?)")
-        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
+        if not tune.Tuner.can_restore(loc.path):
+            raise SearchError(f"{loc.path}: no Tune experiment state to resume from (did the experiment start?)")
+        tuner = tune.Tuner.restore(loc.path, trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
     else:
-        searcher = OptunaSearcher(space, storage_url=meta["storage_url"], study_name=meta["study_name"])
-        searcher.study  # create the study (and fail early on a bad storage URL)
+        settings = dict(plan.tune_settings())
+        param_space = settings.pop("param_space", None)
         tuner = tune.Tuner(
             trainable,
+            param_space=param_space,
             tune_config=tune.TuneConfig(
-                metric=space.metric,
-                mode=space.mode,
-                search_alg=searcher,
-                scheduler=make_scheduler(space),
-                num_samples=space.num_samples,
-                max_concurrent_trials=concurrency(space),
+                metric=source.metric,
+                mode=source.mode,
+                max_concurrent_trials=concurrency(source),
+                **settings,
             ),
             run_config=tune.RunConfig(
-                name=exp_dir.name,
-                storage_path=str(exp_dir.parent),
-                failure_config=tune.FailureConfig(max_failures=space.failures.trial_max_failures),
+                name=loc.name,
+                storage_path=loc.tune_storage_path,
+                failure_config=tune.FailureConfig(max_failures=source.failures.trial_max_failures),
                 callbacks=run_callbacks,
                 verbose=verbose,
             ),

@@ -722,6 +722,95 @@ class SearchSpace:
         return max(1, min(10, self.num_samples // 2))
 
 
+# ------------------------------------------------------------------ the base recipe of a file
+
+
+@dataclass
+class ResolvedBase:
+    """The base recipe of a search space or an ablation study, with resources/fixed/overrides applied."""
+
+    file: str  # the recipe file (absolute), or the label given with an already resolved base
+    raw: dict[str, Any]
+    fixed: dict[str, Any]  # dotted path -> value: resources.*, fixed:, then command-line overrides
+    recipe: Recipe | None  # None when it does not validate (then ``problems`` says why)
+    problems: list[str]
+
+
+def resolve_base(
+    src: str,
+    base_dir: Path,
+    base: str,
+    resources: dict[str, Any],
+    fixed: dict[str, Any],
+    recipe_overrides: list[str],
+    base_raw: dict[str, Any] | None = None,
+) -> ResolvedBase:
+    """Read ``base`` (relative to ``base_dir``) and apply ``resources``, ``fixed`` and overrides.
+
+    Problems (unknown paths, a recipe that does not validate) are returned as
+    indented lines, so the caller can report them with its own; a missing or
+    unreadable base file raises :class:`ConfigError` naming ``src``.
+    ``base_raw``: an already resolved base (resume) used as is.
+    """
+    problems: list[str] = []
+    if base_raw is None:
+        base_path = (Path(base_dir) / base).resolve()
+        if not base_path.is_file():
+            raise ConfigError(f"{src}: base: recipe file not found: {base_path} (the path is relative to {src})")
+        base_file = str(base_path)
+        try:
+            raw, _ = load_raw_with_sources(base_path)
+        except ConfigError as exc:
+            raise ConfigError(f"{src}: base: {exc}") from None
+    else:
+        base_file = base
+        raw = copy.deepcopy(base_raw)
+    if base_raw is None and "objectives" not in raw:
+        # Setting objectives.X.* on a base that lists none must not drop the default
+        # objectives (a partial dict would replace the schema default entirely).
+        raw["objectives"] = copy.deepcopy(Recipe.model_fields["objectives"].default_factory())
+    entries: list[tuple[str, str, Any]] = [(f"resources.{key}", f"resources.{key}", value) for key, value in resources.items()]
+    entries += [(f"fixed.{dotted}", dotted, value) for dotted, value in fixed.items()]
+    for text in recipe_overrides:
+        parts, value = parse_override(text)
+        entries.append((f"override {text!r}", ".".join(parts), value))
+    applied: dict[str, Any] = {}
+    for label, dotted, value in entries:
+        try:
+            field_at(dotted)
+        except ConfigError as exc:
+            problems.append(f"  {label}: {exc}")
+            continue
+        applied[dotted] = value
+        if base_raw is None:
+            set_dotted(raw, dotted.split("."), value, f"{src}: {label}")
+    recipe: Recipe | None = None
+    try:
+        recipe = validate_recipe(raw, f"base recipe {base_file} with resources/fixed/overrides")
+    except ConfigError as exc:
+        lines = str(exc).splitlines()
+        problems.append(f"  {lines[0]}")
+        problems += [f"  {line}" for line in lines[1:]]
+    return ResolvedBase(base_file, raw, applied, recipe, problems)
+
+
+def check_field_value(path: str, value: Any) -> str | None:
+    """Why ``value`` is not allowed at the recipe field ``path`` (None: allowed).
+
+    Whole sections (``data.synth``) are not checked here; they are when the
+    recipe they end up in is validated.
+    """
+    model, name = field_at(path)
+    ann = model.model_fields[name].annotation
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return None
+    try:
+        _field_adapter(model, name).validate_python(value)
+    except ValidationError as exc:
+        return f"{value!r} is not allowed ({exc.errors()[0]['msg']}); allowed: {describe_field(model, name)}"
+    return None
+
+
 # ------------------------------------------------------------------ loading
 
 
@@ -781,44 +870,9 @@ def load_space(path: str | Path, overrides: list[str] | None = None, base_raw: d
                 problems.append(f"  {section}: {', '.join(extra)} do(es) not apply to {section} type {kind!r}; it takes: {', '.join(allowed_by_type[kind]) or 'no settings'}")
 
     # the base recipe, with resources, fixed and command-line overrides
-    if base_raw is None:
-        base_path = (path.parent / spec.base).resolve()
-        if not base_path.is_file():
-            raise ConfigError(f"{src}: base: recipe file not found: {base_path} (the path is relative to the search-space file)")
-        base_file = str(base_path)
-        try:
-            raw, _ = load_raw_with_sources(base_path)
-        except ConfigError as exc:
-            raise ConfigError(f"{src}: base: {exc}") from None
-    else:
-        base_file = spec.base
-        raw = copy.deepcopy(base_raw)
-    if base_raw is None and "objectives" not in raw:
-        # Setting objectives.X.* on a base that lists none must not drop the default
-        # objectives (a partial dict would replace the schema default entirely).
-        raw["objectives"] = copy.deepcopy(Recipe.model_fields["objectives"].default_factory())
-    entries: list[tuple[str, str, Any]] = [(f"resources.{key}", f"resources.{key}", value) for key, value in spec.resources.items()]
-    entries += [(f"fixed.{dotted}", dotted, value) for dotted, value in spec.fixed.items()]
-    for text in recipe_overrides:
-        parts, value = parse_override(text)
-        entries.append((f"override {text!r}", ".".join(parts), value))
-    fixed: dict[str, Any] = {}
-    for label, dotted, value in entries:
-        try:
-            field_at(dotted)
-        except ConfigError as exc:
-            problems.append(f"  {label}: {exc}")
-            continue
-        fixed[dotted] = value
-        if base_raw is None:
-            set_dotted(raw, dotted.split("."), value, f"{src}: {label}")
-    base_recipe: Recipe | None = None
-    try:
-        base_recipe = validate_recipe(raw, f"base recipe {base_file} with resources/fixed/overrides")
-    except ConfigError as exc:
-        lines = str(exc).splitlines()
-        problems.append(f"  {lines[0]}")
-        problems += [f"  {line}" for line in lines[1:]]
+    base = resolve_base(src, path.parent, spec.base, spec.resources, spec.fixed, recipe_overrides, base_raw)
+    base_file, raw, fixed, base_recipe = base.file, base.raw, base.fixed, base.recipe
+    problems += base.problems
 
     # parameters
     params: list[Param] = []
