@@ -20,6 +20,8 @@ COMMAND_MODULES = (
     "vlptune.tasks.cli",
     "vlptune.search.cli",
     "vlptune.cluster.cli",
+    "vlptune.study.ablation_cli",
+    "vlptune.study.promote_cli",
 )
 
 

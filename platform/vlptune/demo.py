@@ -7,7 +7,15 @@ Stages, each printing what it did:
 3. load one SOHO training batch of ``trials/demo-light.yaml`` and print its shapes,
 4. run ``search_spaces/demo.yaml`` (8 trials, ASHA, Optuna TPE) on a local
    in-process Ray cluster, print the results table and the best trial's metric
-   next to chance, and say how to open TensorBoard (``--no-search`` skips it).
+   next to chance, and say how to open TensorBoard (``--no-search`` skips it
+   and everything after),
+5. promote the best 2 trials that completed the last step to
+   ``trials/demo-full.yaml`` through ``trials/fidelity/demo.yaml`` (recipes in
+   ``trials/promoted/``), run them with 1 seed each as one experiment (shortened
+   through the study's fixed overrides, ``--promoted-steps``), and print the
+   promotion report (light vs full ranking, Spearman and Kendall),
+6. print the hyperparameter importance table of the search (fANOVA and
+   PED-ANOVA over the stored Optuna study).
 
 Each stage is a plain function call into the library; nothing here is
 demo-only logic.
@@ -27,6 +35,24 @@ from vlptune.config import load_recipe
 REPO = Path(__file__).resolve().parents[2]
 DEMO_RECIPE = REPO / "trials" / "demo-light.yaml"
 DEMO_SPACE = REPO / "search_spaces" / "demo.yaml"
+DEMO_TARGET = REPO / "trials" / "demo-full.yaml"
+DEMO_MAP = REPO / "trials" / "fidelity" / "demo.yaml"
+PROMOTE_TOP_K = 2
+PROMOTE_SEEDS = 1
+# The promoted runs are demo-full shortened so the whole demo stays within its time
+# budget on a 2-core machine (demo-full: about 1.4 s per step on 2 cores alone; two
+# runs at once on 1 CPU each). Set through the study's fixed overrides, not the files.
+PROMOTED_STEPS = 40
+PROMOTED_EVALS = 2  # evaluations per promoted run (eval_every = steps / evals)
+PROMOTED_FIXED = {
+    "train.log_every": 10,
+    "optim.warmup_steps": 5,
+    "eval.max_images": 16,  # as in the demo search: 16x16 image-text pairs per evaluation
+    "eval.loss_batches": 2,
+    "eval.vd_picture_codes": 4,
+}
+PROMOTED_RESOURCES = {"workers": 1, "cpus_per_worker": 1}
+PROMOTED_MAX_CONCURRENT = 2
 
 
 def _banner(text: str) -> None:
@@ -111,12 +137,77 @@ def stage_search(space_path: Path, root: Path, out: Path) -> int:
     return 0
 
 
+def stage_promote(search_dir: Path, root: Path, out: Path, steps: int, top_k: int) -> int:
+    from vlptune.study import promote as pr
+    from vlptune.study import promote_report as rep
+
+    run_dir = (out / "promoted").resolve()
+    _banner(f"5. promote the best {top_k} demo trials to {DEMO_TARGET.name} and run them -> {run_dir}")
+    if run_dir.exists() and any(run_dir.iterdir()):
+        print(f"{run_dir} exists: showing its report (delete it to promote and run again)")
+        promotion, _ = pr.read_promotion_record(run_dir)
+    else:
+        try:
+            promotion = pr.promote(search_dir, top_k=top_k, target=DEMO_TARGET, fidelity_map=DEMO_MAP)
+        except pr.PromotionError as exc:
+            print(f"cannot promote: {exc}")
+            return 1
+        print(pr.format_promotion(promotion, requested=top_k))
+        fixed = {
+            **PROMOTED_FIXED,
+            "data.root": str(root.resolve()),
+            "train.max_steps": steps,
+            "train.eval_every": max(1, steps // PROMOTED_EVALS),
+        }
+        try:
+            spec = pr.promotion_study(promotion, seeds=PROMOTE_SEEDS, fixed=fixed, resources=PROMOTED_RESOURCES, max_concurrent=PROMOTED_MAX_CONCURRENT, name="promoted")
+        except pr.PromotionError as exc:
+            print(f"cannot run the promoted recipes: {exc}")
+            return 1
+        print(pr.run_note(promotion, fixed))
+        print(f"(the demo shortens the runs so it fits its time budget: --promoted-steps {steps}; the promoted files keep demo-full's own length)")
+        from vlptune.study.ablation import StudyError
+
+        try:
+            pr.run_promotion(promotion, spec, exp_dir=run_dir, verbose=1)
+        except StudyError as exc:
+            print(f"the promoted run failed: {exc}")
+            return 1
+    report, _ = rep.collect_report(run_dir)
+    print(rep.report_header(promotion, run_dir))
+    print(rep.format_report(report))
+    print(f"written: {rep.write_report(run_dir, promotion, report)}; again with: vlptune promote --report {run_dir}")
+    return 0
+
+
+def stage_importance(search_dir: Path) -> int:
+    from vlptune.search.runner import read_meta
+    from vlptune.study import importance as imp
+
+    _banner(f"6. hyperparameter importance of the demo search ({', '.join(imp.EVALUATORS)})")
+    try:
+        results = imp.importances(search_dir, "both")
+    except imp.ImportanceError as exc:
+        print(f"no importance table: {exc}")
+        return 0  # a refusal with its reason is a result of the demo, not a failure
+    metric = read_meta(search_dir).get("metric")
+    print(imp.format_markdown(results, metric), end="")
+    written = imp.write_outputs(search_dir, results, metric)
+    print("written: " + ", ".join(str(p) for p in written))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    from vlptune.study.promote import MIN_RUN_CONFIGS
+    from vlptune.study.promote_cli import ranged
+
     parser = argparse.ArgumentParser(prog="python -m vlptune.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/demo", help="directory for everything the demo writes")
     parser.add_argument("--recipe", default=str(DEMO_RECIPE), help="recipe of the demo")
     parser.add_argument("--space", default=str(DEMO_SPACE), help="search-space file of the search stage")
-    parser.add_argument("--no-search", action="store_true", help="stop after the batch stage")
+    parser.add_argument("--no-search", action="store_true", help="stop after the batch stage (no search, promotion or importance)")
+    parser.add_argument("--top-k", type=ranged(int, MIN_RUN_CONFIGS, what="a number of trials"), default=PROMOTE_TOP_K, metavar="K", help=f"trials to promote to {DEMO_TARGET.name} (default {PROMOTE_TOP_K}, at least {MIN_RUN_CONFIGS})")
+    parser.add_argument("--promoted-steps", type=ranged(int, PROMOTED_EVALS, what="a number of steps"), default=PROMOTED_STEPS, metavar="N", help=f"train.max_steps of the promoted runs, set through the study's fixed overrides (default {PROMOTED_STEPS}, at least {PROMOTED_EVALS}; demo-full's own is longer)")
     parser.add_argument("-o", "--override", action="append", default=[], help="dotted recipe override (repeatable)")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -126,7 +217,13 @@ def main(argv: list[str] | None = None) -> int:
     root = stage_world(recipe_path, out, args.override)
     stage_inspect(root, out)
     stage_batch(recipe_path, root, args.override)
-    status = 0 if args.no_search else stage_search(Path(args.space), root, out)
+    status = 0
+    if not args.no_search:
+        status = stage_search(Path(args.space), root, out)
+        search_dir = (out / "search").resolve()
+        if status == 0:
+            status = stage_promote(search_dir, root, out, args.promoted_steps, args.top_k)
+        status = max(status, stage_importance(search_dir))
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s; outputs under {out}/")
     return status
 
