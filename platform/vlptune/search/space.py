@@ -36,7 +36,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Annotated, Literal
+from typing import Any, Annotated, Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -814,12 +814,14 @@ def check_field_value(path: str, value: Any) -> str | None:
 # ------------------------------------------------------------------ loading
 
 
-def _split_overrides(overrides: list[str] | None) -> tuple[list[str], list[str]]:
-    space, recipe = [], []
+def split_overrides(overrides: list[str] | None, own_keys: Iterable[str]) -> tuple[list[str], list[str]]:
+    """``-o`` overrides split into those of the file itself (top-level key in ``own_keys``) and the recipe's."""
+    keys = set(own_keys)
+    own, recipe = [], []
     for text in overrides or []:
         parts, _ = parse_override(text)
-        (space if parts[0] in SPACE_OVERRIDE_KEYS else recipe).append(text)
-    return space, recipe
+        (own if parts[0] in keys else recipe).append(text)
+    return own, recipe
 
 
 def read_space_document(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -842,7 +844,7 @@ def load_space(path: str | Path, overrides: list[str] | None = None, base_raw: d
     """
     path = Path(path)
     src = str(path)
-    space_overrides, recipe_overrides = _split_overrides(overrides)
+    space_overrides, recipe_overrides = split_overrides(overrides, SPACE_OVERRIDE_KEYS)
     doc = read_space_document(path, space_overrides)
     problems: list[str] = []
     try:

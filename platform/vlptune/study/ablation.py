@@ -47,7 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vlptune.config import ConfigError, Recipe, field_at, format_validation_error, parse_override, read_yaml_mapping, set_dotted, validate_recipe
 from vlptune.io import atomic_write_text
-from vlptune.search.space import FIDELITY_PATH, TIME_ATTR, FailuresSpec, check_field_value, check_objectives, metric_problem, resolve_base
+from vlptune.search.space import FIDELITY_PATH, TIME_ATTR, FailuresSpec, check_field_value, check_objectives, metric_problem, resolve_base, split_overrides
 from vlptune.study import stats
 
 log = logging.getLogger(__name__)
@@ -197,14 +197,6 @@ def resolve_trial(base_raw: dict[str, Any], config: dict[str, Any], source: str,
 # ------------------------------------------------------------------ loading
 
 
-def _split_overrides(overrides: list[str] | None) -> tuple[list[str], list[str]]:
-    study, recipe = [], []
-    for text in overrides or []:
-        parts, _ = parse_override(text)
-        (study if parts[0] in STUDY_OVERRIDE_KEYS else recipe).append(text)
-    return study, recipe
-
-
 def study_from_dict(
     doc: dict[str, Any],
     *,
@@ -222,7 +214,7 @@ def study_from_dict(
     reported at once in one :class:`ConfigError` naming ``source``.
     """
     doc = copy.deepcopy(doc)
-    study_overrides, recipe_overrides = _split_overrides(overrides)
+    study_overrides, recipe_overrides = split_overrides(overrides, STUDY_OVERRIDE_KEYS)
     for text in study_overrides:
         parts, value = parse_override(text)
         set_dotted(doc, parts, value, f"override {text!r}")
