@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_recipe
 
 from vlptune.config import ConfigError, validate_recipe
 from vlptune.model.decoder import (
@@ -27,28 +28,16 @@ CLS, SEP, PAD, MASK = 101, 102, 0, 103  # MiniLM's (BERT uncased) special ids
 NUM_CLASSES, NUM_ATTRS = 8, 10
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def e2e_recipe(objectives=None, **sections):
-    spec = {
-        "name": "e2e-tiny",
-        "data": {"root": "/nonexistent/e2e-tiny", "image_size": 64, "max_long_side": 64, "itm_positives": 1, "itm_negatives": 1, "batch_images": 2, "max_text_len": 12},
-        "model": {"backbone": {"width_mult": 0.0625, "pool": 1}, "vd": {"size": 16}, "fusion": {"layers": 1}},
-        "objectives": objectives
-        or {
-            "detection": {"decoder_layers": 2, "num_queries": 6, "num_classes": NUM_CLASSES, "num_attributes": NUM_ATTRS},
-            "captioning": {"decoder_layers": 2},
-        },
+    objectives = objectives or {
+        "detection": {"decoder_layers": 2, "num_queries": 6, "num_classes": NUM_CLASSES, "num_attributes": NUM_ATTRS},
+        "captioning": {"decoder_layers": 2},
     }
-    for key, value in sections.items():
-        spec[key] = {**spec.get(key, {}), **value}
-    return validate_recipe(spec, "e2e test recipe")
+    data = {"root": "/nonexistent/e2e-tiny", "max_text_len": 12, **sections.pop("data", {})}
+    return tiny_recipe("e2e-tiny", objectives, data=data, **sections)
 
 
 def hand_batch(images: int = 2, side: int = 64, text_len: int = 7, seed: int = 0) -> dict:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import fcntl
 import math
 from pathlib import Path
 
@@ -11,8 +10,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import similarity_world, small_recipe
 
-from vlptune.config import ConfigError, validate_recipe
+from vlptune.config import ConfigError
 from vlptune.data.collate import SOHOCollate
 from vlptune.data.dataset import ShardDataset, build_loader, decode_record, ensure_data
 from vlptune.data.schema import DataError
@@ -25,40 +25,19 @@ from vlptune.objectives.omvm import OMVM, choose_objects, sampling_probabilities
 from vlptune.objectives.pooling import object_cells, pool_phrases, pool_under_masks, span_masks
 from vlptune.objectives.pra import alignment_loss
 
-WORLD_IMAGES = 64
-WORLD_SIZE = 96
-
 
 @pytest.fixture(autouse=True)
 def one_thread():
     torch.set_num_threads(1)
 
 
-def shared_world(tmp_path_factory) -> Path:
-    """One small world with phrase-label similarities per test session (also used by test_semantic_losses)."""
-    root = tmp_path_factory.getbasetemp() / "kdvlp-world"
-    with open(tmp_path_factory.getbasetemp() / ".kdvlp-world.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (root / "manifest.json").is_file():
-            make_world(root, train=WORLD_IMAGES, val=8, image_size=WORLD_SIZE, seed=3, phrase_similarity=True)
-    return root
-
-
 @pytest.fixture(scope="session")
 def world(tmp_path_factory) -> Path:
-    return shared_world(tmp_path_factory)
+    return similarity_world(tmp_path_factory)
 
 
 def recipe_for(root, objectives, **data):
-    return validate_recipe(
-        {
-            "name": "kdvlp-test",
-            "data": {"root": str(root), "synthesize": False, "image_size": WORLD_SIZE, "max_long_side": 144, "itm_positives": 2, "itm_negatives": 1, "batch_images": 4, "max_text_len": 24, **data},
-            "model": {"backbone": {"width_mult": 0.125, "pool": 1}, "vd": {"size": 32}, "fusion": {"layers": 1}},
-            "objectives": objectives,
-        },
-        "test recipe",
-    )
+    return small_recipe("kdvlp-test", root, objectives, **data)
 
 
 @pytest.fixture(scope="module")

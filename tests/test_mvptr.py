@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import tiny_recipe
 
 from vlptune.config import ConfigError, FusionConfig, validate_recipe
 from vlptune.model.fusion import FusionTransformer
@@ -22,24 +23,14 @@ from vlptune.objectives.wpg import grounding_score, region_states
 CLS, SEP, PAD = 101, 102, 0
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mvptr_recipe(objectives=None, **sections):
-    spec = {
-        "name": "mvptr-tiny",
-        "data": {"image_size": 64, "max_long_side": 64, "itm_positives": 1, "itm_negatives": 1, "batch_images": 3},
-        "model": {"backbone": {"width_mult": 0.0625, "pool": 1}, "vd": {"size": 16}, "fusion": {"layers": 2, "unimodal_layers": 1}},
-        "objectives": objectives or {"itm": {"weight": 1.0}, "vsc": {"weight": 1.0}, "wpg": {"weight": 1.0}},
-    }
-    for key, value in sections.items():
-        spec[key] = {**spec.get(key, {}), **value}
-    return validate_recipe(spec, "mvptr test recipe")
+    objectives = objectives or {"itm": {"weight": 1.0}, "vsc": {"weight": 1.0}, "wpg": {"weight": 1.0}}
+    data = {"batch_images": 3, **sections.pop("data", {})}
+    model = {"fusion": {"layers": 2, "unimodal_layers": 1}, **sections.pop("model", {})}
+    return tiny_recipe("mvptr-tiny", objectives, data=data, model=model, **sections)
 
 
 def hand_batch(images: int = 3, side: int = 64, text_len: int = 7, seed: int = 0) -> dict:

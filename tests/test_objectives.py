@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import tiny_recipe as shared_tiny_recipe
 
-from vlptune.config import ConfigError, validate_recipe
+from vlptune.config import ConfigError
 from vlptune.objectives.base import Pretrainer, StepContext, build_objectives, build_pretrainer
 from vlptune.objectives.mlm import IGNORE_INDEX
 from vlptune.objectives.mvm import choose_masks
@@ -13,16 +14,8 @@ from vlptune.objectives.mvm import choose_masks
 CLS, SEP, MASK = 101, 102, 103  # BERT uncased special ids (MiniLM's vocabulary)
 
 
-def tiny_recipe(**sections):
-    base = {
-        "name": "tiny",
-        "data": {"image_size": 64, "max_long_side": 64, "itm_positives": 1, "itm_negatives": 1, "batch_images": 2},
-        "model": {"backbone": {"width_mult": 0.0625, "pool": 1}, "vd": {"size": 16}, "fusion": {"layers": 1}},
-        "objectives": {"mlm": {"weight": 1.0}, "itm": {"weight": 1.0}, "mvm": {"weight": 1.0, "prob": 1.0}},
-    }
-    for key, value in sections.items():
-        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) and key != "objectives" else value
-    return validate_recipe(base, "test recipe")
+def tiny_recipe(objectives=None, **sections):
+    return shared_tiny_recipe("tiny", objectives or {"mlm": {"weight": 1.0}, "itm": {"weight": 1.0}, "mvm": {"weight": 1.0, "prob": 1.0}}, **sections)
 
 
 def hand_batch(images: int = 2, side: int = 64, text_len: int = 6, seed: int = 0) -> dict:
@@ -150,6 +143,9 @@ def test_objectives_on_a_hand_made_batch(pretrainer):
     assert float(loss.detach()) == pytest.approx(weighted, rel=1e-5)
     for key in ("mlm_acc", "itm_acc", "mvm_acc"):
         assert 0.0 <= float(metrics[key]) <= 1.0
+    masked = batch["mlm_labels"][batch["mlm_labels"] != IGNORE_INDEX]  # positives' tokens 1 and 2, all distinct here
+    top = max(int((masked == t).sum()) for t in masked.unique())
+    assert float(metrics["mlm_chance"]) == pytest.approx(top / masked.numel())
     loss.backward()
     objectives = pretrainer.objectives
     for name, param in [

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import fcntl
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import WORLD_SIZE, similarity_world, small_recipe
 
-from vlptune.config import ConfigError, validate_recipe
+from vlptune.config import ConfigError
 from vlptune.data.collate import SEG_IGNORE, SOHOCollate, seg_to_grid
 from vlptune.data.dataset import ShardDataset, build_loader, decode_record
 from vlptune.data.shards import read_manifest, read_shard
@@ -27,40 +27,19 @@ from vlptune.objectives.ssul import (
     pool_cells,
 )
 
-WORLD_IMAGES = 64
-WORLD_SIZE = 96
-
 
 @pytest.fixture(autouse=True)
 def one_thread():
     torch.set_num_threads(1)
 
 
-def shared_world(tmp_path_factory) -> Path:
-    """The session's small world with phrase-label similarities (the same one test_kdvlp uses)."""
-    root = tmp_path_factory.getbasetemp() / "kdvlp-world"
-    with open(tmp_path_factory.getbasetemp() / ".kdvlp-world.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (root / "manifest.json").is_file():
-            make_world(root, train=WORLD_IMAGES, val=8, image_size=WORLD_SIZE, seed=3, phrase_similarity=True)
-    return root
-
-
 @pytest.fixture(scope="session")
 def world(tmp_path_factory) -> Path:
-    return shared_world(tmp_path_factory)
+    return similarity_world(tmp_path_factory)
 
 
 def recipe_for(root, objectives, pool=1, size=WORLD_SIZE, **data):
-    return validate_recipe(
-        {
-            "name": "semantic-test",
-            "data": {"root": str(root), "synthesize": False, "image_size": size, "max_long_side": size * 3 // 2, "itm_positives": 2, "itm_negatives": 1, "batch_images": 4, "max_text_len": 24, **data},
-            "model": {"backbone": {"width_mult": 0.125, "pool": pool}, "vd": {"size": 32}, "fusion": {"layers": 1}},
-            "objectives": objectives,
-        },
-        "test recipe",
-    )
+    return small_recipe("semantic-test", root, objectives, pool=pool, size=size, **data)
 
 
 ALL = {"ssul": {"weight": 1.0}, "segl": {"weight": 1.0}, "spl": {"weight": 1.0}}

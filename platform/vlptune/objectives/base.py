@@ -152,6 +152,11 @@ def accuracy(logits: Tensor, labels: Tensor) -> Tensor:
     return (logits.argmax(-1) == labels).float().mean().detach()
 
 
+def majority_share(labels: Tensor) -> Tensor:
+    """Chance level of a classification metric: the accuracy of always answering the most frequent label of ``labels``."""
+    return (torch.bincount(labels.flatten(), minlength=1).max().float() / labels.numel()).detach()
+
+
 class Pretrainer(nn.Module):
     """The model plus its objectives: the one module the loop optimises (and DDP wraps).
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlptune.objectives.base import Objective, ObjectiveOutput, PredictionTransform, StepContext, accuracy
+from vlptune.objectives.base import Objective, ObjectiveOutput, PredictionTransform, StepContext, accuracy, majority_share
 from vlptune.objectives.registry import ObjectiveConfig, register
 
 IGNORE_INDEX = -100  # mlm_labels value where there is nothing to predict (see docs/contracts.md)
@@ -32,7 +32,7 @@ class MLM(Objective):
     """Masked language modelling on positive pairs; metrics ``mlm_loss``, ``mlm_acc``."""
 
     needs = ("mlm_ids", "mlm_labels", "text_mask", "itm_labels", "pair_image")
-    metric_names = ("mlm_loss", "mlm_acc")
+    metric_names = ("mlm_loss", "mlm_acc", "mlm_chance")
 
     def __init__(self, cfg: MLMConfig, model: nn.Module, recipe: Any):
         super().__init__(cfg, model, recipe)
@@ -62,4 +62,4 @@ class MLM(Objective):
         targets = labels[picked]
         logits = self.logits(states).float()
         loss = F.cross_entropy(logits, targets)
-        return ObjectiveOutput(loss, {"mlm_loss": loss.detach(), "mlm_acc": accuracy(logits, targets)})
+        return ObjectiveOutput(loss, {"mlm_loss": loss.detach(), "mlm_acc": accuracy(logits, targets), "mlm_chance": majority_share(targets)})

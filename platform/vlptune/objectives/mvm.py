@@ -39,6 +39,7 @@ from vlptune.objectives.base import (
     StepContext,
     accuracy,
     init_head_weights,
+    majority_share,
 )
 from vlptune.objectives.registry import ObjectiveConfig, register
 
@@ -131,8 +132,7 @@ class MVM(Objective):
         targets = chosen[picked][:, None].expand_as(cells)[cells]
         logits = self.logits(states).float()
         loss = F.cross_entropy(logits, targets)
-        chance = torch.bincount(targets, minlength=1).max().float() / targets.numel()
         return ObjectiveOutput(
             loss,
-            {"mvm_loss": loss.detach(), "mvm_acc": accuracy(logits, targets), "mvm_chance": chance.detach(), "mvm_skipped": 0.0},
+            {"mvm_loss": loss.detach(), "mvm_acc": accuracy(logits, targets), "mvm_chance": majority_share(targets), "mvm_skipped": 0.0},
         )

@@ -1,0 +1,51 @@
+"""Helpers shared by test modules (pytest puts tests/ on sys.path): the session's small
+synthetic world with phrase-label similarities, and a tiny recipe on it."""
+
+from __future__ import annotations
+
+import fcntl
+from pathlib import Path
+from typing import Any
+
+from vlptune.config import Recipe, validate_recipe
+from vlptune.data.synth import make_world
+
+WORLD_IMAGES = 64
+WORLD_SIZE = 96
+
+
+def similarity_world(tmp_path_factory) -> Path:
+    """One small world with phrase-label similarities per test session, whichever module asks first."""
+    root = tmp_path_factory.getbasetemp() / "kdvlp-world"
+    with open(tmp_path_factory.getbasetemp() / ".kdvlp-world.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "manifest.json").is_file():
+            make_world(root, train=WORLD_IMAGES, val=8, image_size=WORLD_SIZE, seed=3, phrase_similarity=True)
+    return root
+
+
+def small_recipe(name: str, root: Path | str, objectives: dict[str, Any], pool: int = 1, size: int = WORLD_SIZE, **data: Any) -> Recipe:
+    """A 1-layer, 1/8-width model with a 32-code VD over ``root``; ``data`` entries override the data section."""
+    return validate_recipe(
+        {
+            "name": name,
+            "data": {"root": str(root), "synthesize": False, "image_size": size, "max_long_side": size * 3 // 2, "itm_positives": 2, "itm_negatives": 1, "batch_images": 4, "max_text_len": 24, **data},
+            "model": {"backbone": {"width_mult": 0.125, "pool": pool}, "vd": {"size": 32}, "fusion": {"layers": 1}},
+            "objectives": objectives,
+        },
+        "test recipe",
+    )
+
+
+# the smallest model that runs every objective: ResNet-18 at 1/16 width, a 16-code VD, 1 fusion layer
+TINY_DATA = {"image_size": 64, "max_long_side": 64, "itm_positives": 1, "itm_negatives": 1, "batch_images": 2}
+TINY_MODEL = {"backbone": {"width_mult": 0.0625, "pool": 1}, "vd": {"size": 16}, "fusion": {"layers": 1}}
+
+
+def tiny_recipe(name: str, objectives: dict[str, Any], **sections: Any) -> Recipe:
+    """A recipe of the tiny model (no data files needed); each of ``sections`` is merged one level deep
+    into the section of that name (``objectives`` replaces the objectives)."""
+    spec: dict[str, Any] = {"name": name, "data": dict(TINY_DATA), "model": dict(TINY_MODEL), "objectives": objectives}
+    for key, value in sections.items():
+        spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) and key != "objectives" else value
+    return validate_recipe(spec, f"{name} test recipe")
