@@ -68,7 +68,7 @@ def test_demo_space_is_valid_and_sized_for_two_cores():
         assert wanted in paths
     assert any(p.startswith("objectives.") and p.endswith(".weight") for p in paths)
     assert 0 in space.param("model.vd.size").choices  # VD off is part of the search
-    assert space.asha_rungs() == [25, 50, 100]
+    assert space.asha_rungs() == [25, 50]
 
 
 def test_soho_light_space_is_valid_for_a_gpu_cluster():
@@ -84,7 +84,7 @@ def test_describe_lists_every_parameter_and_the_plan():
     text = space.describe()
     for p in space.params:
         assert p.path in text
-    assert "asha" in text and "rungs at steps [25, 50, 100]" in text
+    assert "asha" in text and "rungs at steps [25, 50]" in text
     assert "when model.vd.size > 0, else 0.0" in text
 
 

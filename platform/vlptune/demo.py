@@ -97,19 +97,27 @@ def stage_batch(recipe_path: Path, root: Path, overrides: list[str]) -> None:
             print(f"  {key:<12} {value!r}")
 
 
+def chance_keys(metric: str) -> list[str]:
+    """Where a trial reports the chance level of ``metric``: ``retrieval/rsum`` -> ``retrieval/chance_rsum``,
+    ``val/mlm_acc`` -> ``val/mlm_chance`` (objectives name theirs ``<objective>_chance``)."""
+    if "/" not in metric:
+        return []
+    group, name = metric.rsplit("/", 1)
+    keys = [f"{group}/chance_{name}"]
+    if "_" in name:
+        keys.append(f"{group}/{name.rsplit('_', 1)[0]}_chance")
+    return keys
+
+
 def _best_chance(trial_dir: str | None, metric: str) -> float | None:
-    """The chance level of ``metric`` reported by a trial (``retrieval/rsum`` -> ``retrieval/chance_rsum``)."""
+    """The chance level of ``metric`` in a trial's last report that has one."""
     import json
 
-    if trial_dir is None or "/" not in metric:
-        return None
-    group, name = metric.rsplit("/", 1)
-    key = f"{group}/chance_{name}"
-    result_file = Path(trial_dir) / "result.json"
-    if not result_file.is_file():
+    result_file = Path(trial_dir) / "result.json" if trial_dir else None
+    if result_file is None or not result_file.is_file():
         return None
     lines = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
-    values = [line[key] for line in lines if key in line]
+    values = [line[key] for line in lines for key in chance_keys(metric) if key in line]
     return float(values[-1]) if values else None
 
 
@@ -131,8 +139,8 @@ def stage_search(space_path: Path, root: Path, out: Path) -> int:
         print("no trial reported the metric")
         return 1
     chance = _best_chance(best.trial_dir, collected.metric)
-    against = f" (chance: {chance:.1f})" if chance is not None else ""
-    print(f"best trial {best.trial_id}: {collected.metric} = {best.best:.1f}{against} at step {best.fidelity}")
+    against = f" (chance: {chance:.3g}, {best.best / chance:.1f}x chance)" if chance else ""
+    print(f"best trial {best.trial_id}: {collected.metric} = {best.best:.3g}{against} at step {best.fidelity}")
     print(f"compare the trials: vlptune board {exp_dir}   (TensorBoard on 127.0.0.1, HParams tab)")
     return 0
 
