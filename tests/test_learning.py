@@ -9,8 +9,10 @@ Two short runs of the shipped recipe (a few minutes together on 2 cores):
   matching on validation above chance and zero-shot retrieval (scored by the
   ITM head) above its chance level.
 
-The measured numbers and why ITM is shown alone are in docs/training.md
-("What the demo learns").
+The slow test trains ITM alone for 1000 steps (about 7 minutes) and checks
+ITM above 0.75 (measured 0.81) and R@1 several times chance. The measured
+numbers and why ITM is shown alone are in docs/training.md ("What the demo
+learns").
 """
 
 from __future__ import annotations
@@ -90,3 +92,17 @@ def test_demo_light_itm_learns_matching_and_zero_shot_retrieval(demo_world, tmp_
     assert result["retrieval/rsum"] > RSUM_OVER_CHANCE * result["retrieval/chance_rsum"], (result["retrieval/rsum"], result["retrieval/chance_rsum"])
     losses = train_loss_curve(tmp_path / "itm", "train/itm_loss")
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, losses  # ITM loss below its start (ln 2)
+
+
+@pytest.mark.slow
+def test_demo_light_itm_alone_passes_80_percent_with_retrieval_several_times_chance(demo_world, tmp_path):
+    # measured (about 7 minutes on 2 cores): val ITM 0.81, RSUM 190 vs chance 64, R@1 8 / 6 vs 2 at step 1000
+    result = train_demo(
+        demo_world, tmp_path / "itm-long",
+        ["objectives.mlm.weight=0", "objectives.mvm.weight=0", "train.max_steps=1000", "train.eval_every=500", "eval.max_images=50"],
+    )
+    assert result["val/itm_acc"] > 0.75, result["val/itm_acc"]
+    assert result["retrieval/rsum"] > 2.5 * result["retrieval/chance_rsum"], (result["retrieval/rsum"], result["retrieval/chance_rsum"])
+    r1 = result["retrieval/tr_r1"] + result["retrieval/ir_r1"]
+    chance_r1 = result["retrieval/chance_tr_r1"] + result["retrieval/chance_ir_r1"]
+    assert r1 >= 2.5 * chance_r1, (result["retrieval/tr_r1"], result["retrieval/ir_r1"], chance_r1)
