@@ -187,11 +187,10 @@ def resolve_trial(base_raw: dict[str, Any], config: dict[str, Any], source: str,
     name = config[VARIANT_KEY]
     if name not in variants:
         raise StudyError(f"{source}: unknown variant {name!r}; the study has {sorted(variants)}")
-    raw = copy.deepcopy(base_raw)
-    for path, value in variants[name].items():
-        set_dotted(raw, path.split("."), copy.deepcopy(value), f"{source}: variants.{name}.{path}")
-    set_dotted(raw, SEED_PATH.split("."), int(config[SEED_KEY]), f"{source}: seed")
-    return raw
+    from vlptune.search.runner import apply_config
+
+    overlay = {**copy.deepcopy(variants[name]), SEED_PATH: int(config[SEED_KEY])}
+    return apply_config(base_raw, overlay, f"{source}: variant {name!r}")
 
 
 # ------------------------------------------------------------------ loading

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from vlptune.config import Recipe
+from vlptune.model.visual_dictionary import perplexity
 from vlptune.objectives.base import MetricMeter, Pretrainer
 from vlptune.train.optim import autocast
 
@@ -188,11 +189,9 @@ def code_usage(codes: list[Tensor], size: int) -> dict[str, float]:
     flat = flat[flat >= 0]
     if flat.numel() == 0:
         return {}
-    counts = torch.bincount(flat, minlength=size).double()
-    p = counts / counts.sum()
-    perplexity = float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
+    counts = torch.bincount(flat, minlength=size)
     used = int((counts > 0).sum())
-    return {"vd_codes_used": float(used), "vd_code_share": used / size, "vd_perplexity": perplexity}
+    return {"vd_codes_used": float(used), "vd_code_share": used / size, "vd_perplexity": perplexity(counts)}
 
 
 # --------------------------------------------------------------------------- retrieval
