@@ -112,6 +112,9 @@ class FusionConfig(Section):
     layers: int = Field(3, ge=1, le=48, description="keep the first N encoder layers of the checkpoint")
     max_grid: int = Field(64, ge=1, le=1024, description="largest grid side supported by the 2-D sine position embedding")
     grad_checkpointing: bool = Field(False, description="recompute encoder activations in backward to save memory")
+    grid_norm_init: Literal["unit", "text"] = Field(
+        "unit", description="start of the grid tokens' LayerNorm: 'unit' (weight 1, bias 0) or 'text' (a copy of the checkpoint's text-embedding LayerNorm, so grid tokens start at the scale the encoder was trained on)"
+    )
     unimodal_layers: int = Field(0, ge=0, le=48, description="MVPTR two-stage split: the first N layers run text and image separately (uni-modal), the rest cross-modally; 0 = all cross-modal (SOHO); must stay below layers")
 
 
