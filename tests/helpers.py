@@ -49,3 +49,49 @@ def tiny_recipe(name: str, objectives: dict[str, Any], **sections: Any) -> Recip
     for key, value in sections.items():
         spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) and key != "objectives" else value
     return validate_recipe(spec, f"{name} test recipe")
+
+
+# ------------------------------------------------------------------ search stand-ins
+
+
+def import_by_value(path: Path, source: str, name: str) -> Any:
+    """Write ``source`` to ``path``, import it as module ``name`` and have Ray pickle it by value
+    (Ray workers get the code itself, not an import of a file they cannot see)."""
+    import importlib.util
+    import sys
+
+    import ray.cloudpickle
+
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[spec.name] = module
+    ray.cloudpickle.register_pickle_by_value(module)
+    return module
+
+
+def standin_space(tmp_path: Path, control: dict, body: str, *, metric: str, max_steps: int, eval_every: int, name: str | None = None) -> Path:
+    """A search space over a stand-in base recipe in ``tmp_path``: ``data/control.json`` holds ``control``
+    (read by the stand-in training loop); ``body`` is the rest of the space file."""
+    import json
+    import textwrap
+
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    (data / "control.json").write_text(json.dumps(control))
+    (tmp_path / "base.yaml").write_text(
+        textwrap.dedent(
+            f"""
+            name: standin
+            data: {{root: {data}, synthesize: false}}
+            objectives: {{mlm: {{weight: 1.0}}, itm: {{weight: 1.0}}, mvm: {{weight: 1.0}}}}
+            train: {{max_steps: {max_steps}, eval_every: {eval_every}}}
+            resources: {{workers: 1, cpus_per_worker: 1}}
+            """
+        )
+    )
+    space = tmp_path / "space.yaml"
+    header = (f"name: {name}\n" if name else "") + f"base: base.yaml\nmetric: {metric}\nmode: max\n"
+    space.write_text(header + textwrap.dedent(body))
+    return space

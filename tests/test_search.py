@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import import_by_value
+from helpers import standin_space as make_standin_space
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_LIGHT = REPO / "trials" / "demo-light.yaml"
@@ -304,38 +306,11 @@ STANDIN = textwrap.dedent(
 
 
 def standin_module(tmp_path: Path):
-    import importlib.util
-
-    import ray.cloudpickle
-
-    path = tmp_path / "standin_loop.py"
-    path.write_text(STANDIN)
-    spec = importlib.util.spec_from_file_location(f"standin_loop_{abs(hash(str(tmp_path)))}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    sys.modules[spec.name] = module
-    ray.cloudpickle.register_pickle_by_value(module)  # Ray workers get the code, not an import
-    return module
+    return import_by_value(tmp_path / "standin_loop.py", STANDIN, f"standin_loop_{abs(hash(str(tmp_path)))}")
 
 
 def standin_space(tmp_path: Path, control: dict, body: str) -> Path:
-    data = tmp_path / "data"
-    data.mkdir(exist_ok=True)
-    (data / "control.json").write_text(json.dumps(control))
-    (tmp_path / "base.yaml").write_text(
-        textwrap.dedent(
-            f"""
-            name: standin
-            data: {{root: {data}, synthesize: false}}
-            objectives: {{mlm: {{weight: 1.0}}, itm: {{weight: 1.0}}, mvm: {{weight: 1.0}}}}
-            train: {{max_steps: 40, eval_every: 10}}
-            resources: {{workers: 1, cpus_per_worker: 1}}
-            """
-        )
-    )
-    path = tmp_path / "space.yaml"
-    path.write_text(f"base: base.yaml\nmetric: {METRIC}\nmode: max\n" + textwrap.dedent(body))
-    return path
+    return make_standin_space(tmp_path, control, body, metric=METRIC, max_steps=40, eval_every=10)
 
 
 def run_standin(tmp_path: Path, control: dict, body: str, **kwargs):

@@ -16,12 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import sqlite3
-import sys
 import textwrap
 import time
 from pathlib import Path
 
 import pytest
+from helpers import import_by_value, standin_space
 
 from vlptune.search.location import DirUploader, Location, join_uri, mirror_key, uri_parent
 from vlptune.search.runner import SearchError, check_experiment_storage, cluster_address
@@ -101,34 +101,8 @@ STANDIN = textwrap.dedent(
 
 
 def standin(tmp_path: Path, control: dict, body: str):
-    import importlib.util
-
-    import ray.cloudpickle
-
-    path = tmp_path / "standin_storage_loop.py"
-    path.write_text(STANDIN)
-    spec = importlib.util.spec_from_file_location(f"standin_storage_{abs(hash(str(tmp_path)))}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    sys.modules[spec.name] = module
-    ray.cloudpickle.register_pickle_by_value(module)
-    data = tmp_path / "data"
-    data.mkdir(exist_ok=True)
-    (data / "control.json").write_text(json.dumps(control))
-    (tmp_path / "base.yaml").write_text(
-        textwrap.dedent(
-            f"""
-            name: standin
-            data: {{root: {data}, synthesize: false}}
-            objectives: {{mlm: {{weight: 1.0}}, itm: {{weight: 1.0}}, mvm: {{weight: 1.0}}}}
-            train: {{max_steps: 4, eval_every: 2}}
-            resources: {{workers: 1, cpus_per_worker: 1}}
-            """
-        )
-    )
-    space = tmp_path / "space.yaml"
-    space.write_text("name: st\nbase: base.yaml\nmetric: retrieval/rsum\nmode: max\n" + textwrap.dedent(body))
-    return module, space
+    module = import_by_value(tmp_path / "standin_storage_loop.py", STANDIN, f"standin_storage_{abs(hash(str(tmp_path)))}")
+    return module, standin_space(tmp_path, control, body, metric="retrieval/rsum", max_steps=4, eval_every=2, name="st")
 
 
 def test_search_refuses_a_local_directory_on_a_two_node_cluster(tmp_path, monkeypatch, capsys):
