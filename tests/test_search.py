@@ -393,7 +393,10 @@ def test_failed_worker_is_retried_from_its_last_checkpoint(tmp_path):
     attempts = [json.loads(line) for line in (exp_dir / "tb" / trial_id / "attempts.jsonl").read_text().splitlines()]
     assert [a["start"] for a in attempts] == [0, 20]  # restarted from the checkpoint of step 20
     t = optuna_trials(exp_dir)[trial_id]
-    assert t.state.name == "COMPLETE" and sorted(t.intermediate_values) == [10, 20, 30, 40]
+    assert t.state.name == "COMPLETE" and t.intermediate_values[40] == pytest.approx(result.metrics[METRIC])
+    # every report of both attempts reaches Optuna, except that Ray Train may drop the report still in flight
+    # when the worker dies (step 20 here, 5 steps before the crash; seen once in a 12-minute slow run)
+    assert {10, 30, 40} <= set(t.intermediate_values) <= {10, 20, 30, 40}, sorted(t.intermediate_values)
 
 
 @pytest.mark.slow
