@@ -549,6 +549,40 @@ def recipe_value(data: dict[str, Any], path: str) -> Any:
     return node.model_dump() if isinstance(node, BaseModel) else node
 
 
+def find_recipe_value(data: dict[str, Any], path: str, default: Any = None) -> Any:
+    """:func:`recipe_value`, or ``default`` when ``path`` names no field of the recipe."""
+    try:
+        return recipe_value(data, path)
+    except (KeyError, AttributeError, TypeError):
+        return default
+
+
+_ABSENT = object()  # find_recipe_value's answer for a path that names no field
+
+
+def describe_header(kind: str, plan: Any) -> list[str]:
+    """First lines of a plan file's ``describe()`` (a search space or a study): file, description, name, base recipe."""
+    lines = [f"{kind} {plan.file}"]
+    if plan.description:
+        lines.append(f"  {plan.description.strip()}")
+    lines += [f"  experiment name: {plan.name}", f"  base recipe: {plan.base_file} (name {plan.base_recipe.name!r})"]
+    return lines
+
+
+def describe_failures(failures: "FailuresSpec") -> str:
+    return f"  failures: {failures.max_failures} worker-group restart(s) per trial from its last checkpoint, {failures.trial_max_failures} trial restart(s)"
+
+
+def describe_fixed(plan: Any) -> list[str]:
+    """The ``fixed:`` block of a plan's ``describe()``: file-level fixed paths, then command-line overrides."""
+    if not (plan.fixed or plan.overrides):
+        return []
+    lines = ["  fixed:"]
+    lines += [f"    {path} = {value!r}" for path, value in plan.fixed.items()]
+    lines += [f"    {text}   (command line)" for text in plan.overrides]
+    return lines
+
+
 @dataclass
 class SearchSpace:
     """A validated search space (picklable: it travels to the searcher and the trials)."""
@@ -615,10 +649,10 @@ class SearchSpace:
         def get(path: str) -> Any:
             if path in values:
                 return values[path]
-            try:
-                return recipe_value(self.base_raw, path)
-            except (KeyError, AttributeError, TypeError):
-                raise WhenError(f"{path!r} is neither a parameter nor a recipe field") from None
+            value = find_recipe_value(self.base_raw, path, _ABSENT)
+            if value is _ABSENT:
+                raise WhenError(f"{path!r} is neither a parameter nor a recipe field")
+            return value
 
         return get
 
@@ -663,14 +697,9 @@ class SearchSpace:
     # -------------------------------------------------------------- text
 
     def describe(self) -> str:
-        base = self.base_recipe
-        res = base.resources
-        lines = [f"search space {self.file}"]
-        if self.description:
-            lines.append(f"  {self.description.strip()}")
+        res = self.base_recipe.resources
+        lines = describe_header("search space", self)
         lines += [
-            f"  experiment name: {self.name}",
-            f"  base recipe: {self.base_file} (name {base.name!r})",
             f"  metric: {self.metric} ({self.mode}); fidelity: step, up to train.max_steps = {self.max_fidelity} (evaluation every {self.eval_every})",
             f"  trials: {self.num_samples}, at most {self.max_concurrent} at once; each {res.workers} worker(s) x {res.cpus_per_worker:g} CPU, {res.gpus_per_worker:g} GPU",
         ]
@@ -690,21 +719,13 @@ class SearchSpace:
         elif sr.type == "grid":
             extra = f", grid of {self.grid_size()} points"
         lines.append(f"  searcher: optuna {sr.type} (seed {sr.seed}{extra}); study storage: {self.storage or 'sqlite:///EXP_DIR/optuna.db'}")
-        lines.append(f"  failures: {self.failures.max_failures} worker-group restart(s) per trial from its last checkpoint, {self.failures.trial_max_failures} trial restart(s)")
+        lines.append(describe_failures(self.failures))
         width = max((len(p.path) for p in self.params), default=10)
         lines.append(f"  parameters ({len(self.params)}, sampled in this order):")
         for p in self.params:
-            try:
-                base_value = recipe_value(self.base_raw, p.path)
-            except (KeyError, AttributeError, TypeError):
-                base_value = "(absent)"
+            base_value = find_recipe_value(self.base_raw, p.path, "(absent)")
             lines.append(f"    {p.path:<{width}}  {p.describe()}   [base: {base_value!r}]")
-        if self.fixed or self.overrides:
-            lines.append("  fixed:")
-            for path, value in self.fixed.items():
-                lines.append(f"    {path} = {value!r}")
-            for text in self.overrides:
-                lines.append(f"    {text}   (command line)")
+        lines += describe_fixed(self)
         return "\n".join(lines)
 
     @property

@@ -47,7 +47,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vlptune.config import ConfigError, Recipe, field_at, format_validation_error, parse_override, read_yaml_mapping, set_dotted, validate_recipe
 from vlptune.io import atomic_write_text
-from vlptune.search.space import FIDELITY_PATH, TIME_ATTR, FailuresSpec, check_field_value, check_objectives, metric_problem, resolve_base, split_overrides
+from vlptune.search.space import (
+    FIDELITY_PATH,
+    TIME_ATTR,
+    FailuresSpec,
+    check_field_value,
+    check_objectives,
+    describe_failures,
+    describe_fixed,
+    describe_header,
+    metric_problem,
+    resolve_base,
+    split_overrides,
+)
 from vlptune.study import stats
 
 log = logging.getLogger(__name__)
@@ -150,18 +162,13 @@ class StudySpec(StudyFile):
         return validate_recipe(self.variant_raw(variant, seed), f"{self.file}: variant {variant!r} (seed {seed})")
 
     def describe(self) -> str:
-        base = self.base_recipe
-        res = base.resources
-        lines = [f"ablation study {self.file}"]
-        if self.description:
-            lines.append(f"  {self.description.strip()}")
+        res = self.base_recipe.resources
+        lines = describe_header("ablation study", self)
         lines += [
-            f"  experiment name: {self.name}",
-            f"  base recipe: {self.base_file} (name {base.name!r})",
             f"  trials: {len(self.variants)} variants x {self.seeds} seeds = {self.num_trials}, each to train.max_steps = {self.max_fidelity} (no early stopping), at most {self.max_concurrent} at once; each {res.workers} worker(s) x {res.cpus_per_worker:g} CPU, {res.gpus_per_worker:g} GPU",
             f"  seeds: train.seed = {', '.join(str(s) for s in self.seed_values)}",
             f"  metrics: {', '.join(self.metrics)}; primary {self.metric} ({self.mode}); {self.confidence:.0%} intervals, Welch's t-test",
-            f"  failures: {self.failures.max_failures} worker-group restart(s) per trial from its last checkpoint, {self.failures.trial_max_failures} trial restart(s)",
+            describe_failures(self.failures),
             "  variants:",
         ]
         for name in self.variant_names:
@@ -173,12 +180,7 @@ class StudySpec(StudyFile):
                 problem = metric_problem(m, self.variant_recipe(name))
                 if problem:
                     lines.append(f"      {m} will be missing: {problem}")
-        if self.fixed or self.overrides:
-            lines.append("  fixed:")
-            for path, value in self.fixed.items():
-                lines.append(f"    {path} = {value!r}")
-            for text in self.overrides:
-                lines.append(f"    {text}   (command line)")
+        lines += describe_fixed(self)
         return "\n".join(lines)
 
 

@@ -40,6 +40,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vlptune.config import ConfigError, Recipe, field_at, format_validation_error, read_yaml_mapping
+from vlptune.search.space import find_recipe_value
 
 Rule = Literal["carry", "target", "lr_linear", "lr_sqrt", "steps"]
 RULES: tuple[str, ...] = typing.get_args(Rule)
@@ -205,15 +206,6 @@ class MappedValue:
         return out
 
 
-def _target_value(target_raw: dict[str, Any], path: str) -> Any:
-    from vlptune.search.space import recipe_value
-
-    try:
-        return recipe_value(target_raw, path)
-    except (KeyError, AttributeError, TypeError):
-        return None
-
-
 def map_values(
     fmap: FidelityMap,
     searched: dict[str, Any],
@@ -244,7 +236,7 @@ def map_values(
             out.append(MappedValue(path, rule, matched, value, value, True, 1.0, RULE_WORDS[rule]))
             continue
         if rule == "target":
-            kept = _target_value(target_raw, path)
+            kept = find_recipe_value(target_raw, path)
             out.append(MappedValue(path, rule, matched, value, kept, False, 1.0, f"{RULE_WORDS[rule]} ({kept!r})"))
             continue
         kind = _numeric_kind(path)
