@@ -95,3 +95,21 @@ def standin_space(tmp_path: Path, control: dict, body: str, *, metric: str, max_
     header = (f"name: {name}\n" if name else "") + f"base: base.yaml\nmetric: {metric}\nmode: max\n"
     space.write_text(header + textwrap.dedent(body))
     return space
+
+
+def tiny_loop_fixed(data_root: Path) -> dict[str, Any]:
+    """``fixed:`` paths that shrink demo-light to a seconds-long real-loop trial on a 48-image world at ``data_root``."""
+    return {
+        "data.root": str(data_root),
+        "data.synth": {"train": 48, "val": 12, "image_size": 64, "seed": 0, "shard_size": 64},
+        "data.image_size": 64,
+        "data.max_long_side": 96,
+        "data.batch_images": 2,
+        "train.max_steps": 4,
+        "train.eval_every": 2,
+        "train.log_every": 2,
+        "optim.warmup_steps": 0,
+        "eval.max_images": 4,
+        "eval.loss_batches": 1,
+        "eval.vd_picture_codes": 2,
+    }

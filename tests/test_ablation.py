@@ -9,12 +9,12 @@ import io
 import json
 import math
 import statistics
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import tiny_loop_fixed
 from scipy import stats as scipy_stats
 
 from vlptune.config import ConfigError
@@ -287,37 +287,20 @@ def test_tiny_study_with_the_real_loop(tmp_path):
     checked against numbers computed by hand from the trials' own results."""
     root = tmp_path
     study = root / "tiny.yaml"
-    study.write_text(
-        textwrap.dedent(
-            f"""
-            name: tiny
-            base: {DEMO_LIGHT}
-            baseline: no-vd
-            variants:
-              no-vd: {{model.vd.size: 0, objectives.mvm.weight: 0.0}}
-              vd-16: {{model.vd.size: 16}}
-            seeds: 2
-            metrics: [{METRIC}, {SECOND}, val/mlm_acc]
-            metric: {METRIC}
-            mode: max
-            max_concurrent: 2
-            resources: {{workers: 1, cpus_per_worker: 1}}
-            fixed:
-              data.root: {root / "synth"}
-              data.synth: {{train: 48, val: 12, image_size: 64, seed: 0, shard_size: 64}}
-              data.image_size: 64
-              data.max_long_side: 96
-              data.batch_images: 2
-              train.max_steps: 4
-              train.eval_every: 2
-              train.log_every: 2
-              optim.warmup_steps: 0
-              eval.max_images: 4
-              eval.loss_batches: 1
-              eval.vd_picture_codes: 2
-            """
-        )
-    )
+    doc = {
+        "name": "tiny",
+        "base": str(DEMO_LIGHT),
+        "baseline": "no-vd",
+        "variants": {"no-vd": {"model.vd.size": 0, "objectives.mvm.weight": 0.0}, "vd-16": {"model.vd.size": 16}},
+        "seeds": 2,
+        "metrics": [METRIC, SECOND, "val/mlm_acc"],
+        "metric": METRIC,
+        "mode": "max",
+        "max_concurrent": 2,
+        "resources": {"workers": 1, "cpus_per_worker": 1},
+        "fixed": tiny_loop_fixed(root / "synth"),
+    }
+    study.write_text(yaml.safe_dump(doc, sort_keys=False))
     start = time.time()
     exp_dir = run_study(load_study(study), storage=root / "runs", name="tiny", verbose=0)
     seconds = time.time() - start

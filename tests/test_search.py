@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import import_by_value
+from helpers import import_by_value, tiny_loop_fixed
 from helpers import standin_space as make_standin_space
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,38 +66,24 @@ def tiny_experiment(tmp_path_factory):
     """Two trials of the real loop, each 2 workers x 0.5 CPU (DDP over gloo), both at once."""
     root = tmp_path_factory.mktemp("tiny")
     space = root / "tiny.yaml"
-    space.write_text(
-        textwrap.dedent(
-            f"""
-            name: tiny
-            base: {DEMO_LIGHT}
-            metric: {METRIC}
-            mode: max
-            num_samples: 2
-            max_concurrent: 2
-            resources: {{workers: 2, cpus_per_worker: 0.5}}
-            scheduler: {{type: asha, grace_period: 2, reduction_factor: 2}}
-            searcher: {{type: tpe, seed: 0}}
-            fixed:
-              data.root: {root / "synth"}
-              data.synth: {{train: 48, val: 12, image_size: 64, seed: 0, shard_size: 64}}
-              data.image_size: 64
-              data.max_long_side: 96
-              data.batch_images: 2
-              train.max_steps: 4
-              train.eval_every: 2
-              train.log_every: 2
-              optim.warmup_steps: 0
-              eval.max_images: 4
-              eval.loss_batches: 1
-              eval.vd_picture_codes: 2
-            parameters:
-              model.vd.size: {{categorical: [0, 16]}}
-              objectives.mvm.weight: {{uniform: [0.5, 1.5], when: model.vd.size > 0, else: 0.0}}
-              data.mlm_prob: {{uniform: [0.1, 0.3]}}
-            """
-        )
-    )
+    doc = {
+        "name": "tiny",
+        "base": str(DEMO_LIGHT),
+        "metric": METRIC,
+        "mode": "max",
+        "num_samples": 2,
+        "max_concurrent": 2,
+        "resources": {"workers": 2, "cpus_per_worker": 0.5},
+        "scheduler": {"type": "asha", "grace_period": 2, "reduction_factor": 2},
+        "searcher": {"type": "tpe", "seed": 0},
+        "fixed": tiny_loop_fixed(root / "synth"),
+        "parameters": {
+            "model.vd.size": {"categorical": [0, 16]},
+            "objectives.mvm.weight": {"uniform": [0.5, 1.5], "when": "model.vd.size > 0", "else": 0.0},
+            "data.mlm_prob": {"uniform": [0.1, 0.3]},
+        },
+    }
+    space.write_text(yaml.safe_dump(doc, sort_keys=False))
     exp_dir = root / "runs" / "tiny"
     start = time.time()
     env_before = os.environ.get("RAY_ADDRESS")
