@@ -560,12 +560,12 @@ def find_recipe_value(data: dict[str, Any], path: str, default: Any = None) -> A
 _ABSENT = object()  # find_recipe_value's answer for a path that names no field
 
 
-def describe_header(kind: str, plan: Any) -> list[str]:
-    """First lines of a plan file's ``describe()`` (a search space or a study): file, description, name, base recipe."""
+def describe_header(kind: str, plan: Any, base: Recipe) -> list[str]:
+    """First lines of a plan file's ``describe()`` (a search space or a study): file, description, name, base recipe (``base``, validated)."""
     lines = [f"{kind} {plan.file}"]
     if plan.description:
         lines.append(f"  {plan.description.strip()}")
-    lines += [f"  experiment name: {plan.name}", f"  base recipe: {plan.base_file} (name {plan.base_recipe.name!r})"]
+    lines += [f"  experiment name: {plan.name}", f"  base recipe: {plan.base_file} (name {base.name!r})"]
     return lines
 
 
@@ -697,8 +697,9 @@ class SearchSpace:
     # -------------------------------------------------------------- text
 
     def describe(self) -> str:
-        res = self.base_recipe.resources
-        lines = describe_header("search space", self)
+        base = self.base_recipe
+        res = base.resources
+        lines = describe_header("search space", self, base)
         lines += [
             f"  metric: {self.metric} ({self.mode}); fidelity: step, up to train.max_steps = {self.max_fidelity} (evaluation every {self.eval_every})",
             f"  trials: {self.num_samples}, at most {self.max_concurrent} at once; each {res.workers} worker(s) x {res.cpus_per_worker:g} CPU, {res.gpus_per_worker:g} GPU",

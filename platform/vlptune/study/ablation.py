@@ -162,8 +162,9 @@ class StudySpec(StudyFile):
         return validate_recipe(self.variant_raw(variant, seed), f"{self.file}: variant {variant!r} (seed {seed})")
 
     def describe(self) -> str:
-        res = self.base_recipe.resources
-        lines = describe_header("ablation study", self)
+        base = self.base_recipe
+        res = base.resources
+        lines = describe_header("ablation study", self, base)
         lines += [
             f"  trials: {len(self.variants)} variants x {self.seeds} seeds = {self.num_trials}, each to train.max_steps = {self.max_fidelity} (no early stopping), at most {self.max_concurrent} at once; each {res.workers} worker(s) x {res.cpus_per_worker:g} CPU, {res.gpus_per_worker:g} GPU",
             f"  seeds: train.seed = {', '.join(str(s) for s in self.seed_values)}",
