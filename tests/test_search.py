@@ -10,7 +10,9 @@ that stops on NaN, the other schedulers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import io
 import json
 import math
 import os
@@ -87,14 +89,16 @@ def tiny_experiment(tmp_path_factory):
     exp_dir = root / "runs" / "tiny"
     start = time.time()
     env_before = os.environ.get("RAY_ADDRESS")
+    console = io.StringIO()
     try:
-        rc = cli(["search", str(space), "--storage", str(root / "runs"), "--name", "tiny", "--verbose", "0"])
+        with contextlib.redirect_stdout(console):
+            rc = cli(["search", str(space), "--storage", str(root / "runs"), "--name", "tiny"])
         import ray
 
         cleaned = not ray.is_initialized() and os.environ.get("RAY_ADDRESS") == env_before
     finally:
         shutdown_ray()
-    return {"exp_dir": exp_dir, "rc": rc, "seconds": time.time() - start, "space": space, "cleaned": cleaned}
+    return {"exp_dir": exp_dir, "rc": rc, "seconds": time.time() - start, "space": space, "cleaned": cleaned, "console": console.getvalue()}
 
 
 def test_tiny_search_with_the_real_loop(tiny_experiment):
@@ -128,6 +132,19 @@ def test_tiny_search_with_the_real_loop(tiny_experiment):
         assert recipe["resources"]["workers"] == 2
         assert row.startup_s is not None and row.startup_s > 0
     assert any(r.status == "completed" for r in collected.rows)
+    # the console is quiet: the log path, the cluster, one line per trial, the progress bar, the table
+    console = tiny_experiment["console"]
+    log = exp_dir / "vlptune.log"
+    assert f"log: {log}" in console and "ray cluster: started a local cluster" in console
+    for row in collected.rows:
+        assert f"trial {row.trial_id} " in console
+    assert "2/2 trials done" in console
+    for noise in ("Traceback", "Trial status", "TrainingReport", "WARNING", "Loading weights"):
+        assert noise not in console, noise
+    # Ray's and Tune's output went to the log instead; the fixed-size local cluster sent no autoscaler requests
+    text = log.read_text()
+    assert "Configuration for experiment" in text
+    assert "Failed to send resource request" not in text and "GetTimeoutError" not in text
     # both trials (2 workers x 0.5 CPU each) ran at once on 2 CPUs: the trial drivers
     # reserve no CPU, so they do not keep a second trial's workers waiting
     spans = []

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from vlptune.config import load_recipe
+from vlptune.search.console import format_duration
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_RECIPE = REPO / "trials" / "demo-light.yaml"
@@ -55,46 +56,35 @@ PROMOTED_RESOURCES = {"workers": 1, "cpus_per_worker": 1}
 PROMOTED_MAX_CONCURRENT = 2
 
 
-def _banner(text: str) -> None:
-    print(f"\n=== {text} ===", flush=True)
+class StageClock:
+    """Each stage's first line says how far into the demo it starts; the stage before it, how long it took."""
+
+    def __init__(self) -> None:
+        self.restart()
+
+    def restart(self) -> None:
+        self.start = time.perf_counter()
+        self.stage_start: float | None = None
+
+    def banner(self, text: str) -> None:
+        self.done()
+        self.stage_start = time.perf_counter()
+        print(f"\n=== {text} ===  [{format_duration(self.stage_start - self.start)} into the demo]", flush=True)
+
+    def done(self) -> None:
+        if self.stage_start is not None:
+            print(f"(stage took {format_duration(time.perf_counter() - self.stage_start)})", flush=True)
+            self.stage_start = None
 
 
-def stage_world(recipe_path: Path, out: Path, overrides: list[str]) -> Path:
-    from vlptune.data.dataset import ensure_data
-
-    recipe = load_recipe(recipe_path, [*overrides, f"data.root={out / 'world'}"])
-    _banner(f"1. synthetic world -> {recipe.data.root}")
-    start = time.perf_counter()
-    existed = (Path(recipe.data.root) / "manifest.json").is_file()
-    root = ensure_data(recipe)
-    state = "already there" if existed else f"generated in {time.perf_counter() - start:.1f} s"
-    print(f"world at {root} ({state})")
-    return root
+CLOCK = StageClock()
+_banner = CLOCK.banner
 
 
-def stage_inspect(root: Path, out: Path) -> None:
-    from vlptune.data.inspect import inspect_dataset
-
-    _banner("2. inspect")
-    picture = out / "sample.png"
-    inspect_dataset(root, split="train", index=0, image_path=picture)
-
-
-def stage_batch(recipe_path: Path, root: Path, overrides: list[str]) -> None:
-    from vlptune.data.dataset import build_loader
-
-    recipe = load_recipe(recipe_path, [*overrides, f"data.root={root}"])
-    _banner(f"3. one training batch of {recipe_path.name}")
-    loader = build_loader(recipe, train=True)
-    batch = next(iter(loader))
-    print(f"{len(loader)} steps per epoch of {recipe.data.batch_images} images; first batch:")
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            print(f"  {key:<12} {str(value.dtype).replace('torch.', ''):<8} {tuple(value.shape)}")
-        elif isinstance(value, list):
-            print(f"  {key:<12} list[{type(value[0]).__name__}] x {len(value)}  e.g. {value[0]!r}")
-        else:
-            print(f"  {key:<12} {value!r}")
+def disk_usage(path: Path) -> str:
+    """``1.2 GB on disk`` of everything under ``path``."""
+    total = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file() and not f.is_symlink())
+    return f"{total / 1e9:.2f} GB on disk" if total >= 1e8 else f"{total / 1e6:.0f} MB on disk"
 
 
 def chance_keys(metric: str) -> list[str]:
@@ -130,7 +120,7 @@ def stage_search(space_path: Path, root: Path, out: Path) -> int:
     if exp_dir.exists() and any(exp_dir.iterdir()):
         print(f"{exp_dir} exists: showing its results (delete it to search again)")
     else:
-        run_search(space_path, exp_dir=exp_dir, overrides=[f"data.root={root.resolve()}"], verbose=1)
+        run_search(space_path, exp_dir=exp_dir, overrides=[f"data.root={root.resolve()}"])
     collected = res.collect(exp_dir)
     print(res.summary(collected))
     print(res.format_table(collected))
@@ -177,7 +167,7 @@ def stage_promote(search_dir: Path, root: Path, out: Path, steps: int, top_k: in
         from vlptune.study.ablation import StudyError
 
         try:
-            pr.run_promotion(promotion, spec, exp_dir=run_dir, verbose=1)
+            pr.run_promotion(promotion, spec, exp_dir=run_dir)
         except StudyError as exc:
             print(f"the promoted run failed: {exc}")
             return 1
@@ -221,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     recipe_path = Path(args.recipe)
-    start = time.perf_counter()
+    CLOCK.restart()
+    start = CLOCK.start
     root = stage_world(recipe_path, out, args.override)
     stage_inspect(root, out)
     stage_batch(recipe_path, root, args.override)
@@ -232,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         if status == 0:
             status = stage_promote(search_dir, root, out, args.promoted_steps, args.top_k)
         status = max(status, stage_importance(search_dir))
-    print(f"\ndemo finished in {time.perf_counter() - start:.0f} s; outputs under {out}/")
+    CLOCK.done()
+    print(f"\ndemo finished in {format_duration(time.perf_counter() - start)}; outputs under {out}/ ({disk_usage(out)})")
     return status
 
 

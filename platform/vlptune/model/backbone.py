@@ -16,6 +16,7 @@ The output grid of an ``H x W`` image is ``grid_shape(H, W, grid_stride(pool))``
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -77,6 +78,25 @@ def from_pretrained_or_explain(model_cls: Any, init: str, field: str, what: str,
     offline alternative the field also accepts ("'random'", "'minilm'").
     """
     kwargs.setdefault("dtype", torch.float32)
+    with _no_loading_bar():
+        return _from_pretrained(model_cls, init, field, what, builtin, **kwargs)
+
+
+@contextlib.contextmanager
+def _no_loading_bar():
+    """No "Loading weights" progress bar on the console (one per worker and trial of a search)."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
+def _from_pretrained(model_cls: Any, init: str, field: str, what: str, builtin: str, **kwargs: Any) -> Any:
     if os.path.isdir(init):
         try:
             return model_cls.from_pretrained(init, local_files_only=True, **kwargs)

@@ -147,7 +147,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     search.add_argument("--resume", metavar="EXP_DIR", help="continue an interrupted experiment (a directory or a URI): finished trials are kept, unfinished ones resume from their checkpoints")
     search.add_argument("--num-cpus", type=int, help="CPUs of the local cluster (default: all of this machine's)")
     search.add_argument("--num-gpus", type=int, help="GPUs of the local cluster (default: detected)")
-    search.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2), help="Tune's console output: 0 silent, 1 status tables, 2 every result")
+    search.add_argument("--verbose", "-v", action="count", default=0, help="show Ray's and Tune's output on the console: -v Tune's status tables and every worker line, -vv every result too (default: one line per finished trial and a progress bar; the rest goes to EXP_DIR/vlptune.log)")
     search.add_argument("--worker-log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="log level of the training workers on the console (INFO shows the loop's step lines); full logs stay in Ray's session directory")
     _override_arg(search)
     search.set_defaults(func=_search)

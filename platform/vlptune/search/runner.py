@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ import yaml
 
 from vlptune.config import Recipe, recipe_to_dict, validate_recipe
 from vlptune.io import atomic_write_text
+from vlptune.search.lean_train import NO_AUTOSCALER_ENV
 from vlptune.search.location import ACTIVE_MIRRORS, DriverSync, Location, join_uri
 from vlptune.search.space import TIME_ATTR, SearchSpace, load_space
 
@@ -202,9 +204,10 @@ class RayTrainReporter:
     report may be the last: the scheduler can stop the trial on it).
     """
 
-    def __init__(self, metric: str | None = None, loop_entry: float | None = None, uploader: Any = None):
+    def __init__(self, metric: str | None = None, loop_entry: float | None = None, uploader: Any = None, first_extra: dict[str, float] | None = None):
         self.metric = metric
         self.loop_entry = loop_entry
+        self.first_extra = dict(first_extra or {})  # more start-up figures for the first report
         self.uploader = uploader
         self.last: dict[str, Any] = {}
         self.count = 0
@@ -229,6 +232,7 @@ class RayTrainReporter:
         if self.count == 0 and self.loop_entry is not None:
             payload[LOOP_ENTRY_KEY] = self.loop_entry
             payload[FIRST_REPORT_KEY] = time.time()
+            payload.update(self.first_extra)
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         self.upload()
         ray.train.report(payload, checkpoint=checkpoint)
@@ -290,7 +294,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     loop_entry = time.time()
     recipe = Recipe.model_validate(config["recipe"])
     out_dir = Path(config["out_dir"])
+    import_start = time.perf_counter()
     worker_fn = config.get("worker_fn") or _default_worker_fn()
+    first_extra = {IMPORT_KEY: round(time.perf_counter() - import_start, 3)}
+    if config.get("trial_fn_ts") is not None:
+        first_extra[TRIAL_FN_KEY] = config["trial_fn_ts"]
     _materialize_ray_checkpoint(out_dir)
     uploader = None
     if config.get("tb_uri"):
@@ -302,7 +310,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
             # checkpoints/ stays local: Ray Train stores the reported ones in the experiment's train/
             uploader = DirUploader(out_dir, config["tb_uri"], exclude=(CHECKPOINT_DIR,))
-    reporter = RayTrainReporter(config.get("metric"), loop_entry, uploader)
+    reporter = RayTrainReporter(config.get("metric"), loop_entry, uploader, first_extra)
     try:
         summary = worker_fn(recipe, reporter, str(out_dir), resume=True) or {}
     except BaseException:
@@ -323,45 +331,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------ the trial driver (a Tune function trainable)
-
-
-PG_CLEANER_INTERVAL_S = 5.0  # Ray's default polls the state API every second, for the whole trial
-
-
-def _lean_trainer_class(base: type) -> type:
-    """``TorchTrainer`` with a lighter per-trial footprint (measured in docs/search.md):
-
-    * no Ray Data callback: a trial feeds itself from Parquet shards, so the
-      per-run DatasetManager actor (one more process per trial, importing Ray
-      Data) is never used;
-    * the placement-group cleaner checks on the controller every 5 s instead
-      of every second (each check is a state-API round trip through the
-      dashboard; the PG of a killed trial is freed at most 5 s later).
-
-    Falls back to ``base`` if Ray's internal layout changes, or when
-    ``VLPTUNE_LEAN_TRAINER=0`` (to compare with, or fall back to, Ray's defaults).
-    """
-    if os.environ.get("VLPTUNE_LEAN_TRAINER", "1") == "0":
-        return base
-    try:
-        from ray.train.v2._internal.callbacks import DatasetsCallback
-        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-    except ImportError:  # pragma: no cover - a future Ray
-        return base
-
-    class LeanTorchTrainer(base):
-        def _create_default_callbacks(self):
-            callbacks = []
-            for cb in super()._create_default_callbacks():
-                if isinstance(cb, DatasetsCallback) and not self.datasets:
-                    continue
-                if type(cb) is PlacementGroupCleanerCallback:
-                    cb = PlacementGroupCleanerCallback(check_interval_s=PG_CLEANER_INTERVAL_S)
-                callbacks.append(cb)
-            return callbacks
-
-    LeanTorchTrainer.__name__ = LeanTorchTrainer.__qualname__ = base.__name__
-    return LeanTorchTrainer
 
 
 def apply_config(base_raw: dict[str, Any], config: dict[str, Any], source: str) -> dict[str, Any]:
@@ -400,10 +369,13 @@ def make_trainable(
     resolve = resolve or apply_config
 
     def vlptune_trial(config: dict[str, Any]) -> None:
+        trial_fn_ts = time.time()  # this process (Tune's trial actor) has started and imported Ray
         import ray.train
         from ray import tune
         from ray.train.torch import TorchTrainer
         from ray.tune.integration.ray_train import TuneReportCallback
+
+        from vlptune.search.lean_train import lean_trainer_class
 
         ctx = tune.get_context()
         trial_id = ctx.get_trial_id()
@@ -419,7 +391,7 @@ def make_trainable(
         per_worker = {"CPU": res.cpus_per_worker}
         if res.gpus_per_worker > 0:
             per_worker["GPU"] = res.gpus_per_worker
-        trainer = _lean_trainer_class(TorchTrainer)(
+        trainer = lean_trainer_class(TorchTrainer)(
             train_loop_per_worker,
             train_loop_config={
                 "recipe": recipe_to_dict(recipe),
@@ -427,6 +399,7 @@ def make_trainable(
                 "metric": metric,
                 "worker_fn": worker_fn,
                 "tb_uri": location.join(TB_DIR, trial_id) if remote else None,
+                "trial_fn_ts": trial_fn_ts,
             },
             scaling_config=ray.train.ScalingConfig(num_workers=res.workers, use_gpu=res.gpus_per_worker > 0, resources_per_worker=per_worker),
             run_config=ray.train.RunConfig(
@@ -449,8 +422,13 @@ def make_trainable(
 
 LOOP_ENTRY_KEY = "trial/loop_entry_ts"
 FIRST_REPORT_KEY = "trial/first_report_ts"
+TRIAL_FN_KEY = "trial/trial_fn_ts"  # the trial function started in Tune's trial actor
 STARTUP_KEY = "startup/to_loop_s"  # Tune starts the trial -> the loop runs on the workers (Ray's share)
 FIRST_RESULT_KEY = "startup/to_first_report_s"  # Tune starts the trial -> its first evaluation reported
+TRIAL_ACTOR_KEY = "startup/trial_actor_s"  # Tune starts the trial -> its actor process runs the trial function
+WORKER_GROUP_KEY = "startup/worker_group_s"  # trial function -> per-worker function (controller, placement group, workers, torch.distributed)
+IMPORT_KEY = "startup/import_loop_s"  # importing the training loop (torch, transformers) on a worker
+# The loop's own phases (train/loop.py PhaseTimer): startup/prepare_data_s, build_model_s, open_data_s, first_step_s.
 
 
 def _startup_timer_class():
@@ -471,6 +449,9 @@ def _startup_timer_class():
                 return
             result[STARTUP_KEY] = round(result[LOOP_ENTRY_KEY] - start, 3)
             result[FIRST_RESULT_KEY] = round(result.get(FIRST_REPORT_KEY, time.time()) - start, 3)
+            if TRIAL_FN_KEY in result:
+                result[TRIAL_ACTOR_KEY] = round(result[TRIAL_FN_KEY] - start, 3)
+                result[WORKER_GROUP_KEY] = round(result[LOOP_ENTRY_KEY] - result[TRIAL_FN_KEY], 3)
 
     return StartupTimer
 
@@ -500,7 +481,7 @@ def make_scheduler(space: SearchSpace):
 # ------------------------------------------------------------------ Ray
 
 
-LOCAL_ENV_KEYS = (*RAY_ENV, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS", "RAY_GCS_SERVER_PORT")
+LOCAL_ENV_KEYS = (*RAY_ENV, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS", "RAY_GCS_SERVER_PORT", NO_AUTOSCALER_ENV)
 
 
 def _set_local_env() -> None:
@@ -510,6 +491,8 @@ def _set_local_env() -> None:
     # Bind the local cluster to the loopback interface: with clustering disabled Ray
     # uses 127.0.0.1 as the node address (GCS, raylet, object manager, dashboard).
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # a local cluster has no autoscaler: trials make no resource requests (search/lean_train.py)
+    os.environ[NO_AUTOSCALER_ENV] = "1"
     _set_cluster_flag(os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] not in ("0", "false", "False"))
 
 
@@ -612,7 +595,7 @@ def describe_cluster() -> str:
     return f"{len(alive)} alive node(s), {float(total.get('CPU', 0)):g} CPU, {float(total.get('GPU', 0)):g} GPU"
 
 
-def connect(address: str | None, num_cpus: int | None = None, num_gpus: int | None = None, worker_log_level: str = "WARNING") -> str | None:
+def connect(address: str | None, num_cpus: int | None = None, num_gpus: int | None = None, worker_log_level: str = "WARNING", say: Callable[[str], None] | None = None) -> str | None:
     """Join a cluster or start a local in-process one on 127.0.0.1 (with its dashboard).
 
     Which: :func:`cluster_address` (``address``, else ``RAY_ADDRESS``, else a
@@ -624,8 +607,9 @@ def connect(address: str | None, num_cpus: int | None = None, num_gpus: int | No
     ``worker_log_level``: Python logging level on every worker of the job (the
     loop's per-step INFO lines of many trials would drown Tune's status table;
     TensorBoard has them all). Ray keeps every worker's full log in its
-    session directory either way.
+    session directory either way. ``say``: where the one line goes (default: print).
     """
+    say = say or (lambda line: print(line, flush=True))
     import ray
 
     if ray.is_initialized():
@@ -640,10 +624,10 @@ def connect(address: str | None, num_cpus: int | None = None, num_gpus: int | No
             ray.init(address=target, runtime_env={"env_vars": dict(RAY_ENV)}, log_to_driver=True, logging_config=logging_config)
         except (ConnectionError, ValueError, RuntimeError) as exc:
             raise SearchError(f"cannot join the Ray cluster at {target} ({source}): {' '.join(str(exc).split())}") from None
-        print(f"ray cluster: joined {target} ({source}): {describe_cluster()}", flush=True)
+        say(f"ray cluster: joined {target} ({source}): {describe_cluster()}")
         return target
     _start_local(num_cpus, num_gpus, logging_config)
-    print(f"ray cluster: started a local cluster at {os.environ.get('RAY_ADDRESS')} ({source}): {describe_cluster()}", flush=True)
+    say(f"ray cluster: started a local cluster at {os.environ.get('RAY_ADDRESS')} ({source}): {describe_cluster()}")
     return None
 
 
@@ -848,7 +832,7 @@ def run_search(
     resume: bool = False,
     num_cpus: int | None = None,
     num_gpus: int | None = None,
-    verbose: int = 1,
+    verbose: int = 0,
     worker_log_level: str = "WARNING",
     worker_fn: Callable | None = None,
     callbacks: list | None = None,
@@ -963,7 +947,7 @@ def run_experiment(
     address: str | None = None,
     num_cpus: int | None = None,
     num_gpus: int | None = None,
-    verbose: int = 1,
+    verbose: int = 0,
     worker_log_level: str = "WARNING",
     worker_fn: Callable | None = None,
     callbacks: list | None = None,
@@ -980,6 +964,33 @@ def run_experiment(
     (:func:`check_experiment_storage`): a local directory on a cluster of
     several nodes is refused before any trial starts. Returns Tune's ``ResultGrid``.
     """
+    from vlptune.search.console import LOG_FILE, ConsoleLog
+
+    exp_dir = Path(exp_dir)
+    console = ConsoleLog(exp_dir / LOG_FILE, quiet=verbose == 0)
+    if console.quiet:
+        print(f"log: {console.log_path} (Ray, Tune and worker output; --verbose shows it here)", flush=True)
+    try:
+        with console:
+            return _run_logged(plan, exp_dir, console, fresh=fresh, resume=resume, address=address, num_cpus=num_cpus, num_gpus=num_gpus, verbose=verbose, worker_log_level=worker_log_level, worker_fn=worker_fn, callbacks=callbacks, location=location, shared_storage=shared_storage)
+    except BaseException:
+        if console.quiet:
+            kept = _keep_log(console.log_path)
+            if kept is not None:
+                print(f"the experiment stopped on an error; Ray's and the workers' output: {kept}", file=sys.stderr, flush=True)
+        raise
+
+
+def _keep_log(log_path: Path) -> Path | None:
+    """The log of a failed experiment, where it survives: moved next to the directory when the
+    directory itself was removed (a fresh experiment that failed before Tune saved its state)."""
+    for candidate in (log_path, log_path.parent.with_name(log_path.parent.name + ".log")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _run_logged(plan: TrialPlan, exp_dir: Path, console, *, fresh: bool, resume: bool, address, num_cpus, num_gpus, verbose: int, worker_log_level: str, worker_fn, callbacks, location, shared_storage: bool):
     import ray
 
     loc = location or Location(local=Path(exp_dir).resolve())
@@ -988,7 +999,7 @@ def run_experiment(
     sync = None
     try:
         prepare_recipes_data(plan.data_recipes)
-        connect(address, num_cpus=num_cpus, num_gpus=num_gpus, worker_log_level=worker_log_level)
+        connect(address, num_cpus=num_cpus, num_gpus=num_gpus, worker_log_level=worker_log_level, say=console.say)
         check_experiment_storage(loc, shared_storage)
         # The Tune driver (this process) reads some of these too.
         for key, value in RAY_ENV.items():
@@ -997,6 +1008,8 @@ def run_experiment(
             ACTIVE_MIRRORS[loc.uri] = loc.local
             sync = DriverSync(loc, DRIVER_FILES, OPTUNA_DB)
             callbacks = [*(callbacks or []), sync.callback()]
+        if console.quiet:
+            callbacks = [*(callbacks or []), _progress(plan.source, console)]
         grid = _fit(plan, exp_dir, resume, worker_fn, callbacks, verbose, loc)
         if sync is not None:
             from vlptune.cluster.storage import StorageError
@@ -1008,7 +1021,7 @@ def run_experiment(
         return grid
     except BaseException:
         if fresh and not _tune_state_saved(loc):
-            shutil.rmtree(exp_dir, ignore_errors=True)
+            _remove_keeping_log(exp_dir, console.log_path if console.quiet else None)
             if sync is not None and sync.uploads:
                 _delete_driver_uploads(loc)
         elif sync is not None:
@@ -1019,6 +1032,23 @@ def run_experiment(
             ACTIVE_MIRRORS.pop(loc.uri, None)
         if local is not None:
             local.close()  # the local cluster this call started ends with it
+
+
+def _remove_keeping_log(exp_dir: Path, log_path: Path | None) -> None:
+    """Remove a fresh experiment that failed before Tune saved its state (its name stays free),
+    but keep its log: moved to ``<exp_dir>.log`` beside it."""
+    if log_path is not None and log_path.is_file():
+        os.replace(log_path, exp_dir.with_name(exp_dir.name + ".log"))
+    shutil.rmtree(exp_dir, ignore_errors=True)
+
+
+def _progress(source: Any, console):
+    """The progress callback of an experiment: trials to run, the fidelity and the metric of ``source``."""
+    from vlptune.search.console import Progress, progress_callback
+
+    total = getattr(source, "num_trials", None) or source.num_samples
+    progress = Progress(total, source.max_fidelity, source.metric, source.mode, TIME_ATTR)
+    return progress_callback(console, progress, STARTUP_KEY)
 
 
 def _tune_state_saved(loc: Location) -> bool:

@@ -378,7 +378,7 @@ def run_study(
     worker_fn: Callable | None = None,
     num_cpus: int | None = None,
     num_gpus: int | None = None,
-    verbose: int = 1,
+    verbose: int = 0,
     worker_log_level: str = "WARNING",
     callbacks: list | None = None,
 ) -> Path:

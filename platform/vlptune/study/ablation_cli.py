@@ -65,7 +65,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", metavar="EXP_DIR", help="continue an interrupted study: finished trials are kept, unfinished ones resume from their checkpoints")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local cluster (default: all of this machine's)")
     p.add_argument("--num-gpus", type=int, help="GPUs of the local cluster (default: detected)")
-    p.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2), help="Tune's console output: 0 silent, 1 status tables, 2 every result")
+    p.add_argument("--verbose", "-v", action="count", default=0, help="show Ray's and Tune's output on the console: -v Tune's status tables and every worker line, -vv every result too (default: one line per finished trial and a progress bar; the rest goes to EXP_DIR/vlptune.log)")
     p.add_argument("--worker-log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="log level of the training workers on the console")
     p.add_argument(
         "-o", "--override", action="append", default=[], metavar="PATH=VALUE",

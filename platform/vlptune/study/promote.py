@@ -388,7 +388,7 @@ def run_promotion(
     storage: str | Path | None = None,
     name: str | None = None,
     worker_fn: Callable | None = None,
-    verbose: int = 1,
+    verbose: int = 0,
 ) -> Path:
     """Run a :func:`promotion_study` through the ablation runner; returns its experiment directory.
 

@@ -136,7 +136,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--address", help="--run: Ray cluster to join (e.g. ray://head:10001 or auto); default: a local cluster on 127.0.0.1")
     p.add_argument("--name", help="--run: experiment name (default: promoted-<experiment>-<date>-<time>)")
     p.add_argument("--storage", default=DEFAULT_RUN_STORAGE, help=f"--run: directory holding promoted runs (default {DEFAULT_RUN_STORAGE})")
-    p.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2), help="--run: Tune's console output: 0 silent, 1 status tables, 2 every result")
+    p.add_argument("--verbose", "-v", action="count", default=0, help="show Ray's and Tune's output on the console: -v Tune's status tables and every worker line, -vv every result too (default: one line per finished trial and a progress bar; the rest goes to EXP_DIR/vlptune.log)")
     p.add_argument("--report", metavar="PROMOTED_EXP", help="compare light and full results of a promoted run: metrics, Spearman and Kendall, winners")
     p.add_argument("--min-correlation", type=ranged(float, -1.0, 1.0, what="a correlation"), default=rep.DEFAULT_MIN_CORRELATION, help=f"report: warn when Spearman's rho is at or below this (default {rep.DEFAULT_MIN_CORRELATION}, in [-1, 1])")
     p.set_defaults(func=_promote)

@@ -343,6 +343,32 @@ class Evaluation:
 # --------------------------------------------------------------------------- the loop
 
 
+STARTUP_PREFIX = "startup/"  # the first report's keys of the loop's start-up phases
+
+
+class PhaseTimer:
+    """Seconds of the loop's start-up phases (data preparation, model, data loader, first step),
+    handed once to the first report as ``startup/<phase>_s`` (then ``vlptune results`` and
+    docs/search.md's breakdown read them)."""
+
+    def __init__(self) -> None:
+        self.last = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+        self.reported = False
+
+    def mark(self, phase: str, once: bool = False) -> None:
+        now = time.perf_counter()
+        if not (once and phase in self.seconds):
+            self.seconds[phase] = round(now - self.last, 3)
+        self.last = now
+
+    def pop_report(self) -> dict[str, float]:
+        if self.reported:
+            return {}
+        self.reported = True
+        return {f"{STARTUP_PREFIX}{phase}_s": value for phase, value in self.seconds.items()}
+
+
 def train_worker(recipe: Recipe | dict, reporter: Reporter, out_dir: str | os.PathLike, resume: bool | str = True) -> dict[str, Any]:
     """Train ``recipe`` on this worker; returns the final metrics.
 
@@ -367,11 +393,13 @@ def train_worker(recipe: Recipe | dict, reporter: Reporter, out_dir: str | os.Pa
     seed = recipe.train.seed
     torch.manual_seed(seed)  # the same initial weights on every rank
 
-    # ---- data, model, optimisers
+    # ---- data, model, optimisers (each phase timed: the first report carries startup/<phase>_s)
+    phases = PhaseTimer()
     accum = accumulation_steps(recipe.optim.global_batch, recipe.data.batch_images, workers.world_size)
     prepare_data(recipe, workers)
     from vlptune.data.dataset import build_loader
 
+    phases.mark("prepare_data")
     pretrainer = build_pretrainer(recipe).to(device)
     pretrainer.train()
     optimizers = build_optimizers(pretrainer, pretrainer.model.backbone, recipe.optim, recipe.train.max_steps)
@@ -384,8 +412,10 @@ def train_worker(recipe: Recipe | dict, reporter: Reporter, out_dir: str | os.Pa
     objective_gen = torch.Generator().manual_seed(stream_seed(seed, workers.rank, OBJECTIVE_STREAM))
     generators = {"objectives": objective_gen, **module_generators(pretrainer)}
     torch.manual_seed(stream_seed(seed, workers.rank, DROPOUT_STREAM))  # dropout differs across ranks
+    phases.mark("build_model")
     loader = build_loader(recipe, train=True, rank=workers.rank, world_size=workers.world_size)
     stream = BatchStream(loader)
+    phases.mark("open_data")
 
     # ---- resume
     step, nonfinite, images_seen, last_ckpt, resumed_rng = 0, 0, 0, None, None
@@ -427,6 +457,7 @@ def train_worker(recipe: Recipe | dict, reporter: Reporter, out_dir: str | os.Pa
             pretrainer.model.set_backbone_frozen(want_frozen)
             frozen = want_frozen
         out = train_step(module, pretrainer, optimizers, [stream.next() for _ in range(accum)], device, precision, recipe.optim.grad_clip, objective_gen)
+        phases.mark("first_step", once=True)
         step += 1
         if out.finite:
             nonfinite = 0
@@ -466,7 +497,7 @@ def train_worker(recipe: Recipe | dict, reporter: Reporter, out_dir: str | os.Pa
                 last_ckpt = written
             workers.barrier()
         if is_eval:
-            reporter.report({**result, "step": step, "epoch": stream.epoch}, written)
+            reporter.report({**result, **phases.pop_report(), "step": step, "epoch": stream.epoch}, written)
 
     # ---- finish
     if not result and stop_reason == STOP_MAX_STEPS:  # resumed a finished run: evaluate it once more
