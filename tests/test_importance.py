@@ -114,4 +114,4 @@ def test_importance_command(exp, capsys):
     out = capsys.readouterr().out
     assert "| model.vd.size |" in out and "written:" in out
     assert vlptune_main(["importance", str(exp.parent / "nowhere")]) == 2
-    assert "not a vlptune search experiment" in capsys.readouterr().err
+    assert f"{exp.parent / 'nowhere'} does not exist" in capsys.readouterr().err

@@ -9,7 +9,6 @@ that stops on NaN, the other schedulers.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import io
@@ -36,13 +35,10 @@ METRIC = "retrieval/rsum"
 
 
 def cli(argv: list[str]) -> int:
-    """Our commands through our own parser (the lead wires the same add_commands into `vlptune`)."""
-    from vlptune.search.cli import add_commands
+    """Our commands through the `vlptune` command (which reports a SearchError: message on stderr, exit code 2)."""
+    from vlptune.cli import main
 
-    parser = argparse.ArgumentParser(prog="vlptune")
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return main(argv)
 
 
 def optuna_trials(exp_dir: Path) -> dict:

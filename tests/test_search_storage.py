@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sqlite3
 import textwrap
@@ -35,12 +34,10 @@ TWO_NODES = [{"Alive": True, "NodeID": "a"}, {"Alive": True, "NodeID": "b"}, {"A
 
 
 def cli(argv: list[str]) -> int:
-    from vlptune.search.cli import add_commands
+    """Through the `vlptune` command, which reports a SearchError (message on stderr, exit code 2)."""
+    from vlptune.cli import main
 
-    parser = argparse.ArgumentParser(prog="vlptune")
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return main(argv)
 
 
 def shutdown_ray() -> None:

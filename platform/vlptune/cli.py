@@ -3,6 +3,10 @@
 Each package contributes its sub-commands through an ``add_commands(subparsers)``
 function in its own ``cli`` module (listed in :data:`COMMAND_MODULES`), so a new
 command group never edits this file's logic.
+
+Bad input is reported here, once for every command: an error of one of the
+project's user-facing classes (:mod:`vlptune.errors`) becomes
+``vlptune: <message>`` on stderr and exit code 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ import importlib
 import json
 import sys
 
-from vlptune.config import ConfigError, dump_recipe, json_schema, load_recipe
+from vlptune.config import dump_recipe, json_schema, load_recipe
+from vlptune.errors import EXIT_USER_ERROR, is_user_error
 
 COMMAND_MODULES = (
     "vlptune.data.cli",
@@ -79,9 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:  # noqa: BLE001 - only the user-facing classes are caught; a bug keeps its traceback
+        if not is_user_error(exc):
+            raise
+        print(f"vlptune: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

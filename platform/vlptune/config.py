@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import copy
 import json
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from vlptune.errors import did_you_mean
 
 RECIPE_SUFFIXES = (".yaml", ".yml")
 
@@ -350,6 +353,30 @@ def _describe_allowed(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> st
     return text
 
 
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The section model a field holds (``X`` or ``X | None``); None for a plain value."""
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _section_at(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The section model that the field path ``loc`` leads to from ``model`` (None: not a section)."""
+    for part in loc:
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            return None
+        model = _section_model(model.model_fields[part].annotation)
+    return model
+
+
+def _unknown_field_hint(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> str:
+    """``did you mean 'x'?`` for an unknown key at ``loc``, else a pointer to the schema."""
+    section = _section_at(model, loc[:-1])
+    hint = did_you_mean(str(loc[-1]), section.model_fields, aside=False) if section is not None and loc else ""
+    return hint or "check the spelling against `vlptune config schema`"
+
+
 def format_validation_error(exc: ValidationError, source: str, model: type[BaseModel] | None = None, prefix: str = "") -> str:
     lines = [f"{source}: invalid configuration:"]
     for err in exc.errors():
@@ -358,7 +385,7 @@ def format_validation_error(exc: ValidationError, source: str, model: type[BaseM
         if prefix:
             dotted = f"{prefix}.{dotted}" if dotted else prefix
         if err["type"] == "extra_forbidden":
-            lines.append(f"  {dotted}: unknown field (value {err.get('input')!r}); check the spelling against `vlptune config schema`")
+            lines.append(f"  {dotted}: unknown field (value {err.get('input')!r}); {_unknown_field_hint(model, loc)}")
             continue
         allowed = _describe_allowed(model, loc)
         line = f"  {dotted}: {err['msg']}; got {err.get('input')!r}"
@@ -466,10 +493,12 @@ def field_at(path: str) -> tuple[type[BaseModel], str]:
             model = registry.config_class(parts[i + 1])
             rest = parts[i + 2 :]
             if len(rest) != 1 or rest[0] not in model.model_fields:
-                raise ConfigError(f"{path}: objective {parts[i + 1]!r} has no field {'.'.join(rest)!r}; fields: {sorted(model.model_fields)}")
+                hint = did_you_mean(rest[0], model.model_fields) if len(rest) == 1 else ""
+                raise ConfigError(f"{path}: objective {parts[i + 1]!r} has no field {'.'.join(rest)!r}{hint}; fields: {sorted(model.model_fields)}")
             return model, rest[0]
         if part not in model.model_fields:
-            raise ConfigError(f"{path}: no field {part!r} in {'.'.join(parts[:i]) or 'the recipe'}; fields: {sorted(model.model_fields)}")
+            hint = did_you_mean(part, model.model_fields)
+            raise ConfigError(f"{path}: no field {part!r} in {'.'.join(parts[:i]) or 'the recipe'}{hint}; fields: {sorted(model.model_fields)}")
         if i == len(parts) - 1:
             return model, part
         annotation = model.model_fields[part].annotation

@@ -130,8 +130,9 @@ def ensure_data(recipe: Recipe) -> Path:
             check_world_matches(root, recipe)
         return root
     if not recipe.data.synthesize:
-        read_manifest(root)  # raises the DataError that explains what is missing
-        return root
+        from vlptune.data.cli import missing_data_message
+
+        raise DataError(missing_data_message(recipe, root, needs_phrase_similarity(recipe)))
     from vlptune.data import synth
 
     root.parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ from typing import Callable
 from pydantic import Field
 
 from vlptune.config import ConfigError, Section
+from vlptune.errors import did_you_mean
 
 BUILTIN_MODULES = (
     "vlptune.objectives.mlm",
@@ -85,7 +86,7 @@ def names() -> list[str]:
 
 
 def _unknown(name: str) -> ConfigError:
-    return ConfigError(f"objectives.{name}: unknown objective {name!r}; registered: {', '.join(sorted(_CONFIGS))}")
+    return ConfigError(f"objectives.{name}: unknown objective {name!r}{did_you_mean(name, _CONFIGS)}; registered: {', '.join(sorted(_CONFIGS))}")
 
 
 def get(name: str) -> Registered:

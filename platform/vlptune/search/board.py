@@ -24,7 +24,9 @@ def logdir_of(exp_dir: str | Path) -> Path:
     exp_dir = Path(exp_dir)
     logdir = exp_dir / TB_DIR
     if not logdir.is_dir():
-        raise SearchError(f"{exp_dir}: no TensorBoard runs ({logdir} does not exist); is this a search experiment directory?")
+        from vlptune.search.experiments import not_an_experiment
+
+        raise SearchError(not_an_experiment(exp_dir, f"no TensorBoard runs ({logdir} does not exist); is this a search experiment directory?"))
     return logdir
 
 

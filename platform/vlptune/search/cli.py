@@ -2,7 +2,8 @@
 
 Wired into ``vlptune`` by listing ``"vlptune.search.cli"`` in
 ``vlptune.cli.COMMAND_MODULES``; each parser's ``func`` takes the parsed
-Namespace and returns the exit code.
+Namespace and returns the exit code; a ``SearchError`` or ``ConfigError`` reaches
+:func:`vlptune.cli.main`, which prints it (``vlptune: ...``, exit code 2).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-
 
 
 def _override_arg(parser: argparse.ArgumentParser) -> None:
@@ -43,7 +43,7 @@ def _space_check(args: argparse.Namespace) -> int:
 
 def _search(args: argparse.Namespace) -> int:
     from vlptune.search import results as res
-    from vlptune.search.runner import SearchError, run_search
+    from vlptune.search.runner import run_search
 
     from vlptune.cluster.storage import is_uri
 
@@ -51,31 +51,27 @@ def _search(args: argparse.Namespace) -> int:
         address=args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus, verbose=args.verbose,
         worker_log_level=args.worker_log_level, mirror_dir=args.mirror_dir, shared_storage=args.shared_storage,
     )
-    try:
-        if args.resume:
-            grid = run_search(args.file, exp_dir=args.resume, resume=True, **common)
-            exp_dir = args.resume if is_uri(args.resume) else Path(args.resume).resolve()
+    if args.resume:
+        grid = run_search(args.file, exp_dir=args.resume, resume=True, **common)
+        exp_dir = args.resume if is_uri(args.resume) else Path(args.resume).resolve()
+    else:
+        if args.file is None:
+            print("error: give a search-space file (or --resume EXP_DIR)", file=sys.stderr)
+            return 2
+        from vlptune.search.space import load_space
+        from vlptune.search.runner import default_exp_dir
+
+        space = load_space(args.file, args.override)  # refuse a bad file before anything starts
+        exp_dir = default_exp_dir(space, args.storage, args.name)
+        if is_uri(str(exp_dir)):
+            from vlptune.search.runner import experiment_location
+
+            mirror = experiment_location(exp_dir, args.mirror_dir).local
+            print(f"experiment: {exp_dir} (the driver's files and the Optuna study: {mirror}, uploaded there)", flush=True)
         else:
-            if args.file is None:
-                print("error: give a search-space file (or --resume EXP_DIR)", file=sys.stderr)
-                return 2
-            from vlptune.search.space import load_space
-            from vlptune.search.runner import default_exp_dir
-
-            space = load_space(args.file, args.override)  # refuse a bad file before anything starts
-            exp_dir = default_exp_dir(space, args.storage, args.name)
-            if is_uri(str(exp_dir)):
-                from vlptune.search.runner import experiment_location
-
-                mirror = experiment_location(exp_dir, args.mirror_dir).local
-                print(f"experiment: {exp_dir} (the driver's files and the Optuna study: {mirror}, uploaded there)", flush=True)
-            else:
-                print(f"experiment directory: {exp_dir}", flush=True)
-            grid = run_search(args.file, exp_dir=exp_dir, overrides=args.override, **common)
-        collected = res.collect(exp_dir, args.mirror_dir)
-    except SearchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+            print(f"experiment directory: {exp_dir}", flush=True)
+        grid = run_search(args.file, exp_dir=exp_dir, overrides=args.override, **common)
+    collected = res.collect(exp_dir, args.mirror_dir)
     print(res.summary(collected))
     print(res.format_table(collected))
     print(f"resume with: vlptune search --resume {exp_dir}; compare with: vlptune board {exp_dir}")
@@ -84,13 +80,8 @@ def _search(args: argparse.Namespace) -> int:
 
 def _results(args: argparse.Namespace) -> int:
     from vlptune.search import results as res
-    from vlptune.search.runner import SearchError
 
-    try:
-        collected = res.collect(args.exp_dir, args.mirror_dir)
-    except SearchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    collected = res.collect(args.exp_dir, args.mirror_dir)
     print(res.summary(collected))
     print(res.format_table(collected))
     if args.csv:
@@ -107,13 +98,8 @@ def _results(args: argparse.Namespace) -> int:
 
 def _board(args: argparse.Namespace) -> int:
     from vlptune.search.board import serve_forever
-    from vlptune.search.runner import SearchError
 
-    try:
-        return serve_forever(args.exp_dir, args.port, args.mirror_dir)
-    except SearchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return serve_forever(args.exp_dir, args.port, args.mirror_dir)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

@@ -163,7 +163,9 @@ def write_experiment_files(space: SearchSpace, exp_dir: Path, space_path: Path, 
 def read_meta(exp_dir: str | Path) -> dict[str, Any]:
     path = Path(exp_dir) / META_FILE
     if not path.is_file():
-        raise SearchError(f"{exp_dir}: not a vlptune search experiment ({META_FILE} is missing)")
+        from vlptune.search.experiments import not_an_experiment
+
+        raise SearchError(not_an_experiment(exp_dir, f"not a vlptune search experiment ({META_FILE} is missing)"))
     return json.loads(path.read_text())
 
 

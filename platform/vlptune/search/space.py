@@ -51,6 +51,7 @@ from vlptune.config import (
     set_dotted,
     validate_recipe,
 )
+from vlptune.errors import did_you_mean
 
 DISTRIBUTIONS = ("categorical", "int", "uniform", "loguniform")
 SCHEDULERS = ("asha", "hyperband", "median", "fifo")
@@ -837,11 +838,17 @@ def check_field_value(path: str, value: Any) -> str | None:
 
 
 def split_overrides(overrides: list[str] | None, own_keys: Iterable[str]) -> tuple[list[str], list[str]]:
-    """``-o`` overrides split into those of the file itself (top-level key in ``own_keys``) and the recipe's."""
+    """``-o`` overrides split into those of the file itself (top-level key in ``own_keys``) and the recipe's.
+
+    A key that is neither is refused here, with the closest of both as the suggestion.
+    """
     keys = set(own_keys)
     own, recipe = [], []
     for text in overrides or []:
         parts, _ = parse_override(text)
+        if parts[0] not in keys and parts[0] not in Recipe.model_fields:
+            hint = did_you_mean(parts[0], [*keys, *Recipe.model_fields])
+            raise ConfigError(f"override {text!r}: {parts[0]!r} is neither a setting of this file ({', '.join(sorted(keys))}) nor a recipe section{hint}")
         (own if parts[0] in keys else recipe).append(text)
     return own, recipe
 

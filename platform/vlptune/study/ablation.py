@@ -308,7 +308,9 @@ def load_experiment_study(exp_dir: str | Path) -> StudySpec:
     """The study of an experiment, from the resolved copy saved in its directory."""
     path = Path(exp_dir) / STUDY_SPEC
     if not path.is_file():
-        raise StudyError(f"{exp_dir}: not a vlptune ablation study ({STUDY_SPEC} is missing)")
+        from vlptune.search.experiments import not_an_experiment
+
+        raise StudyError(not_an_experiment(exp_dir, f"not a vlptune ablation study ({STUDY_SPEC} is missing)"))
     try:
         return StudySpec.model_validate_json(path.read_text())
     except ValidationError as exc:

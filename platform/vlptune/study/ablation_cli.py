@@ -1,7 +1,8 @@
 """``vlptune ablate``: run an ablation study, or re-print its table.
 
 Wired into ``vlptune`` by listing ``"vlptune.study.ablation_cli"`` in
-``vlptune.cli.COMMAND_MODULES``.
+``vlptune.cli.COMMAND_MODULES``. A ``StudyError`` or ``ConfigError`` reaches
+:func:`vlptune.cli.main`, which prints it (``vlptune: ...``, exit code 2).
 """
 
 from __future__ import annotations
@@ -12,42 +13,38 @@ from pathlib import Path
 
 
 def _ablate(args: argparse.Namespace) -> int:
-    from vlptune.study.ablation import StudyError, collect_study, default_exp_dir, load_study, run_study, write_study_outputs
+    from vlptune.study.ablation import collect_study, default_exp_dir, load_study, run_study, write_study_outputs
 
-    try:
-        if args.table:
-            if args.file or args.resume or args.override:
-                print("error: --table EXP_DIR re-prints a study's table; give no study file, --resume or -o with it", file=sys.stderr)
-                return 2
-            print(write_study_outputs(args.table), end="")
+    if args.table:
+        if args.file or args.resume or args.override:
+            print("error: --table EXP_DIR re-prints a study's table; give no study file, --resume or -o with it", file=sys.stderr)
+            return 2
+        print(write_study_outputs(args.table), end="")
+        return 0
+    if args.resume:
+        if args.override:
+            print("error: a resumed study keeps its settings; -o is not accepted with --resume", file=sys.stderr)
+            return 2
+        spec = load_study(args.file) if args.file else None
+        exp_dir = Path(args.resume).resolve()
+        resume = True
+    else:
+        if args.file is None:
+            print("error: give a study file (or --resume EXP_DIR, or --table EXP_DIR)", file=sys.stderr)
+            return 2
+        spec = load_study(args.file, args.override)  # refuse a bad file before anything starts
+        if args.check:
+            print(spec.describe())
+            print("OK")
             return 0
-        if args.resume:
-            if args.override:
-                print("error: a resumed study keeps its settings; -o is not accepted with --resume", file=sys.stderr)
-                return 2
-            spec = load_study(args.file) if args.file else None
-            exp_dir = Path(args.resume).resolve()
-            resume = True
-        else:
-            if args.file is None:
-                print("error: give a study file (or --resume EXP_DIR, or --table EXP_DIR)", file=sys.stderr)
-                return 2
-            spec = load_study(args.file, args.override)  # refuse a bad file before anything starts
-            if args.check:
-                print(spec.describe())
-                print("OK")
-                return 0
-            exp_dir = default_exp_dir(spec, args.storage, args.name)
-            resume = False
-        print(f"experiment directory: {exp_dir}", flush=True)
-        run_study(
-            spec, exp_dir=exp_dir, address=args.address, resume=resume, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
-            verbose=args.verbose, worker_log_level=args.worker_log_level,
-        )
-        results = collect_study(exp_dir)
-    except StudyError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        exp_dir = default_exp_dir(spec, args.storage, args.name)
+        resume = False
+    print(f"experiment directory: {exp_dir}", flush=True)
+    run_study(
+        spec, exp_dir=exp_dir, address=args.address, resume=resume, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
+        verbose=args.verbose, worker_log_level=args.worker_log_level,
+    )
+    results = collect_study(exp_dir)
     print((exp_dir / "ablation.md").read_text(), end="")
     print(f"written: {exp_dir / 'ablation.md'}, {exp_dir / 'ablation.csv'}; per trial: vlptune results {exp_dir}; "
           f"TensorBoard: vlptune board {exp_dir}; resume with: vlptune ablate --resume {exp_dir}")

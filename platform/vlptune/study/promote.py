@@ -374,7 +374,10 @@ def write_promotion_record(exp_dir: str | Path, promotion: Promotion, run: dict[
 def read_promotion_record(exp_dir: str | Path) -> tuple[Promotion, dict[str, Any]]:
     path = Path(exp_dir) / PROMOTION_FILE
     if not path.is_file():
-        raise PromotionError(f"{exp_dir}: not a promoted run ({PROMOTION_FILE} is missing); give the experiment directory printed by `vlptune promote --run`")
+        from vlptune.search.experiments import not_an_experiment
+
+        problem = f"not a promoted run ({PROMOTION_FILE} is missing); give the experiment directory printed by `vlptune promote --run`"
+        raise PromotionError(not_an_experiment(exp_dir, problem))
     data = json.loads(path.read_text())
     return Promotion.from_json(data["promotion"]), data.get("run", {})
 

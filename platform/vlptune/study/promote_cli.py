@@ -2,7 +2,9 @@
 
 Wired into ``vlptune`` by listing ``"vlptune.study.promote_cli"`` in
 ``vlptune.cli.COMMAND_MODULES``; each parser's ``func`` takes the parsed
-Namespace and returns the exit code.
+Namespace and returns the exit code; a ``PromotionError``, ``StudyError`` or
+``ImportanceError`` reaches :func:`vlptune.cli.main`, which prints it
+(``vlptune: ...``, exit code 2).
 """
 
 from __future__ import annotations
@@ -52,11 +54,7 @@ def _promote(args: argparse.Namespace) -> int:
         if args.exp_dir or args.run or args.to:
             print("error: --report PROMOTED_EXP reads a promoted run; give no EXP_DIR, --to or --run with it", file=sys.stderr)
             return 2
-        try:
-            report, promotion = rep.collect_report(args.report, min_correlation=args.min_correlation)
-        except pr.PromotionError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+        report, promotion = rep.collect_report(args.report, min_correlation=args.min_correlation)
         print(rep.report_header(promotion, args.report))
         text = rep.format_report(report)
         print(text)
@@ -66,11 +64,7 @@ def _promote(args: argparse.Namespace) -> int:
     if not args.exp_dir or not args.to:
         print("error: give the search experiment and the target recipe: vlptune promote EXP_DIR --to trials/full.yaml (or --report PROMOTED_EXP)", file=sys.stderr)
         return 2
-    try:
-        promotion = pr.promote(args.exp_dir, top_k=args.top_k, target=args.to, fidelity_map=args.map, promoted_dir=args.promoted_dir)
-    except pr.PromotionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    promotion = pr.promote(args.exp_dir, top_k=args.top_k, target=args.to, fidelity_map=args.map, promoted_dir=args.promoted_dir)
     print(pr.format_promotion(promotion, requested=args.top_k))
     if not args.run:
         extra = (f" --map {args.map}" if args.map != str(pr.DEFAULT_MAP) else "") + (f" --promoted-dir {args.promoted_dir}" if args.promoted_dir else "")
@@ -81,15 +75,11 @@ def _promote(args: argparse.Namespace) -> int:
     spec = pr.promotion_study(promotion, seeds=args.seeds, fixed=fixed, resources=resources, max_concurrent=args.max_concurrent, name=args.name)
     print(spec.describe())
     print(pr.run_note(promotion, fixed))
-    from vlptune.study.ablation import StudyError, default_exp_dir
+    from vlptune.study.ablation import default_exp_dir
 
     exp_dir = default_exp_dir(spec, args.storage, args.name)
     print(f"experiment directory: {exp_dir}", flush=True)
-    try:
-        pr.run_promotion(promotion, spec, exp_dir=exp_dir, address=args.address, verbose=args.verbose)
-    except StudyError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    pr.run_promotion(promotion, spec, exp_dir=exp_dir, address=args.address, verbose=args.verbose)
     report, _ = rep.collect_report(exp_dir, min_correlation=args.min_correlation)
     print(rep.report_header(promotion, exp_dir))
     print(rep.format_report(report))
@@ -101,13 +91,9 @@ def _importance(args: argparse.Namespace) -> int:
     from vlptune.search.runner import read_meta
     from vlptune.study import importance as imp
 
-    try:
-        results = imp.importances(
-            args.exp_dir, args.evaluator, min_trials=args.min_trials, seed=args.seed, n_trees=args.n_trees, target_quantile=args.target_quantile,
-        )
-    except imp.ImportanceError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    results = imp.importances(
+        args.exp_dir, args.evaluator, min_trials=args.min_trials, seed=args.seed, n_trees=args.n_trees, target_quantile=args.target_quantile,
+    )
     metric = read_meta(args.exp_dir).get("metric")
     print(imp.format_markdown(results, metric), end="")
     written = imp.write_outputs(args.exp_dir, results, metric)
