@@ -97,21 +97,11 @@ def stage_batch(recipe_path: Path, root: Path, overrides: list[str]) -> None:
             print(f"  {key:<12} {value!r}")
 
 
-def chance_keys(metric: str) -> list[str]:
-    """Where a trial reports the chance level of ``metric``: ``retrieval/rsum`` -> ``retrieval/chance_rsum``,
-    ``val/mlm_acc`` -> ``val/mlm_chance`` (objectives name theirs ``<objective>_chance``)."""
-    if "/" not in metric:
-        return []
-    group, name = metric.rsplit("/", 1)
-    keys = [f"{group}/chance_{name}"]
-    if "_" in name:
-        keys.append(f"{group}/{name.rsplit('_', 1)[0]}_chance")
-    return keys
-
-
 def _best_chance(trial_dir: str | None, metric: str) -> float | None:
     """The chance level of ``metric`` in a trial's last report that has one."""
     import json
+
+    from vlptune.train.tensorboard import chance_keys
 
     result_file = Path(trial_dir) / "result.json" if trial_dir else None
     if result_file is None or not result_file.is_file():
