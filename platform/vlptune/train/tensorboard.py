@@ -31,10 +31,12 @@ Every trial of an experiment writes the same experiment summary.
 How TensorBoard (2.21) shows it: with several runs in a logdir it does not
 merge their experiment summaries, it takes the first run's it finds (all
 alike here). It keeps the metrics in the written order, but sorts the
-hparams by (``differs`` first, then name) and the page shows the first five
-of each ticked. The searched hparams are written with ``differs`` set, so the
-table opens on the searched knobs (sorted by name among themselves), then the
-fixed ones, and on the search metric next to its chance level.
+hparams by (``differs`` first, then name), and the page shows only the
+first five hparams and the first five metrics until more are ticked. The
+searched hparams are written with ``differs`` set, so the table opens on the
+searched knobs (by name among themselves: the written space order does not
+survive the sort), then the fixed ones, and on the search metric with its
+chance level next to it.
 
 Images: ``vd/codes`` at each evaluation, the SOHO Fig. 3 picture: one row per
 visual-dictionary code, showing image patches quantised to that code.
