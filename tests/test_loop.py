@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlptune.config import ConfigError, validate_recipe
+from vlptune.config import ConfigError, recipe_to_dict, validate_recipe
 from vlptune.objectives.base import Objective, ObjectiveOutput
 from vlptune.objectives.registry import ObjectiveConfig, register
 from vlptune.train.loop import BatchStream, backbone_frozen_at, train_worker
 from vlptune.train.reporting import LocalReporter, Reporter
+from vlptune.train.tensorboard import FIXED_HPARAMS, HPARAM_METRICS, HParamsPlan, hparam_values
 
 
 @register("nan_probe", ObjectiveConfig)
@@ -83,6 +84,9 @@ def test_batch_stream_resumes_at_its_data_position(world):
     assert [later.next()["image_ids"] for _ in range(4)] == ids[3:7]
 
 
+SEARCHED = ("objectives.mvm.prob", "optim.global_batch")  # as a search over these two would pass them
+
+
 @pytest.fixture(scope="module")
 def trained(world, tmp_path_factory):
     """One short run shared by the tests below: 4 steps of 2 accumulated micro-batches, evaluations at 2 and 4."""
@@ -99,7 +103,7 @@ def trained(world, tmp_path_factory):
     original = VLPModel.set_backbone_frozen
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(VLPModel, "set_backbone_frozen", lambda self, frozen: calls.append(frozen) or original(self, frozen))
-        result = train_worker(recipe, reporter, run, resume=False)
+        result = train_worker(recipe, reporter, run, resume=False, hparams=HParamsPlan(hparam_values(SEARCHED, recipe_to_dict(recipe)), "val/mlm_acc"))
     return run, reporter, result, calls
 
 
@@ -140,11 +144,14 @@ def test_tensorboard_run_has_scalars_hparams_and_vd_picture_in_one_directory(tra
     hparams = acc.PluginTagToContent("hparams")
     assert {"_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"} <= set(hparams)
     start = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"]).session_start_info
+    assert set(start.hparams) == {*SEARCHED, *FIXED_HPARAMS}  # the searched and the short fixed list, not the whole recipe
     assert start.hparams["model.vd.size"].number_value == 16
     assert start.hparams["objectives.mvm.prob"].number_value == 1.0
     assert start.hparams["optim.global_batch"].number_value == 8
     experiment = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/experiment"]).experiment
-    assert "retrieval/rsum" in {m.name.tag for m in experiment.metric_infos}
+    assert [h.name for h in experiment.hparam_infos] == [*SEARCHED, *FIXED_HPARAMS]
+    # the search metric, its chance level (MLM reports one), then the other columns
+    assert [m.name.tag for m in experiment.metric_infos] == ["val/mlm_acc", "val/mlm_chance", *(m for m in HPARAM_METRICS if m != "val/mlm_acc")]
     assert "vd/codes" in acc.Tags()["images"]
 
 

@@ -87,21 +87,11 @@ def disk_usage(path: Path) -> str:
     return f"{total / 1e9:.2f} GB on disk" if total >= 1e8 else f"{total / 1e6:.0f} MB on disk"
 
 
-def chance_keys(metric: str) -> list[str]:
-    """Where a trial reports the chance level of ``metric``: ``retrieval/rsum`` -> ``retrieval/chance_rsum``,
-    ``val/mlm_acc`` -> ``val/mlm_chance`` (objectives name theirs ``<objective>_chance``)."""
-    if "/" not in metric:
-        return []
-    group, name = metric.rsplit("/", 1)
-    keys = [f"{group}/chance_{name}"]
-    if "_" in name:
-        keys.append(f"{group}/{name.rsplit('_', 1)[0]}_chance")
-    return keys
-
-
 def _best_chance(trial_dir: str | None, metric: str) -> float | None:
     """The chance level of ``metric`` in a trial's last report that has one."""
     import json
+
+    from vlptune.train.tensorboard import chance_keys
 
     result_file = Path(trial_dir) / "result.json" if trial_dir else None
     if result_file is None or not result_file.is_file():

@@ -2,9 +2,10 @@
 
 Each trial's run holds the loop's scalars (losses, accuracies, learning
 rates, VD usage, throughput, evaluation metrics) and one hparams session
-written when the trial started (every recipe field, searched ones included,
-with the evaluation metrics as columns), so the HParams dashboard compares
-all trials, early-stopped ones too. The server binds to 127.0.0.1 only.
+written when the trial started (the searched hyperparameters, then a short
+fixed list; the search metric and its chance level first among the metric
+columns: see train/tensorboard.py), so the HParams dashboard compares all
+trials, early-stopped ones too. The server binds to 127.0.0.1 only.
 """
 
 from __future__ import annotations

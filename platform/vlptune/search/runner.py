@@ -291,6 +291,18 @@ def _default_worker_fn() -> Callable[..., dict]:
     return train_worker
 
 
+def _hparams_kwargs(worker_fn: Callable[..., Any], config: dict[str, Any]) -> dict[str, Any]:
+    """``hparams=`` for ``worker_fn`` when it takes it (train_worker does; a stand-in of the older signature does not)."""
+    import inspect
+
+    params = inspect.signature(worker_fn).parameters.values()
+    if not any(p.name == "hparams" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return {}
+    from vlptune.train.tensorboard import HParamsPlan
+
+    return {"hparams": HParamsPlan(config.get("hparams") or {}, config.get("metric"))}
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's per-worker function: the recipe, a reporter, the loop."""
     loop_entry = time.time()
@@ -314,7 +326,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             uploader = DirUploader(out_dir, config["tb_uri"], exclude=(CHECKPOINT_DIR,))
     reporter = RayTrainReporter(config.get("metric"), loop_entry, uploader, first_extra)
     try:
-        summary = worker_fn(recipe, reporter, str(out_dir), resume=True) or {}
+        summary = worker_fn(recipe, reporter, str(out_dir), resume=True, **_hparams_kwargs(worker_fn, config)) or {}
     except BaseException:
         reporter.upload()  # what the run wrote before it failed (upload errors are only logged here)
         raise
@@ -353,12 +365,18 @@ def make_trainable(
     worker_fn: Callable | None = None,
     resolve: Callable[[dict[str, Any], dict[str, Any], str], dict[str, Any]] | None = None,
     location: Location | None = None,
+    hparams: list[str] | None = None,
 ) -> Callable[[dict], None]:
     """The function Tune runs per trial: build a TorchTrainer for the trial's recipe and ``fit()`` it.
 
     ``resolve(base_raw, config, source)``: the trial's raw recipe from Tune's
     config; default :func:`apply_config` (a search: config keys are dotted
     recipe paths). An ablation study passes its own (config: variant and seed).
+
+    ``hparams``: what the experiment varies, in order (default: the config's
+    keys); the trial's HParams list these first, with their values from the
+    trial's recipe (a dotted recipe path) or from Tune's config (any other
+    name, e.g. a study's ``variant``), see :func:`vlptune.train.tensorboard.hparam_values`.
 
     ``location``: the experiment; for a URI one, Ray Train's run storage is
     ``URI/train`` and rank 0 uploads the trial's run directory (written under
@@ -393,12 +411,16 @@ def make_trainable(
         per_worker = {"CPU": res.cpus_per_worker}
         if res.gpus_per_worker > 0:
             per_worker["GPU"] = res.gpus_per_worker
+        from vlptune.train.tensorboard import hparam_values
+
+        tree = recipe_to_dict(recipe)
         trainer = lean_trainer_class(TorchTrainer)(
             train_loop_per_worker,
             train_loop_config={
-                "recipe": recipe_to_dict(recipe),
+                "recipe": tree,
                 "out_dir": str(exp_dir / TB_DIR / trial_id),
                 "metric": metric,
+                "hparams": hparam_values(hparams if hparams is not None else list(config), tree, config),
                 "worker_fn": worker_fn,
                 "tb_uri": location.join(TB_DIR, trial_id) if remote else None,
                 "trial_fn_ts": trial_fn_ts,
@@ -900,6 +922,7 @@ def run_search(
         source=space,
         data_recipes=[space.base_recipe],
         tune_settings=lambda: _search_settings(space, meta),
+        hparams=[p.path for p in space.params],
     )
     return run_experiment(
         plan, exp_dir, fresh=fresh, resume=resume, address=address, num_cpus=num_cpus, num_gpus=num_gpus,
@@ -923,13 +946,15 @@ class TrialPlan:
     :func:`make_trainable`; None: the config's keys are dotted recipe paths).
     ``tune_settings()``: ``search_alg``, ``scheduler``, ``num_samples`` and
     optionally ``param_space`` of a fresh experiment (not called on resume:
-    Tune restores them).
+    Tune restores them). ``hparams``: what the experiment varies, in the order
+    the trials' HParams list it (see :func:`make_trainable`; None: the config's keys).
     """
 
     source: Any
     data_recipes: list[Recipe]
     tune_settings: Callable[[], dict[str, Any]]
     resolve: Callable[[dict[str, Any], dict[str, Any], str], dict[str, Any]] | None = None
+    hparams: list[str] | None = None
 
 
 def _search_settings(space: SearchSpace, meta: dict[str, Any]) -> dict[str, Any]:
@@ -1085,7 +1110,7 @@ def _fit(plan: TrialPlan, exp_dir: Path, resume: bool, worker_fn: Callable | Non
     source = plan.source
     loc = location or Location(local=Path(exp_dir).resolve())
     trainable = tune.with_resources(
-        make_trainable(exp_dir, source.base_raw, source.metric, source.failures.max_failures, worker_fn, plan.resolve, location=loc),
+        make_trainable(exp_dir, source.base_raw, source.metric, source.failures.max_failures, worker_fn, plan.resolve, location=loc, hparams=plan.hparams),
         tune.PlacementGroupFactory([{"CPU": 0, "memory": DRIVER_MEMORY_BYTES}]),
     )
     # StartupTimer first: it adds to the result that the loggers then write.

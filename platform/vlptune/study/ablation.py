@@ -196,6 +196,13 @@ def resolve_trial(base_raw: dict[str, Any], config: dict[str, Any], source: str,
     return apply_config(base_raw, overlay, f"{source}: variant {name!r}")
 
 
+def study_hparams(spec: StudySpec) -> list[str]:
+    """What a study varies, in the order its trials' HParams list it: the variant, the seed
+    (``train.seed``), then every path a variant's overlay sets (in file order)."""
+    paths = dict.fromkeys(path for overlay in spec.variants.values() for path in overlay)
+    return [VARIANT_KEY, SEED_PATH, *paths]
+
+
 # ------------------------------------------------------------------ loading
 
 
@@ -420,6 +427,7 @@ def run_study(
         data_recipes=[spec.variant_recipe(v) for v in spec.variant_names],
         tune_settings=lambda: _study_settings(spec),
         resolve=functools.partial(resolve_trial, variants=spec.variants),
+        hparams=study_hparams(spec),
     )
     try:
         runner.run_experiment(

@@ -13,7 +13,11 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vlptune.config import Recipe
+    from vlptune.train.tensorboard import HParamsPlan
 
 DEFAULT_RUNS_DIR = "runs"
 EXIT_OK = 0
@@ -59,6 +63,15 @@ def format_results(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def overridden_hparams(recipe: Recipe, overrides: list[str]) -> HParamsPlan:
+    """The run's HParams plan: the paths set with ``-o`` (the recipe's values), listed before the fixed ones."""
+    from vlptune.config import parse_override, recipe_to_dict
+    from vlptune.train.tensorboard import HParamsPlan, hparam_values
+
+    paths = dict.fromkeys(".".join(parse_override(text)[0]) for text in overrides)
+    return HParamsPlan(hparam_values(paths, recipe_to_dict(recipe)))
+
+
 def run_train(args: argparse.Namespace) -> int:
     from vlptune.config import load_recipe
     from vlptune.train.loop import STOP_MAX_STEPS, train_worker
@@ -71,6 +84,6 @@ def run_train(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     print(f"training {recipe.name} into {out} (tensorboard --logdir {out})", flush=True)
-    result = train_worker(recipe, LocalReporter(), out, resume=args.resume)
+    result = train_worker(recipe, LocalReporter(), out, resume=args.resume, hparams=overridden_hparams(recipe, args.override))
     print(format_results(result), flush=True)
     return EXIT_OK if result["stop_reason"] == STOP_MAX_STEPS else EXIT_STOPPED

@@ -58,7 +58,7 @@ from vlptune.train.optim import (
     resolve_precision,
 )
 from vlptune.train.reporting import Reporter
-from vlptune.train.tensorboard import RunWriter, throughput, vd_picture
+from vlptune.train.tensorboard import HParamsPlan, RunWriter, throughput, vd_picture
 
 log = logging.getLogger("vlptune.train")
 
@@ -369,7 +369,13 @@ class PhaseTimer:
         return {f"{STARTUP_PREFIX}{phase}_s": value for phase, value in self.seconds.items()}
 
 
-def train_worker(recipe: Recipe | dict, reporter: Reporter, out_dir: str | os.PathLike, resume: bool | str = True) -> dict[str, Any]:
+def train_worker(
+    recipe: Recipe | dict,
+    reporter: Reporter,
+    out_dir: str | os.PathLike,
+    resume: bool | str = True,
+    hparams: HParamsPlan | None = None,
+) -> dict[str, Any]:
     """Train ``recipe`` on this worker; returns the final metrics.
 
     ``reporter.report(metrics, checkpoint_dir)`` is called at every
@@ -377,6 +383,8 @@ def train_worker(recipe: Recipe | dict, reporter: Reporter, out_dir: str | os.Pa
     events, ``recipe.yaml`` and ``checkpoints/`` go there (rank 0 writes).
     ``resume``: True continues from ``out_dir``'s latest checkpoint if there is
     one; a path resumes from that checkpoint directory; False starts afresh.
+    ``hparams``: what the run's HParams list first (the searched hyperparameters
+    and the search metric, see train/tensorboard.py); None: only the fixed short list.
 
     The result holds the last evaluation's metrics plus ``step``, ``epoch``,
     ``stop_reason`` (``"max_steps"``, or why the run stopped early),
@@ -436,8 +444,7 @@ def train_worker(recipe: Recipe | dict, reporter: Reporter, out_dir: str | os.Pa
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
         writer = RunWriter(run_dir, purge_step=step + 1 if source is not None else None)
-        if source is None:
-            writer.hparams_start(recipe_to_dict(recipe))
+        writer.hparams_start(recipe_to_dict(recipe), hparams, new_session=source is None)
     evaluation = Evaluation(recipe, workers, device, precision)
     steps_per_epoch = max(1.0, len(stream) / accum)
     if resumed_rng is not None:  # after every construction that draws random numbers
@@ -547,6 +554,7 @@ def run_evaluation(evaluation: Evaluation, pretrainer: Pretrainer, writer: RunWr
     metrics, picture = evaluation(pretrainer)
     if writer is not None:
         writer.scalars(metrics, step)
+        writer.hparams_experiment(metrics)
         if picture is not None:
             writer.image("vd/codes", picture, step)
         writer.flush()
