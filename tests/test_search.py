@@ -129,8 +129,16 @@ def test_tiny_search_with_the_real_loop(tiny_experiment):
         assert recipe["model"]["vd"]["size"] == row.params["model.vd.size"]
         assert recipe["resources"]["workers"] == 2
         assert row.startup_s is not None and row.startup_s > 0
+        # every start-up phase is measured, and together they cover Ray's share (startup_s)
+        phases = [results.STARTUP_PREFIX + key for key, _ in results.STARTUP_PHASES]
+        assert set(phases) <= set(row.startup), row.startup
+        assert all(row.startup[p] >= 0 for p in phases)
+        ray_share = row.startup[results.STARTUP_PREFIX + "trial_actor_s"] + row.startup[results.STARTUP_PREFIX + "worker_group_s"]
+        assert ray_share == pytest.approx(row.startup_s, abs=0.01)
     assert any(r.status == "completed" for r in collected.rows)
     # the console is quiet: the log path, the cluster, one line per trial, the progress bar, the table
+    breakdown = results.format_startup(collected)
+    assert "worker_group" in breakdown and "share of a trial's wall time" in breakdown, breakdown
     console = tiny_experiment["console"]
     log = exp_dir / "vlptune.log"
     assert f"log: {log}" in console and "ray cluster: started a local cluster" in console

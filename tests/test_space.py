@@ -84,7 +84,7 @@ def test_describe_lists_every_parameter_and_the_plan():
     text = space.describe()
     for p in space.params:
         assert p.path in text
-    assert "asha" in text and "rungs at steps [25, 50]" in text
+    assert "asha" in text and "rungs at steps [15, 30]" in text
     assert "when model.vd.size > 0, else 0.0" in text
 
 

@@ -43,11 +43,11 @@ PROMOTE_SEEDS = 1
 # The promoted runs are demo-full shortened so the whole demo stays within its time
 # budget on a 2-core machine (demo-full: about 1.4 s per step on 2 cores alone; two
 # runs at once on 1 CPU each). Set through the study's fixed overrides, not the files.
-PROMOTED_STEPS = 100
+PROMOTED_STEPS = 30
 PROMOTED_EVALS = 2  # evaluations per promoted run (eval_every = steps / evals)
 PROMOTED_FIXED = {
     "train.log_every": 10,
-    "optim.warmup_steps": 5,
+    "optim.warmup_steps": 3,
     "eval.max_images": 16,  # as in the demo search: 16x16 image-text pairs per evaluation
     "eval.loss_batches": 2,
     "eval.vd_picture_codes": 4,

@@ -90,6 +90,9 @@ def _results(args: argparse.Namespace) -> int:
     if args.json:
         res.write_json(collected, args.json)
         print(f"wrote {args.json}")
+    if args.startup:
+        print()
+        print(res.format_startup(collected))
     if not args.no_recipe:
         print()
         print(res.format_best(collected), end="")
@@ -143,6 +146,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     _mirror_arg(results)
     results.add_argument("--csv", help="also write the table to this CSV file")
     results.add_argument("--json", help="also write trials, histories and the best recipe to this JSON file")
+    results.add_argument("--startup", action="store_true", help="also print where the trials' start-up went (Ray, imports, model, data, first step)")
     results.add_argument("--no-recipe", action="store_true", help="do not print the best trial's full recipe")
     results.set_defaults(func=_results)
 

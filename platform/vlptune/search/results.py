@@ -41,6 +41,7 @@ class TrialRow:
     error: str | None = None
     trial_dir: str | None = None
     history: list[tuple[int, float]] = field(default_factory=list)
+    startup: dict[str, float] = field(default_factory=dict)  # every startup/* figure of the first report
 
 
 @dataclass
@@ -174,6 +175,7 @@ def collect(exp_dir: str | Path, mirror_dir: str | Path | None = None) -> Experi
                 error=error,
                 trial_dir=str(trial_dir) if trial_dir else None,
                 history=history,
+                startup={k: float(v) for k, v in first.items() if k.startswith(STARTUP_PREFIX) and isinstance(v, (int, float))},
             )
         )
     sign = -1.0 if mode == "max" else 1.0
@@ -245,6 +247,45 @@ def summary(results: ExperimentResults) -> str:
         counts[key] = counts.get(key, 0) + 1
     parts = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
     return f"{results.exp_dir}: {len(results.rows)} trials ({parts or 'none yet'}); metric {results.metric} ({results.mode}), fidelity up to step {results.max_fidelity}"
+
+
+STARTUP_PREFIX = "startup/"
+# The start-up phases in the order they happen (keys of a trial's first report; search/runner.py, train/loop.py).
+STARTUP_PHASES = (
+    ("trial_actor_s", "Tune's trial actor: process start, import Ray"),
+    ("worker_group_s", "Train controller, placement group, worker processes, torch.distributed"),
+    ("import_loop_s", "import the training loop on a worker (torch, transformers)"),
+    ("prepare_data_s", "check / prepare the data"),
+    ("build_model_s", "build the model and optimisers (MiniLM weights)"),
+    ("open_data_s", "open the shards, first batch loader"),
+    ("first_step_s", "first training step (first batch decoded)"),
+)
+
+
+def format_startup(results: ExperimentResults) -> str:
+    """Where a trial's start-up goes: each phase's median (min..max) over the trials, and the start-up's share of the wall time."""
+    from statistics import median
+
+    rows = [r for r in results.rows if r.startup]
+    if not rows:
+        return f"{results.exp_dir}: no trial reported its start-up phases"
+    lines = [f"start-up of {len(rows)} trial(s) of {results.exp_dir}, seconds: median (min..max)"]
+    total = []
+    for key, what in STARTUP_PHASES:
+        values = [r.startup[STARTUP_PREFIX + key] for r in rows if STARTUP_PREFIX + key in r.startup]
+        if values:
+            lines.append(f"  {key[:-2]:<14} {median(values):7.1f}  ({min(values):.1f}..{max(values):.1f})  {what}")
+    for r in rows:
+        phases = [r.startup.get(STARTUP_PREFIX + key) for key, _ in STARTUP_PHASES]
+        if all(v is not None for v in phases):
+            total.append((sum(phases), r.wall_s))
+    if total:
+        starts = [t for t, _ in total]
+        shares = [t / w for t, w in total if w]
+        lines.append(f"  {'total':<14} {median(starts):7.1f}  ({min(starts):.1f}..{max(starts):.1f})  Tune start -> first step done")
+        if shares:
+            lines.append(f"  share of a trial's wall time: median {100 * median(shares):.0f}% ({100 * min(shares):.0f}%..{100 * max(shares):.0f}%)")
+    return "\n".join(lines)
 
 
 def write_csv(results: ExperimentResults, path: str | Path) -> None:
