@@ -110,6 +110,41 @@ def test_a_trial_without_a_valid_recipe_is_left_alone(tmp_path):
     assert ray_steps(tmp_path, "bad") == [10, 20]
 
 
+def test_ray_reporter_confirms_only_a_copy_ray_has_recorded(tmp_path, monkeypatch):
+    import ray.train
+
+    from vlptune.search.runner import RayTrainReporter
+
+    local = tmp_path / "step_00000002"
+    local.mkdir()
+    copy = SimpleNamespace(path="/exp/train/t/checkpoint_b")
+    recorded = [SimpleNamespace(checkpoint=SimpleNamespace(path="/exp/train/t/checkpoint_a"))]
+    asked = []
+
+    def get_all_reported_checkpoints(consistency_mode, timeout_s):
+        asked.append(consistency_mode)
+        return list(recorded)
+
+    monkeypatch.setattr(ray.train, "report", lambda payload, checkpoint=None: None)
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: copy)
+    monkeypatch.setattr(ray.train, "get_all_reported_checkpoints", get_all_reported_checkpoints)
+    reporter = RayTrainReporter(METRIC)
+    reporter.report({"step": 2, METRIC: 0.5}, str(local))
+    assert not reporter.persisted(str(local))  # uploaded, not recorded yet (or not confirmed in time)
+    recorded.append(SimpleNamespace(checkpoint=copy))
+    assert not reporter.persisted(str(tmp_path / "another"))
+    assert reporter.persisted(str(local))
+    assert asked[-1] == ray.train.CheckpointConsistencyMode.COMMITTED
+
+    def unreachable(**kwargs):
+        raise RuntimeError("controller gone")
+
+    monkeypatch.setattr(ray.train, "get_all_reported_checkpoints", unreachable)
+    assert not reporter.persisted(str(local))  # cannot confirm: the local copy stays
+    reporter.report({"step": 3, METRIC: 0.6}, None)
+    assert not reporter.persisted(str(local))  # not the last checkpoint reported
+
+
 # ====================================================================== a real trial (slow)
 
 # train_worker behind a reporter that kills the worker once, at the first report after the loop
