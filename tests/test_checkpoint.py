@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -91,10 +92,12 @@ def test_save_load_round_trip_restores_everything(tmp_path):
 def test_writes_are_atomic_and_old_checkpoints_pruned(tmp_path, monkeypatch):
     model, opts = _trained(0)
     for step in (1, 2, 3):
-        ckpt.save_checkpoint(tmp_path, step, model, opts)
+        ckpt.save_checkpoint(tmp_path, step, model, opts, keep=2)
     root = ckpt.checkpoint_root(tmp_path)
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step_00000002", "step_00000003"]
     assert ckpt.latest_checkpoint(tmp_path).name == "step_00000003"
+    ckpt.save_checkpoint(tmp_path, 3, model, opts)  # re-saving a step (after a resume), keep=1 by default
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step_00000003"]
 
     def boom(*args, **kwargs):
         raise OSError("disk full")
@@ -114,6 +117,98 @@ def test_loading_into_another_model_is_refused(tmp_path):
     (path / "state.safetensors").unlink()
     with pytest.raises(ckpt.CheckpointError, match="missing"):
         ckpt.load_checkpoint(path, model)
+
+
+# --------------------------------------------------------------------------- which checkpoints stay
+
+
+def fake_checkpoints(run_dir: Path, scores: dict[int, float | None], metric: str = "val/acc") -> Path:
+    """Step directories with a state.json each (the evaluation of the step under ``metric``; None: no
+    evaluation saved), and ``latest`` naming the newest, as the loop leaves them."""
+    root = ckpt.checkpoint_root(run_dir)
+    root.mkdir(parents=True)
+    for step, value in scores.items():
+        path = root / ckpt.step_dir_name(step)
+        path.mkdir()
+        metrics = {} if value is None else {metric: value, "step_metric_noise": 1.0}
+        (path / ckpt.STATE_FILE).write_text(json.dumps({"step": step, "extra": {ckpt.METRICS_KEY: metrics}}))
+    (root / ckpt.LATEST).write_text(ckpt.step_dir_name(max(scores)) + "\n")
+    return root
+
+
+def entries(scores: dict[int, float | None], metric: str = "val/acc") -> list[ckpt.Entry]:
+    return [ckpt.Entry(ckpt.step_dir_name(s), s, {} if v is None else {metric: v}) for s, v in scores.items()]
+
+
+def steps(names: set[str]) -> list[int]:
+    return sorted(int(n.split("_")[1]) for n in names)
+
+
+def test_kept_while_running_is_the_n_best_and_the_latest():
+    scores = {10: 0.5, 20: 0.9, 30: 0.7, 40: float("nan"), 50: 0.2}
+    assert steps(ckpt.kept_while_running(entries(scores), 1, "val/acc", "max")) == [20, 50]
+    assert steps(ckpt.kept_while_running(entries(scores), 2, "val/acc", "max")) == [20, 30, 50]
+    assert steps(ckpt.kept_while_running(entries(scores), 1, "val/acc", "min")) == [50]  # the best is the latest
+    assert steps(ckpt.kept_while_running(entries(scores), 2, "val/acc", "min")) == [10, 50]
+    # no metric (a plain run), or none of them scored: the N latest
+    assert steps(ckpt.kept_while_running(entries(scores), 2)) == [40, 50]
+    assert steps(ckpt.kept_while_running(entries(scores), 2, "val/other", "max")) == [40, 50]
+    assert steps(ckpt.kept_while_running(entries(scores), 9, "val/acc", "max")) == [10, 20, 30, 40, 50]
+    # ties: the later one (Ray's report order)
+    assert steps(ckpt.kept_while_running(entries({1: 0.5, 2: 0.5, 3: 0.1}), 1, "val/acc", "max")) == [2, 3]
+    assert ckpt.kept_while_running([], 1, "val/acc", "max") == set()
+    with pytest.raises(ValueError, match="keep must be at least 1"):
+        ckpt.kept_while_running(entries(scores), 0)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        ckpt.kept_while_running(entries(scores), 1, "val/acc", "maximum")
+
+
+def test_kept_when_ended_best_last_none():
+    scores = {10: 0.5, 20: 0.9, 30: None, 40: float("nan")}
+    assert steps(ckpt.kept_when_ended(entries(scores), "best", "val/acc", "max")) == [20]
+    assert steps(ckpt.kept_when_ended(entries(scores), "best", "val/acc", "min")) == [10]
+    assert steps(ckpt.kept_when_ended(entries(scores), "best")) == [40]  # no metric: the last
+    assert steps(ckpt.kept_when_ended(entries({1: None, 2: float("nan")}), "best", "val/acc", "max")) == [2]
+    assert steps(ckpt.kept_when_ended(entries(scores), "last", "val/acc", "max")) == [40]
+    assert ckpt.kept_when_ended(entries(scores), "none", "val/acc", "max") == set()
+    with pytest.raises(ValueError, match="policy must be one of"):
+        ckpt.kept_when_ended(entries(scores), "all")
+
+
+def test_finish_checkpoints_keeps_the_policy_and_repoints_latest(tmp_path):
+    scores = {2: 0.3, 4: 0.8, 6: 0.1}
+    root = fake_checkpoints(tmp_path / "best", scores)
+    (root / ".tmp-step_00000008-1-2").mkdir()  # a write cut short
+    (root / "step_00000007").mkdir()  # no state.json: not a checkpoint
+    kept = ckpt.finish_checkpoints(tmp_path / "best", "best", "val/acc", "max")
+    assert kept == root / "step_00000004"
+    assert sorted(p.name for p in root.iterdir()) == [ckpt.LATEST, "step_00000004"]
+    assert ckpt.latest_checkpoint(tmp_path / "best") == kept
+
+    fake_checkpoints(tmp_path / "last", scores)
+    assert ckpt.finish_checkpoints(tmp_path / "last", "last", "val/acc", "max").name == "step_00000006"
+    root = fake_checkpoints(tmp_path / "none", scores)
+    assert ckpt.finish_checkpoints(tmp_path / "none", "none") is None
+    assert list(root.iterdir()) == [] and ckpt.latest_checkpoint(tmp_path / "none") is None
+    assert ckpt.finish_checkpoints(tmp_path / "never-ran", "best") is None
+
+
+def test_remove_checkpoint_is_atomic(tmp_path, monkeypatch):
+    root = fake_checkpoints(tmp_path, {1: 0.1, 2: 0.2})
+
+    def crash(path, *args, **kwargs):
+        raise KeyboardInterrupt  # the process dies while deleting the files
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", crash)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.remove_checkpoint(root / "step_00000002")
+    # what is left is no checkpoint: not under a step_ name, so never read as one
+    assert [p.name for p in root.iterdir() if p.name.startswith(ckpt.STEP_PREFIX)] == ["step_00000001"]
+    assert ckpt.latest_checkpoint(tmp_path) is None
+    monkeypatch.undo()
+    ckpt.remove_checkpoint(root / "step_00000001")
+    ckpt.remove_checkpoint(root / "step_00000001")  # gone already: nothing to do
+    assert (root / ckpt.LATEST).is_file()  # it names step 2, not the one removed
 
 
 # --------------------------------------------------------------------------- exact resume of the loop
@@ -159,22 +254,114 @@ def resume_recipe(root: Path, steps: int, half: int):
     )
 
 
-def test_resumed_run_matches_an_uninterrupted_one(tmp_path_factory):
+HALF = 3  # the interrupted runs stop after the report of step HALF, of 2 * HALF
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The recipe of the resume tests and its uninterrupted run."""
     base = tmp_path_factory.mktemp("resume")
-    half = 3
     # the same small world as tests/test_loop.py (same path and settings): generated once per session
-    recipe = resume_recipe(tmp_path_factory.getbasetemp() / "synth-loop", 2 * half, half)
-    straight = train_worker(recipe, LocalReporter(quiet=True), base / "straight", resume=False)
-    assert straight["stop_reason"] == "max_steps" and straight["step"] == 2 * half
+    recipe = resume_recipe(tmp_path_factory.getbasetemp() / "synth-loop", 2 * HALF, HALF)
+    result = train_worker(recipe, LocalReporter(quiet=True), base / "straight", resume=False)
+    assert result["stop_reason"] == "max_steps" and result["step"] == 2 * HALF
+    return recipe, result, base
 
-    with pytest.raises(Interrupt):
-        train_worker(recipe, InterruptingReporter(half), base / "resumed", resume=False)
-    assert ckpt.latest_checkpoint(base / "resumed").name == ckpt.step_dir_name(half)
-    resumed = train_worker(recipe, LocalReporter(quiet=True), base / "resumed", resume=True)
-    assert resumed["step"] == 2 * half and resumed["epoch"] == straight["epoch"] == 1
 
-    a, b = per_step_losses(base / "straight"), per_step_losses(base / "resumed")
-    assert sorted(a) == sorted(b) == list(range(1, 2 * half + 1))
-    for step in range(half + 1, 2 * half + 1):
+def assert_same_run(straight_dir: Path, run_dir: Path, straight_result: dict, result: dict) -> None:
+    a, b = per_step_losses(straight_dir), per_step_losses(run_dir)
+    assert sorted(a) == sorted(b) == list(range(1, 2 * HALF + 1))
+    for step in range(HALF + 1, 2 * HALF + 1):
         assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-5), step
-    assert resumed["val/loss"] == pytest.approx(straight["val/loss"], rel=1e-4)
+    assert result["val/loss"] == pytest.approx(straight_result["val/loss"], rel=1e-4)
+
+
+def test_resumed_run_matches_an_uninterrupted_one(straight):
+    recipe, straight_result, base = straight
+    with pytest.raises(Interrupt):
+        train_worker(recipe, InterruptingReporter(HALF), base / "resumed", resume=False)
+    assert ckpt.latest_checkpoint(base / "resumed").name == ckpt.step_dir_name(HALF)
+    resumed = train_worker(recipe, LocalReporter(quiet=True), base / "resumed", resume=True)
+    assert resumed["step"] == 2 * HALF and resumed["epoch"] == straight_result["epoch"] == 1
+    assert_same_run(base / "straight", base / "resumed", straight_result, resumed)
+    # a plain run ends with train.keep_when_done=best: without a metric, its last checkpoint
+    assert sorted(p.name for p in ckpt.checkpoint_root(base / "resumed").iterdir() if p.is_dir()) == [ckpt.step_dir_name(2 * HALF)]
+    assert resumed["checkpoint"] == str(ckpt.checkpoint_root(base / "resumed") / ckpt.step_dir_name(2 * HALF))
+
+
+class PersistingReporter(LocalReporter):
+    """Stands in for the Ray Train reporter: each reported checkpoint is copied into ``storage``
+    (Ray's run storage) and ``persisted`` confirms the last copy."""
+
+    def __init__(self, storage: Path):
+        super().__init__(quiet=True)
+        self.storage = storage
+        self.copies: dict[str, Path] = {}  # local checkpoint dir -> its copy
+
+    def report(self, metrics, checkpoint_dir):
+        super().report(metrics, checkpoint_dir)
+        if checkpoint_dir:
+            copy = self.storage / f"checkpoint_{len(list(self.storage.iterdir())):06d}"
+            shutil.copytree(checkpoint_dir, copy)
+            self.copies[checkpoint_dir] = copy
+
+    def persisted(self, checkpoint_dir):
+        return checkpoint_dir in self.copies and (self.copies[checkpoint_dir] / ckpt.STATE_FILE).is_file()
+
+
+def test_a_persisted_checkpoint_leaves_its_one_copy_and_resumes_from_it(straight, monkeypatch):
+    """The loop drops its own copy once the reporter holds one; a restarted worker resumes from that copy."""
+    import ray.train
+
+    from vlptune.search.runner import _materialize_ray_checkpoint
+    from vlptune.train import loop
+
+    recipe, straight_result, base = straight
+    run, storage = base / "persisted", base / "storage"
+    storage.mkdir()
+    drop = loop.drop_persisted_copy
+
+    def drop_then_die(reporter, checkpoint_dir, run_dir):
+        drop(reporter, checkpoint_dir, run_dir)
+        if reporter.last.get("step") == HALF:
+            raise Interrupt()  # the worker dies right after dropping its copy
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "drop_persisted_copy", drop_then_die)
+        with pytest.raises(Interrupt):
+            train_worker(recipe, PersistingReporter(storage), run, resume=False)
+    assert not [p for p in ckpt.checkpoint_root(run).iterdir() if p.is_dir()]  # the local copy went
+    assert ckpt.latest_checkpoint(run) is None
+    (copy,) = storage.iterdir()
+    assert json.loads((copy / ckpt.STATE_FILE).read_text())["step"] == HALF
+    assert json.loads((copy / ckpt.STATE_FILE).read_text())["extra"][ckpt.METRICS_KEY]["val/loss"] > 0  # ranked by its evaluation
+
+    # the restarted worker: train_loop_per_worker copies Ray's checkpoint in before the loop starts
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: ray.train.Checkpoint.from_directory(str(copy)))
+    _materialize_ray_checkpoint(run)
+    assert ckpt.latest_checkpoint(run).name == ckpt.step_dir_name(HALF)
+    reporter = PersistingReporter(storage)
+    resumed = train_worker(recipe, reporter, run, resume=True)
+    assert_same_run(base / "straight", run, straight_result, resumed)
+    # one copy of each checkpoint: the reporter's; the loop kept none
+    assert not [p for p in ckpt.checkpoint_root(run).iterdir() if p.is_dir()]
+    assert resumed["checkpoint"] is None
+    assert [json.loads((p / ckpt.STATE_FILE).read_text())["step"] for p in sorted(storage.iterdir())] == [HALF, 2 * HALF]
+
+
+def test_checkpoints_elsewhere_or_unconfirmed_are_not_dropped(tmp_path):
+    from vlptune.train.loop import drop_persisted_copy
+
+    root = fake_checkpoints(tmp_path / "run", {1: 0.1})
+    other = fake_checkpoints(tmp_path / "given", {1: 0.1}) / ckpt.step_dir_name(1)
+    confirming = PersistingReporter(tmp_path)
+    confirming.copies = {str(other): other}  # the reporter holds a copy of a checkpoint outside the run
+    drop_persisted_copy(confirming, str(other), tmp_path / "run")
+    assert other.is_dir()
+    local = str(root / ckpt.step_dir_name(1))
+    drop_persisted_copy(LocalReporter(quiet=True), local, tmp_path / "run")  # no persisted(): keeps it
+    drop_persisted_copy(PersistingReporter(tmp_path), local, tmp_path / "run")  # not confirmed: keeps it
+    assert Path(local).is_dir()
+    confirming.copies[local] = other
+    drop_persisted_copy(confirming, local, tmp_path / "run")
+    assert not Path(local).exists()

@@ -113,7 +113,9 @@ def test_run_reports_checkpoints_accumulates_and_freezes(trained):
     assert result["stop_reason"] == "max_steps" and result["step"] == 4
     assert result["images_seen"] == 4 * 2 * 4  # steps x micro-batches x images
     assert [r["step"] for r in reporter.history] == [2, 4]
-    assert all(c is not None and Path(c).is_dir() for c in reporter.checkpoints)
+    assert all(c is not None for c in reporter.checkpoints)
+    # train.keep_checkpoints=1: each checkpoint replaced the one before; the last one stays
+    assert [Path(c).is_dir() for c in reporter.checkpoints] == [False, True]
     assert result["checkpoint"] == reporter.checkpoints[-1]
     assert (run / "recipe.yaml").is_file()
     for key in ("retrieval/tr_r1", "retrieval/chance_ir_r1", "val/itm_acc", "val/mlm_acc", "run_dir", "train_seconds"):

@@ -76,7 +76,8 @@ def tiny_experiment(tmp_path_factory):
         "resources": {"workers": 2, "cpus_per_worker": 0.5},
         "scheduler": {"type": "asha", "grace_period": 2, "reduction_factor": 2},
         "searcher": {"type": "tpe", "seed": 0},
-        "fixed": tiny_loop_fixed(root / "synth"),
+        # a trial ASHA stops keeps its last checkpoint (default: none), so every trial's is read below
+        "fixed": {**tiny_loop_fixed(root / "synth"), "train.keep_when_stopped": "last"},
         "parameters": {
             "model.vd.size": {"categorical": [0, 16]},
             "objectives.mvm.weight": {"uniform": [0.5, 1.5], "when": "model.vd.size > 0", "else": 0.0},
@@ -120,10 +121,17 @@ def test_tiny_search_with_the_real_loop(tiny_experiment):
         else:
             assert t.state.name == "PRUNED" and max(t.intermediate_values) == row.fidelity
         assert t.intermediate_values == {step: pytest.approx(v) for step, v in row.history}
-        # 2 workers: the loop counts images over all ranks (2 images x 2 ranks per step)
+        # one copy of one checkpoint per trial: Ray's (the loop dropped its own once Ray recorded it);
+        # completed: the best by the metric (train.keep_when_done); stopped: the last (keep_when_stopped)
         run_dir = exp_dir / "tb" / row.trial_id
-        state = json.loads((run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip() / "state.json").read_text())
-        assert state["extra"]["images_seen"] == row.fidelity * 2 * 2
+        assert not [p for p in (run_dir / "checkpoints").iterdir() if p.is_dir()]
+        (copy,) = [p for p in (exp_dir / "train" / row.trial_id).iterdir() if p.is_dir() and p.name.startswith("checkpoint_")]
+        state = json.loads((copy / "state.json").read_text())
+        history = dict(row.history)
+        kept_step = max(history, key=lambda s: (history[s], s)) if row.fidelity == 4 else row.fidelity
+        assert state["step"] == kept_step and state["extra"]["metrics"][METRIC] == pytest.approx(history[kept_step])
+        # 2 workers: the loop counts images over all ranks (2 images x 2 ranks per step)
+        assert state["extra"]["images_seen"] == kept_step * 2 * 2
         # the trial's recipe carries its searched values
         recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
         assert recipe["model"]["vd"]["size"] == row.params["model.vd.size"]

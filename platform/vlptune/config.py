@@ -173,6 +173,15 @@ class TrainConfig(Section):
     seed: int = Field(0, ge=0, le=2**31 - 1, description="seed of weights, data order and masking")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available")
     nan_patience: int = Field(3, ge=1, le=1000, description="consecutive non-finite losses after which the run stops with a reason")
+    keep_checkpoints: int = Field(
+        1, ge=1, le=1000, description="checkpoints kept while a run goes on: the N best by the search's metric (the N latest without one) and always the latest"
+    )
+    keep_when_done: Literal["best", "last", "none"] = Field(
+        "best", description="checkpoints kept once the run reached max_steps: the best by the search's metric (the last without one), the last, or none"
+    )
+    keep_when_stopped: Literal["best", "last", "none"] = Field(
+        "none", description="checkpoints kept by a search trial that ended before max_steps (stopped by the scheduler or on non-finite losses, or failed): it never resumes"
+    )
 
 
 class EvalConfig(Section):

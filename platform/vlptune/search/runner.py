@@ -192,6 +192,9 @@ def _plain(value: Any) -> Any:
     return value
 
 
+COMMIT_TIMEOUT_S = 120.0  # how long rank 0 waits for Ray Train to record a reported checkpoint
+
+
 class RayTrainReporter:
     """The loop's Reporter on a Ray Train worker: ``ray.train.report`` with the checkpoint.
 
@@ -204,6 +207,9 @@ class RayTrainReporter:
     ``uploader``: on rank 0 of a trial of a URI experiment, uploads the run
     directory (TensorBoard events, recipe) to the URI before each report (a
     report may be the last: the scheduler can stop the trial on it).
+
+    :meth:`persisted` tells the loop when its local copy of a reported
+    checkpoint may go (one copy of each checkpoint: Ray's).
     """
 
     def __init__(self, metric: str | None = None, loop_entry: float | None = None, uploader: Any = None, first_extra: dict[str, float] | None = None):
@@ -213,6 +219,7 @@ class RayTrainReporter:
         self.uploader = uploader
         self.last: dict[str, Any] = {}
         self.count = 0
+        self._copy: tuple[str, Any] | None = None  # (local checkpoint dir, Ray's persisted copy of it)
 
     def upload(self, final: bool = False) -> None:
         """Upload the run directory's new files; a failure is logged, or raised when ``final``."""
@@ -238,8 +245,35 @@ class RayTrainReporter:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         self.upload()
         ray.train.report(payload, checkpoint=checkpoint)
+        # The default (synchronous) upload has copied the directory into the run's storage by now;
+        # get_checkpoint() is that copy.
+        self._copy = (checkpoint_dir, ray.train.get_checkpoint()) if checkpoint_dir else None
         self.last = payload
         self.count += 1
+
+    def persisted(self, checkpoint_dir: str) -> bool:
+        """Is the checkpoint just reported from ``checkpoint_dir`` recorded by Ray Train?
+
+        ``ray.train.report`` returns once the files are in the run's storage,
+        but Ray's controller records them (its snapshot, which a restarted
+        worker group or a resumed experiment reads) a moment later; this waits
+        for that (``get_all_reported_checkpoints(COMMITTED)``, at most
+        :data:`COMMIT_TIMEOUT_S`). False (keep the local copy) when the
+        checkpoint is not the last reported, or Ray cannot confirm it.
+        """
+        import ray.train
+
+        if self._copy is None or self._copy[0] != checkpoint_dir or self._copy[1] is None:
+            return False
+        copy = self._copy[1]
+        try:
+            recorded = ray.train.get_all_reported_checkpoints(
+                consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=COMMIT_TIMEOUT_S
+            )
+        except Exception as exc:  # noqa: BLE001 - the local copy then stays: nothing is lost
+            log.warning("cannot confirm that Ray Train recorded %s (the local copy stays): %s", copy.path, exc)
+            return False
+        return any(getattr(r.checkpoint, "path", None) == copy.path for r in recorded)
 
 
 def _materialize_ray_checkpoint(out_dir: Path) -> None:
@@ -366,6 +400,7 @@ def make_trainable(
     resolve: Callable[[dict[str, Any], dict[str, Any], str], dict[str, Any]] | None = None,
     location: Location | None = None,
     hparams: list[str] | None = None,
+    mode: str | None = None,
 ) -> Callable[[dict], None]:
     """The function Tune runs per trial: build a TorchTrainer for the trial's recipe and ``fit()`` it.
 
@@ -377,6 +412,10 @@ def make_trainable(
     keys); the trial's HParams list these first, with their values from the
     trial's recipe (a dotted recipe path) or from Tune's config (any other
     name, e.g. a study's ``variant``), see :func:`vlptune.train.tensorboard.hparam_values`.
+    Ray Train keeps the trial's ``train.keep_checkpoints`` best checkpoints by
+    ``metric`` in ``mode`` and always the latest (without ``mode``: the latest
+    ones); :class:`vlptune.search.retention.CheckpointRetention` prunes them
+    once the trial has ended.
 
     ``location``: the experiment; for a URI one, Ray Train's run storage is
     ``URI/train`` and rank 0 uploads the trial's run directory (written under
@@ -408,6 +447,7 @@ def make_trainable(
         trial_dir.mkdir(parents=True, exist_ok=True)
         (trial_dir / TRIAL_RECIPE).write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
         res = recipe.resources
+        score = {"checkpoint_score_attribute": metric, "checkpoint_score_order": mode} if metric and mode else {}
         per_worker = {"CPU": res.cpus_per_worker}
         if res.gpus_per_worker > 0:
             per_worker["GPU"] = res.gpus_per_worker
@@ -431,7 +471,7 @@ def make_trainable(
                 storage_path=train_storage,
                 callbacks=[TuneReportCallback()],
                 failure_config=ray.train.FailureConfig(max_failures=failures_max),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=recipe.train.keep_checkpoints, **score),
                 logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # Ray Train's own chatter; the loop's logs pass
             ),
         )
@@ -1107,14 +1147,16 @@ def _fit(plan: TrialPlan, exp_dir: Path, resume: bool, worker_fn: Callable | Non
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
+    from vlptune.search.retention import CheckpointRetention
+
     source = plan.source
     loc = location or Location(local=Path(exp_dir).resolve())
     trainable = tune.with_resources(
-        make_trainable(exp_dir, source.base_raw, source.metric, source.failures.max_failures, worker_fn, plan.resolve, location=loc, hparams=plan.hparams),
+        make_trainable(exp_dir, source.base_raw, source.metric, source.failures.max_failures, worker_fn, plan.resolve, location=loc, hparams=plan.hparams, mode=source.mode),
         tune.PlacementGroupFactory([{"CPU": 0, "memory": DRIVER_MEMORY_BYTES}]),
     )
     # StartupTimer first: it adds to the result that the loggers then write.
-    run_callbacks = [StartupTimer(), CSVLoggerCallback(), JsonLoggerCallback(), *(callbacks or [])]
+    run_callbacks = [StartupTimer(), CSVLoggerCallback(), JsonLoggerCallback(), *(callbacks or []), CheckpointRetention(source.base_raw, source.metric, source.mode, plan.resolve)]
     if resume:
         if not tune.Tuner.can_restore(loc.path):
             raise SearchError(f"{loc.path}: no Tune experiment state to resume from (did the experiment start?)")

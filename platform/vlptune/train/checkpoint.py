@@ -18,18 +18,37 @@ become tagged JSON. Nothing is ever unpickled.
 Writing is atomic: the files go to a temporary sibling directory that is
 renamed onto its final name, then the ``latest`` pointer file is replaced
 with ``os.replace``. A crash leaves either the previous checkpoint or the new
-one, never half of one. The newest :data:`KEEP_CHECKPOINTS` are kept.
+one, never half of one. Removing is atomic too: a checkpoint is renamed out of
+the ``step_*`` names before its files go.
+
+Which checkpoints stay (``train.keep_checkpoints``, ``train.keep_when_done``,
+``train.keep_when_stopped``) is decided by two pure rules over
+:class:`Entry` lists, shared by the loop (its own directory) and the search's
+driver (Ray Train's copies, :mod:`vlptune.search.retention`):
+
+* :func:`kept_while_running`: the N best by a metric, and always the latest
+  (without a metric: the N latest). This is Ray Train's own rule for
+  ``CheckpointConfig(num_to_keep=N, checkpoint_score_attribute=metric)``, so a
+  search trial's copies in Ray's storage follow the same rule as the loop's.
+* :func:`kept_when_ended`: ``best`` (by the metric; the latest without one),
+  ``last`` or ``none``.
+
+The metric of a checkpoint is the evaluation reported with it, saved in
+``state.json`` (``extra.metrics``), so any copy of a checkpoint can be ranked
+without Ray's records.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -44,10 +63,13 @@ MODEL_FILE = "model.safetensors"
 TENSORS_FILE = "state.safetensors"
 STATE_FILE = "state.json"
 FORMAT_VERSION = 1
-# Two, not one: the previous checkpoint stays on disk while the next is written,
-# and a reader (Ray copying the directory) never sees it vanish mid-copy.
-KEEP_CHECKPOINTS = 2
+STEP_PREFIX = "step_"
 STEP_DIGITS = 8
+TMP_PREFIX = ".tmp-"  # a checkpoint being written
+OLD_PREFIX = ".old-"  # a checkpoint being removed
+METRICS_KEY = "metrics"  # in state.json's extra: the evaluation reported with the checkpoint
+KEEP_BEST, KEEP_LAST, KEEP_NONE = "best", "last", "none"  # what a run keeps once it has ended
+MODES = ("max", "min")
 
 
 class CheckpointError(RuntimeError):
@@ -154,7 +176,7 @@ def checkpoint_root(run_dir: str | Path) -> Path:
 
 
 def step_dir_name(step: int) -> str:
-    return f"step_{step:0{STEP_DIGITS}d}"
+    return f"{STEP_PREFIX}{step:0{STEP_DIGITS}d}"
 
 
 def save_checkpoint(
@@ -164,17 +186,20 @@ def save_checkpoint(
     optimizers: Any,
     generators: dict[str, torch.Generator] | None = None,
     extra: dict[str, Any] | None = None,
+    keep: int = 1,
 ) -> Path:
     """Write the checkpoint of ``step`` atomically; returns its directory.
 
     ``module`` is the unwrapped Pretrainer; ``optimizers`` an
     :class:`~vlptune.train.optim.Optimizers`; ``extra`` JSON-able loop state
-    (epoch, data position, counters).
+    (epoch, data position, counters; ``extra[METRICS_KEY]`` the evaluation of
+    this step). Then only the ``keep`` newest checkpoints of the directory
+    stay (the new one among them): the loop ranks by no metric.
     """
     root = checkpoint_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
-    tmp = root / f".tmp-{final.name}-{os.getpid()}-{time.monotonic_ns()}"
+    tmp = root / f"{TMP_PREFIX}{final.name}-{os.getpid()}-{time.monotonic_ns()}"
     tmp.mkdir()
     try:
         model_tensors, aliases = _model_tensors(module)
@@ -198,23 +223,142 @@ def save_checkpoint(
             f.flush()
             os.fsync(f.fileno())
         if final.exists():  # re-saving a step (after a resume): move the old one aside first
-            trash = root / f".old-{final.name}-{time.monotonic_ns()}"
-            os.replace(final, trash)
-            shutil.rmtree(trash, ignore_errors=True)
+            _discard(final)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     atomic_write_text(root / LATEST, final.name + "\n")
-    _prune(root, keep=final.name)
+    entries = local_entries(root)
+    kept = kept_while_running(entries, keep) | {final.name}
+    for old in _step_dirs(root):
+        if old.name not in kept:
+            remove_checkpoint(old)
     return final
 
 
-def _prune(root: Path, keep: str) -> None:
-    done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
-    for old in done[:-KEEP_CHECKPOINTS]:
-        if old.name != keep:
-            shutil.rmtree(old, ignore_errors=True)
+def _discard(path: Path) -> None:
+    """Rename ``path`` out of the checkpoint names (atomic), then delete it."""
+    trash = path.parent / f"{OLD_PREFIX}{path.name}-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        os.replace(path, trash)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def remove_checkpoint(path: str | Path) -> None:
+    """Remove one checkpoint directory atomically; a ``latest`` pointer naming it goes too.
+
+    After a crash at any point the directory is either a complete checkpoint
+    or no checkpoint at all (a leftover ``.old-*`` directory is no checkpoint).
+    """
+    path = Path(path)
+    _discard(path)
+    pointer = path.parent / LATEST
+    try:
+        if pointer.read_text().strip() == path.name:
+            pointer.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def finish_checkpoints(run_dir: str | Path, policy: str, metric: str | None = None, mode: str | None = None) -> Path | None:
+    """Apply a run-end policy (:func:`kept_when_ended`) to a run directory's checkpoints.
+
+    Everything else under ``checkpoints/`` goes, half-written (``.tmp-*``) and
+    half-removed (``.old-*``) directories included, so call it only when
+    nothing writes there any more (the run has ended). ``latest`` then names
+    the newest checkpoint kept, or is gone. Returns that checkpoint, or None.
+    """
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return None
+    entries = local_entries(root)
+    kept = kept_when_ended(entries, policy, metric, mode)
+    for path in [p for p in root.iterdir() if p.is_dir() and p.name not in kept]:
+        if path.name.startswith(STEP_PREFIX):
+            remove_checkpoint(path)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+    if not kept:
+        (root / LATEST).unlink(missing_ok=True)
+        return None
+    newest = _latest(e for e in entries if e.name in kept).name
+    atomic_write_text(root / LATEST, newest + "\n")
+    return root / newest
+
+
+# ----------------------------------------------------------------- which checkpoints stay
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One complete checkpoint: its directory name, step and the evaluation saved with it."""
+
+    name: str
+    step: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_entry(name: str, state_text: str) -> Entry:
+    """The :class:`Entry` of a checkpoint directory ``name`` from its ``state.json`` text."""
+    state = json.loads(state_text)
+    metrics = state.get("extra", {}).get(METRICS_KEY) or {}
+    return Entry(name, int(state["step"]), metrics if isinstance(metrics, dict) else {})
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX))
+
+
+def local_entries(root: Path) -> list[Entry]:
+    """The complete checkpoints (those with a ``state.json``) of a ``checkpoints/`` directory."""
+    entries = []
+    for path in _step_dirs(root):
+        try:
+            entries.append(parse_entry(path.name, (path / STATE_FILE).read_text()))
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            continue  # not a complete checkpoint: never kept
+    return entries
+
+
+def _rank(entry: Entry, metric: str | None, mode: str | None) -> tuple[int, float, int, str]:
+    """Sort key, better last: a finite-or-infinite score before none (missing, NaN, no metric), then
+    the score in ``mode``'s direction, then the later step (Ray breaks ties by report order)."""
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    value = entry.metrics.get(metric) if metric and mode else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        return (0, 0.0, entry.step, entry.name)
+    return (1, float(value) if mode == "max" else -float(value), entry.step, entry.name)
+
+
+def _latest(entries: Iterable[Entry]) -> Entry:
+    return max(entries, key=lambda e: (e.step, e.name))
+
+
+def kept_while_running(entries: list[Entry], keep: int, metric: str | None = None, mode: str | None = None) -> set[str]:
+    """Names of the checkpoints a running run keeps: the ``keep`` best by ``metric`` in ``mode``
+    (``max``/``min``) and the latest; with no metric (or no checkpoint scored), the ``keep`` latest."""
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1, not {keep}")
+    if not entries:
+        return set()
+    ranked = sorted(entries, key=lambda e: _rank(e, metric, mode))
+    return {e.name for e in ranked[-keep:]} | {_latest(entries).name}
+
+
+def kept_when_ended(entries: list[Entry], policy: str, metric: str | None = None, mode: str | None = None) -> set[str]:
+    """Names of the checkpoints an ended run keeps: ``best`` (by ``metric`` in ``mode``; the latest
+    when none is scored), ``last`` (the latest) or ``none``."""
+    if policy not in (KEEP_BEST, KEEP_LAST, KEEP_NONE):
+        raise ValueError(f"policy must be one of {KEEP_BEST!r}, {KEEP_LAST!r}, {KEEP_NONE!r}, not {policy!r}")
+    if not entries or policy == KEEP_NONE:
+        return set()
+    if policy == KEEP_LAST:
+        return {_latest(entries).name}
+    return {max(entries, key=lambda e: _rank(e, metric, mode)).name}
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
 import time
 import warnings
@@ -381,6 +382,9 @@ def train_worker(
     ``reporter.report(metrics, checkpoint_dir)`` is called at every
     evaluation on every rank. ``out_dir`` is the run directory: TensorBoard
     events, ``recipe.yaml`` and ``checkpoints/`` go there (rank 0 writes).
+    Checkpoints kept: the ``train.keep_checkpoints`` newest while the run goes
+    on, ``train.keep_when_done`` once it reached ``max_steps``; one the reporter
+    has ``persisted`` elsewhere (:func:`drop_persisted_copy`) is removed here.
     ``resume``: True continues from ``out_dir``'s latest checkpoint if there is
     one; a path resumes from that checkpoint directory; False starts afresh.
     ``hparams``: what the run's HParams list first (the searched hyperparameters
@@ -388,7 +392,7 @@ def train_worker(
 
     The result holds the last evaluation's metrics plus ``step``, ``epoch``,
     ``stop_reason`` (``"max_steps"``, or why the run stopped early),
-    ``checkpoint`` (the last checkpoint directory or None), ``run_dir``,
+    ``checkpoint`` (the last checkpoint directory still on disk, or None), ``run_dir``,
     ``train_seconds``, ``images_seen`` (over all ranks) and
     ``skipped_records`` (corrupt training records skipped by this rank).
     """
@@ -498,18 +502,27 @@ def train_worker(
             result = run_evaluation(evaluation, pretrainer, writer, step, stream.epoch)
         written = None
         if is_ckpt:
-            extra = {**stream.state(), "nonfinite": nonfinite, "images_seen": images_seen, "recipe_name": recipe.name}
+            extra = {**stream.state(), "nonfinite": nonfinite, "images_seen": images_seen, "recipe_name": recipe.name, ckpt.METRICS_KEY: scores(result) if is_eval else {}}
             if workers.is_main:
-                written = str(ckpt.save_checkpoint(run_dir, step, pretrainer, optimizers, generators, extra))
+                written = str(ckpt.save_checkpoint(run_dir, step, pretrainer, optimizers, generators, extra, keep=recipe.train.keep_checkpoints))
                 last_ckpt = written
             workers.barrier()
         if is_eval:
             reporter.report({**result, **phases.pop_report(), "step": step, "epoch": stream.epoch}, written)
+            drop_persisted_copy(reporter, written, run_dir)
 
     # ---- finish
     if not result and stop_reason == STOP_MAX_STEPS:  # resumed a finished run: evaluate it once more
         result = run_evaluation(evaluation, pretrainer, writer, step, stream.epoch)
         reporter.report({**result, "step": step, "epoch": stream.epoch}, last_ckpt if workers.is_main else None)
+        drop_persisted_copy(reporter, last_ckpt if workers.is_main else None, run_dir)
+    if workers.is_main and stop_reason == STOP_MAX_STEPS:
+        # train.keep_when_done, over this directory (without a metric: "best" is the last); a search
+        # trial's copies in Ray's storage are the driver's (vlptune.search.retention)
+        kept = ckpt.finish_checkpoints(run_dir, recipe.train.keep_when_done)
+        last_ckpt = str(kept) if kept is not None else None
+    if last_ckpt is not None and not Path(last_ckpt).is_dir():
+        last_ckpt = None  # its only copy is the reporter's (a search trial's, in Ray's storage)
     final = {
         **result,
         "step": step,
@@ -528,6 +541,29 @@ def train_worker(
             writer.hparams_end()
         writer.close()
     return final
+
+
+def scores(metrics: dict[str, Any]) -> dict[str, float]:
+    """An evaluation's numbers as JSON floats (saved with the checkpoint of its step, to rank it)."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, numbers.Real)}
+
+
+def drop_persisted_copy(reporter: Reporter, checkpoint_dir: str | None, run_dir: Path) -> None:
+    """Remove this run's checkpoint ``checkpoint_dir`` once the reporter says it holds a copy.
+
+    A reporter with a ``persisted(checkpoint_dir) -> bool`` method (the Ray
+    Train one) stores each reported checkpoint where a restarted run finds it
+    (Ray's run storage): the local copy would be a second one. Checkpoints
+    outside this run's ``checkpoints/`` (a ``resume`` path given) are never removed.
+    """
+    persisted = getattr(reporter, "persisted", None)
+    if checkpoint_dir is None or not callable(persisted):
+        return
+    path = Path(checkpoint_dir)
+    if path.parent.resolve() != ckpt.checkpoint_root(run_dir).resolve():
+        return
+    if persisted(checkpoint_dir):
+        ckpt.remove_checkpoint(path)
 
 
 def log_window(writer: RunWriter | None, meter: MetricMeter, window: dict[str, Any], optimizers: Optimizers, step: int, epoch: int) -> None:
