@@ -68,7 +68,7 @@ def test_demo_space_is_valid_and_sized_for_two_cores():
         assert wanted in paths
     assert any(p.startswith("objectives.") and p.endswith(".weight") for p in paths)
     assert 0 in space.param("model.vd.size").choices  # VD off is part of the search
-    assert space.asha_rungs() == [25, 50]
+    assert space.asha_rungs() == [15, 30]
 
 
 def test_soho_light_space_is_valid_for_a_gpu_cluster():
