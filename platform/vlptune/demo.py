@@ -81,6 +81,44 @@ CLOCK = StageClock()
 _banner = CLOCK.banner
 
 
+def stage_world(recipe_path: Path, out: Path, overrides: list[str]) -> Path:
+    from vlptune.data.dataset import ensure_data
+
+    recipe = load_recipe(recipe_path, [*overrides, f"data.root={out / 'world'}"])
+    _banner(f"1. synthetic world -> {recipe.data.root}")
+    start = time.perf_counter()
+    existed = (Path(recipe.data.root) / "manifest.json").is_file()
+    root = ensure_data(recipe)
+    state = "already there" if existed else f"generated in {time.perf_counter() - start:.1f} s"
+    print(f"world at {root} ({state})")
+    return root
+
+
+def stage_inspect(root: Path, out: Path) -> None:
+    from vlptune.data.inspect import inspect_dataset
+
+    _banner("2. inspect")
+    picture = out / "sample.png"
+    inspect_dataset(root, split="train", index=0, image_path=picture)
+
+
+def stage_batch(recipe_path: Path, root: Path, overrides: list[str]) -> None:
+    from vlptune.data.dataset import build_loader
+
+    recipe = load_recipe(recipe_path, [*overrides, f"data.root={root}"])
+    _banner(f"3. one training batch of {recipe_path.name}")
+    loader = build_loader(recipe, train=True)
+    batch = next(iter(loader))
+    print(f"{len(loader)} steps per epoch of {recipe.data.batch_images} images; first batch:")
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            print(f"  {key:<12} {str(value.dtype).replace('torch.', ''):<8} {tuple(value.shape)}")
+        elif isinstance(value, list):
+            print(f"  {key:<12} list[{type(value[0]).__name__}] x {len(value)}  e.g. {value[0]!r}")
+        else:
+            print(f"  {key:<12} {value!r}")
+
+
 def disk_usage(path: Path) -> str:
     """``1.2 GB on disk`` of everything under ``path``."""
     total = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file() and not f.is_symlink())
