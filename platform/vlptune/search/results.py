@@ -252,9 +252,9 @@ def summary(results: ExperimentResults) -> str:
 STARTUP_PREFIX = "startup/"
 # The start-up phases in the order they happen (keys of a trial's first report; search/runner.py, train/loop.py).
 STARTUP_PHASES = (
-    ("trial_actor_s", "Tune's trial actor: process start, import Ray"),
-    ("worker_group_s", "Train controller, placement group, worker processes, torch.distributed"),
-    ("import_loop_s", "import the training loop on a worker (torch, transformers)"),
+    ("trial_actor_s", "Tune's trial actor runs the trial function (Tune counts from when the actor is up)"),
+    ("worker_group_s", "Train controller, placement group, worker process (its imports: torch, transformers), torch.distributed"),
+    ("import_loop_s", "import the training loop on a worker (what the worker's start-up had not imported yet)"),
     ("prepare_data_s", "check / prepare the data"),
     ("build_model_s", "build the model and optimisers (MiniLM weights)"),
     ("open_data_s", "open the shards, first batch loader"),
