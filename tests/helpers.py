@@ -113,3 +113,15 @@ def tiny_loop_fixed(data_root: Path) -> dict[str, Any]:
         "eval.loss_batches": 1,
         "eval.vd_picture_codes": 2,
     }
+
+
+def stop_process(proc, timeout_s: float) -> None:
+    """Terminate a server the test started; kill it if it is still there after ``timeout_s``."""
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

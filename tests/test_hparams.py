@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import stop_process
 
 from vlptune.config import Recipe, recipe_to_dict
 from vlptune.train.tensorboard import (
@@ -173,12 +174,7 @@ def board(tmp_path):
     try:
         yield f"http://127.0.0.1:{port}/", proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 10)
 
 
 def _served_experiment(url: str, proc: subprocess.Popen) -> dict:

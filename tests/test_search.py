@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import import_by_value, tiny_loop_fixed
+from helpers import import_by_value, stop_process, tiny_loop_fixed
 from helpers import standin_space as make_standin_space
 
 from vlptune.train.tensorboard import FIXED_HPARAMS
@@ -252,11 +252,7 @@ def test_board_serves_every_trial_in_hparams(tiny_experiment):
             value = {m["name"]["tag"]: m["value"] for m in g["metricValues"]}[METRIC]
             assert value == pytest.approx(row.metric, rel=1e-5)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, 30)
 
 
 def test_board_refuses_a_directory_without_runs(tmp_path, capsys):
