@@ -98,3 +98,17 @@ def test_console_log_not_quiet_redirects_nothing(tmp_path, capsys):
         console.say("said")
     assert capsys.readouterr().out == "plain\nsaid\n"
     assert not (tmp_path / "vlptune.log").exists()
+
+
+def test_a_failed_fresh_experiment_keeps_its_log_beside_the_removed_directory(tmp_path):
+    from vlptune.search.runner import _keep_log, _remove_keeping_log, kept_log_path
+
+    exp_dir = tmp_path / "exp"
+    exp_dir.mkdir()
+    log = exp_dir / "vlptune.log"
+    log.write_text("ray said something\n")
+    assert _keep_log(log) == log
+    _remove_keeping_log(exp_dir, log)
+    assert not exp_dir.exists()
+    assert kept_log_path(exp_dir) == tmp_path / "exp.log"
+    assert _keep_log(log) == tmp_path / "exp.log" and (tmp_path / "exp.log").read_text() == "ray said something\n"

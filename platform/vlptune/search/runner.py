@@ -1048,10 +1048,15 @@ def run_experiment(
         raise
 
 
+def kept_log_path(exp_dir: Path) -> Path:
+    """Where the log of a fresh experiment that failed before Tune saved its state is kept: ``EXP_DIR.log``."""
+    return exp_dir.with_name(exp_dir.name + ".log")
+
+
 def _keep_log(log_path: Path) -> Path | None:
     """The log of a failed experiment, where it survives: moved next to the directory when the
     directory itself was removed (a fresh experiment that failed before Tune saved its state)."""
-    for candidate in (log_path, log_path.parent.with_name(log_path.parent.name + ".log")):
+    for candidate in (log_path, kept_log_path(log_path.parent)):
         if candidate.is_file():
             return candidate
     return None
@@ -1105,7 +1110,7 @@ def _remove_keeping_log(exp_dir: Path, log_path: Path | None) -> None:
     """Remove a fresh experiment that failed before Tune saved its state (its name stays free),
     but keep its log: moved to ``<exp_dir>.log`` beside it."""
     if log_path is not None and log_path.is_file():
-        os.replace(log_path, exp_dir.with_name(exp_dir.name + ".log"))
+        os.replace(log_path, kept_log_path(exp_dir))
     shutil.rmtree(exp_dir, ignore_errors=True)
 
 
