@@ -9,6 +9,7 @@ from typing import Any
 
 from vlptune.config import Recipe, validate_recipe
 from vlptune.data.synth import make_world
+from vlptune.objectives.base import Pretrainer, build_pretrainer, prepare_dataset
 
 WORLD_IMAGES = 64
 WORLD_SIZE = 96
@@ -125,3 +126,8 @@ def stop_process(proc, timeout_s: float) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def build_with_data(recipe: Recipe) -> Pretrainer:
+    """``build_pretrainer`` handed the dataset's info, as the training loop builds it (heads sized from the vocabularies)."""
+    return build_pretrainer(recipe, prepare_dataset(recipe))

@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from vlptune import cli
-from vlptune.data.dataset import ensure_data
+from vlptune.data.prepare import ensure_data
+from vlptune.objectives.base import prepare_dataset
 from vlptune.data.schema import DataError
 from vlptune.errors import EXIT_USER_ERROR, did_you_mean
 from vlptune.search import experiments
@@ -54,7 +55,7 @@ def test_missing_data_of_a_recipe_needing_phrase_similarities_says_only_synthesi
     recipe = tiny_recipe("pra", {"itm": {"weight": 1.0}, "pra": {"weight": 1.0}}, data={"root": str(tmp_path / "world"), "synthesize": False})
     (tmp_path / "world").mkdir()
     with pytest.raises(DataError) as info:
-        ensure_data(recipe)
+        prepare_dataset(recipe)  # the objectives tell the data which columns they read
     message = str(info.value)
     assert "the directory exists but has no manifest" in message
     assert "set data.synthesize: true" in message and "`vlptune data synth` does not write them" in message

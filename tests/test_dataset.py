@@ -14,14 +14,13 @@ from vlptune.data.dataset import (
     ShardDataset,
     build_loader,
     collate_images,
-    ensure_data,
     load_retrieval_set,
     rank_positions,
-    tokenize_texts,
 )
+from vlptune.data.prepare import ensure_data
 from vlptune.data.schema import TABLE_IMAGE_TEXT, DataError
 from vlptune.data.shards import ShardWriter, read_manifest, read_table
-from vlptune.data.text import TokenizerError, load_tokenizer
+from vlptune.data.text import TokenizerError, load_tokenizer, tokenize_texts
 from vlptune.data.transforms import (
     ImageTransform,
     crop_boxes,

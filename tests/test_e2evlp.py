@@ -379,7 +379,8 @@ def test_caption_command_on_a_trained_checkpoint(tmp_path, capsys):
 @pytest.mark.timeout(1800)  # about 6 minutes on a quiet 2-core machine; more when it is shared
 def test_e2e_vlp_learns_on_the_synthetic_world(tmp_path):
     """A short CPU run: losses fall, captioning and detection beat their chance levels on held-out-free training batches."""
-    from vlptune.data.dataset import build_loader, ensure_data
+    from vlptune.data.dataset import build_loader
+    from vlptune.data.prepare import ensure_data
     from vlptune.objectives.base import MetricMeter
     from vlptune.train.optim import build_optimizers
 

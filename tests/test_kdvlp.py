@@ -10,17 +10,18 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import similarity_world, small_recipe
+from helpers import build_with_data, similarity_world, small_recipe
 
 from vlptune.config import ConfigError
 from vlptune.data.collate import SOHOCollate
-from vlptune.data.dataset import ShardDataset, build_loader, decode_record, ensure_data
+from vlptune.data.dataset import ShardDataset, build_loader, decode_record
+from vlptune.data.prepare import ensure_data
 from vlptune.data.schema import DataError
 from vlptune.data.shards import read_manifest, read_shard, verify
 from vlptune.data.similarity import MANIFEST_KEY, PhraseLabelSimilarity
 from vlptune.data.synth import make_world
 from vlptune.data.text import load_tokenizer
-from vlptune.objectives.base import StepContext, build_pretrainer
+from vlptune.objectives.base import StepContext, prepare_dataset
 from vlptune.objectives.omvm import OMVM, choose_objects, sampling_probabilities
 from vlptune.objectives.pooling import object_cells, pool_phrases, pool_under_masks, span_masks
 from vlptune.objectives.pra import alignment_loss
@@ -195,16 +196,16 @@ def test_collate_gives_each_positive_pair_its_caption_similarity(world, recipe):
         assert valid[r, :k, :o].all() and not valid[r, k:].any() and not valid[r, :, o:].any()
 
 
-def test_ensure_data_adds_similarity_only_when_an_objective_needs_it(tmp_path):
+def test_prepare_dataset_adds_similarity_only_when_an_objective_needs_it(tmp_path):
     base = {"synth": {"train": 4, "val": 2, "image_size": 64}, "image_size": 64}
     soho = recipe_for(tmp_path / "soho", {"itm": {"weight": 1.0}, "omvm": {"weight": 1.0, "sampling": "random"}}, synthesize=True, **base)
     kd = recipe_for(tmp_path / "kd", {"itm": {"weight": 1.0}, "pra": {"weight": 1.0}}, synthesize=True, **base)
-    assert MANIFEST_KEY not in read_manifest(ensure_data(soho))
-    assert MANIFEST_KEY in read_manifest(ensure_data(kd))
+    assert MANIFEST_KEY not in read_manifest(prepare_dataset(soho).root)
+    assert MANIFEST_KEY in read_manifest(prepare_dataset(kd).root)
     # PRA on a dataset prepared without similarities: refused, naming the objective and the fix
     wrong = recipe_for(tmp_path / "soho", {"pra": {"weight": 1.0}}, synthesize=True, **base)
     with pytest.raises(ConfigError, match=r"objectives\.pra: needs phrase-label similarities .*phrase_similarity=True"):
-        build_pretrainer(wrong)
+        prepare_dataset(wrong)
 
 
 # --------------------------------------------------------------------------- OMVM sampling
@@ -277,7 +278,7 @@ def test_guided_sampling_masks_the_objects_the_caption_names(batches, world):
 @pytest.fixture(scope="module")
 def pretrainer(recipe):
     torch.manual_seed(0)
-    return build_pretrainer(recipe)
+    return build_with_data(recipe)
 
 
 def test_omvm_masks_exactly_the_chosen_objects_cells(pretrainer, batches):
@@ -333,7 +334,7 @@ def test_omvm_skips_mrfr_without_roi_features_and_counts_them(pretrainer, batche
 
 def test_omvm_refuses_a_recipe_with_nothing_to_train(world):
     with pytest.raises(ConfigError, match="objectives.omvm.weight=1.0 but mrc_weight and mrfr_weight are both 0"):
-        build_pretrainer(recipe_for(world, {"omvm": {"weight": 1.0, "mrc_weight": 0, "mrfr_weight": 0}}))
+        build_with_data(recipe_for(world, {"omvm": {"weight": 1.0, "mrc_weight": 0, "mrfr_weight": 0}}))
     with pytest.raises(ConfigError, match="objectives.omvm.sampling"):
         recipe_for(world, {"omvm": {"sampling": "sometimes"}})
 
@@ -414,7 +415,7 @@ def quarter_means(values):
 def test_omvm_losses_fall_in_a_short_run(world):
     recipe = recipe_for(world, {"omvm": {"weight": 1.0}}, itm_negatives=0)
     torch.manual_seed(0)
-    history = train(build_pretrainer(recipe), recipe, steps=24)
+    history = train(build_with_data(recipe), recipe, steps=24)
     for key in ("omvm_mrc_loss", "omvm_mrfr_loss"):
         first, last = quarter_means(history[key])
         assert last < first, (key, first, last)
@@ -428,7 +429,7 @@ def test_pra_fits_a_fixed_batch(world):
     """
     recipe = recipe_for(world, {"pra": {"weight": 1.0}}, itm_negatives=0)
     torch.manual_seed(0)
-    pretrainer = build_pretrainer(recipe)
+    pretrainer = build_with_data(recipe)
     batch = next(iter(build_loader(recipe, "train")))
     optim = torch.optim.AdamW(pretrainer.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(0)
@@ -448,7 +449,7 @@ def test_pra_fits_a_fixed_batch(world):
 def test_omvm_and_pra_learn_above_chance(world):
     recipe = recipe_for(world, {"omvm": {"weight": 1.0}, "pra": {"weight": 1.0}}, itm_negatives=0)
     torch.manual_seed(0)
-    pretrainer = build_pretrainer(recipe)
+    pretrainer = build_with_data(recipe)
     before = evaluate(pretrainer, recipe)
     history = train(pretrainer, recipe, steps=160)
     after = evaluate(pretrainer, recipe)

@@ -38,7 +38,7 @@ RSUM_OVER_CHANCE = 1.4
 
 @pytest.fixture(scope="module")
 def demo_world(tmp_path_factory) -> Path:
-    from vlptune.data.dataset import ensure_data
+    from vlptune.data.prepare import ensure_data
 
     root = tmp_path_factory.getbasetemp() / "synth-demo"
     ensure_data(load_recipe(DEMO, [f"data.root={root}"]))

@@ -9,20 +9,25 @@ import torch
 
 from vlptune.config import ConfigError, recipe_to_dict, validate_recipe
 from vlptune.objectives.base import Objective, ObjectiveOutput
-from vlptune.objectives.registry import ObjectiveConfig, register
+from vlptune.config import ObjectiveConfig
+from vlptune.objectives.registry import register
 from vlptune.train.loop import BatchStream, backbone_frozen_at, train_worker
 from vlptune.train.reporting import LocalReporter, Reporter
 from vlptune.train.tensorboard import FIXED_HPARAMS, HPARAM_METRICS, HParamsPlan, hparam_values
 
 
-@register("nan_probe", ObjectiveConfig)
+class NaNProbeConfig(ObjectiveConfig, objective="nan_probe"):
+    """The test objective's config: only the weight every objective has."""
+
+
+@register("nan_probe")
 class NaNProbe(Objective):
     """A test objective whose loss is NaN: the loop must stop with a reason."""
 
     metric_names = ("nan_probe_loss",)
 
-    def __init__(self, cfg, model, recipe):
-        super().__init__(cfg, model, recipe)
+    def __init__(self, cfg, model, recipe, info=None):
+        super().__init__(cfg, model, recipe, info)
         self.scale = torch.nn.Parameter(torch.ones(()))
 
     def forward(self, batch, ctx):
@@ -47,7 +52,7 @@ def loop_recipe(root: Path, **sections):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    from vlptune.data.dataset import ensure_data
+    from vlptune.data.prepare import ensure_data
 
     root = tmp_path_factory.getbasetemp() / "synth-loop"
     ensure_data(loop_recipe(root))
@@ -229,7 +234,7 @@ def test_two_workers_with_ddp_stay_in_sync(world, tmp_path):
 def test_ranks_are_pessimistic_on_ties_and_chance_levels_are_exact():
     from math import comb
 
-    from vlptune.tasks.retrieval import chance_recall, gt_ranks, recall_metrics
+    from vlptune.train.evaluate import chance_recall, gt_ranks, recall_metrics
 
     relevant = torch.eye(4, dtype=torch.bool)
     tier = torch.zeros(4, 4, dtype=torch.int64)
@@ -248,7 +253,7 @@ def test_ranks_are_pessimistic_on_ties_and_chance_levels_are_exact():
 
 def test_candidate_reranking_matches_full_scoring_when_it_keeps_everything(world):
     from vlptune.objectives.base import build_pretrainer
-    from vlptune.tasks.retrieval import RetrievalInputs, evaluate_retrieval
+    from vlptune.train.evaluate import RetrievalInputs, evaluate_retrieval
 
     torch.manual_seed(0)
     recipe = loop_recipe(world)

@@ -288,7 +288,8 @@ def test_pretrainer_step_with_every_mvptr_objective(pretrainer):
 @pytest.mark.timeout(1800)  # about 6 minutes on a quiet 2-core machine; more when it is shared
 def test_mvptr_learns_on_the_synthetic_world(tmp_path):
     """A short CPU run: VSC and WPG losses fall and their accuracies beat chance on the training batches."""
-    from vlptune.data.dataset import build_loader, ensure_data
+    from vlptune.data.dataset import build_loader
+    from vlptune.data.prepare import ensure_data
     from vlptune.objectives.base import MetricMeter
     from vlptune.train.optim import build_optimizers
 

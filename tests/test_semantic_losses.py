@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import WORLD_SIZE, similarity_world, small_recipe
+from helpers import WORLD_SIZE, build_with_data, similarity_world, small_recipe
 
 from vlptune.config import ConfigError
 from vlptune.data.collate import SEG_IGNORE, SOHOCollate, seg_to_grid
@@ -17,7 +17,7 @@ from vlptune.data.shards import read_manifest, read_shard
 from vlptune.data.synth import make_world
 from vlptune.data.text import load_tokenizer
 from vlptune.data.transforms import ImageTransform
-from vlptune.objectives.base import StepContext, build_pretrainer
+from vlptune.objectives.base import StepContext
 from vlptune.objectives.ssul import (
     cells_to_patches,
     choose_patches,
@@ -53,7 +53,7 @@ def recipe(world):
 @pytest.fixture(scope="module")
 def pretrainer(recipe):
     torch.manual_seed(0)
-    return build_pretrainer(recipe)
+    return build_with_data(recipe)
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +170,7 @@ def test_ssul_runs_the_masked_images_without_moving_the_dictionary(pretrainer, b
 def test_ssul_other_geometries(world, pool, patch, source):
     recipe = recipe_for(world, {"ssul": {"weight": 1.0, "patch_size": patch, "source": source}}, pool=pool, size=128)
     torch.manual_seed(0)
-    pt = build_pretrainer(recipe)
+    pt = build_with_data(recipe)
     b = next(iter(build_loader(recipe, "train")))
     out = pt.objectives["ssul"](b, StepContext(pt.model, b, torch.Generator().manual_seed(0)))
     assert torch.isfinite(out.loss)
@@ -180,7 +180,7 @@ def test_ssul_other_geometries(world, pool, patch, source):
 
 def test_ssul_refuses_patches_that_do_not_nest(world):
     with pytest.raises(ConfigError, match="objectives.ssul.patch_size=48"):
-        build_pretrainer(recipe_for(world, {"ssul": {"weight": 1.0, "patch_size": 48}}))
+        build_with_data(recipe_for(world, {"ssul": {"weight": 1.0, "patch_size": 48}}))
 
 
 # --------------------------------------------------------------------------- SEGL / SPL forward
@@ -206,7 +206,7 @@ def test_segl_targets_and_metrics(pretrainer, batch):
 def test_segl_grid_source_reads_one_row_per_image(world, batch):
     recipe = recipe_for(world, {"segl": {"weight": 1.0, "source": "grid"}})
     torch.manual_seed(0)
-    pt = build_pretrainer(recipe)
+    pt = build_with_data(recipe)
     seen = []
     head = pt.objectives["segl"].head
     handle = head.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[0]))
@@ -249,7 +249,7 @@ def test_spl_matches_every_object_once(pretrainer, batch):
 
 def test_spl_refuses_heads_that_do_not_divide_the_width(world):
     with pytest.raises(ConfigError, match=r"objectives\.spl\.heads=5 does not divide the hidden size 384"):
-        build_pretrainer(recipe_for(world, {"spl": {"weight": 1.0, "heads": 5}}))
+        build_with_data(recipe_for(world, {"spl": {"weight": 1.0, "heads": 5}}))
 
 
 # --------------------------------------------------------------------------- flip composes
@@ -302,7 +302,7 @@ def test_semantic_losses_fall_in_a_short_run(world):
 
     recipe = recipe_for(world, ALL, itm_negatives=0)
     torch.manual_seed(0)
-    history = train(build_pretrainer(recipe), recipe, steps=24)
+    history = train(build_with_data(recipe), recipe, steps=24)
     for key in ("ssul_loss", "segl_loss", "spl_loss"):
         first, last = quarter_means(history[key])
         assert last < first, (key, first, last)
@@ -321,7 +321,7 @@ def test_ssul_and_spl_learn_above_chance(world160):
 
     recipe = recipe_for(world160, {"ssul": {"weight": 1.0}, "spl": {"weight": 1.0}}, size=160, itm_negatives=0)
     torch.manual_seed(0)
-    pretrainer = build_pretrainer(recipe)
+    pretrainer = build_with_data(recipe)
     before = evaluate(pretrainer, recipe)
     history = train(pretrainer, recipe, steps=150)
     after = evaluate(pretrainer, recipe)
@@ -340,7 +340,7 @@ def test_segl_learns_above_chance(world160):
 
     recipe = recipe_for(world160, {"segl": {"weight": 1.0}}, size=160, itm_negatives=0)
     torch.manual_seed(0)
-    pretrainer = build_pretrainer(recipe)
+    pretrainer = build_with_data(recipe)
     before = evaluate(pretrainer, recipe)
     history = train(pretrainer, recipe, steps=150)
     after = evaluate(pretrainer, recipe)

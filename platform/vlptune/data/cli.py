@@ -9,13 +9,10 @@ inspect returns 2 for a split or index that does not exist).
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
-from pathlib import Path
-from typing import Any
 
 from vlptune.data.schema import DataError
-from vlptune.data.shards import DEFAULT_SHARD_SIZE, MANIFEST_NAME
+from vlptune.data.shards import DEFAULT_SHARD_SIZE
 from vlptune.data.synth import CAPTION_STYLES, DEFAULT_CAPTION_STYLE, DEFAULT_CAPTIONS_PER_IMAGE, ROI_FEATURE_DIM_DEFAULT
 
 MIN_IMAGE_SIZE = 32
@@ -162,33 +159,3 @@ def run_verify(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ a recipe whose data is missing
 
 
-def synth_command(out: str, synth: Any) -> str:
-    """The `vlptune data synth` command that writes the world a recipe's ``data.synth`` settings describe."""
-    return (
-        f"vlptune data synth --out {shlex.quote(out)} --train {synth.train} --val {synth.val} --test {synth.test} "
-        f"--image-size {synth.image_size} --seed {synth.seed} --shard-size {synth.shard_size} --caption-style {synth.caption_style}"
-    )
-
-
-def missing_data_message(recipe: Any, root: Path, needs_phrase_similarity: bool) -> str:
-    """Why ``recipe`` has no data at ``root`` (its ``data.root``, no manifest, ``data.synthesize`` off) and how to make it."""
-    state = "the directory exists but has no manifest: an unfinished write?" if root.is_dir() else "no such directory"
-    head = (
-        f"data.root {recipe.data.root!r} holds no dataset ({root / MANIFEST_NAME} not found: {state}), "
-        "and the recipe sets data.synthesize: false, so nothing generates it."
-    )
-    if needs_phrase_similarity:
-        synth = (
-            "For the synthetic world, set data.synthesize: true (or -o data.synthesize=true): it is then generated into data.root "
-            "on first use with the phrase-label similarities this recipe's objectives need (`vlptune data synth` does not write them)."
-        )
-    else:
-        synth = (
-            f"For the synthetic world, generate it with `{synth_command(recipe.data.root, recipe.data.synth)}` "
-            "(this recipe's data.synth settings), or set data.synthesize: true (or -o data.synthesize=true) to generate it on first use."
-        )
-    real = (
-        "For real data (COCO, VG, ...), the converters to Parquet shards are not built yet (issue 14 adds them); "
-        f"a dataset directory must hold a {MANIFEST_NAME} and the Parquet shards it lists, see docs/data.md."
-    )
-    return f"{head} {synth} {real}"

@@ -31,7 +31,7 @@ import torch
 from vlptune.config import Recipe
 from vlptune.data.schema import DataError
 from vlptune.data.text import MLMMasker, char_to_token_spans, encode
-from vlptune.model.grid import grid_shape, grid_stride
+from vlptune.data.grid import grid_shape, grid_stride
 
 SEG_IGNORE = 255  # segmentation class of cells outside the image (and of images without a map)
 SEG_CLASSES = 256  # uint8 maps
@@ -85,7 +85,7 @@ class SOHOCollate:
     so validation MLM/ITM losses exist and are comparable between evaluations.
     """
 
-    def __init__(self, recipe: Recipe, tokenizer: Any, train: bool = True, manifest: dict | None = None):
+    def __init__(self, recipe: Recipe, tokenizer: Any, manifest: dict[str, Any], train: bool = True):
         data = recipe.data
         self.train = train
         self.P = data.itm_positives
@@ -94,11 +94,6 @@ class SOHOCollate:
         self.stride = grid_stride(recipe.model.backbone.pool)
         self.tokenizer = tokenizer
         self.masker = MLMMasker(tokenizer, data.mlm_prob)
-        if manifest is None:
-            from vlptune.data.dataset import ensure_data
-            from vlptune.data.shards import read_manifest
-
-            manifest = read_manifest(ensure_data(recipe))
         vocab = manifest["vocabularies"]
         self.num_attributes = len(vocab["attributes"])
         self.roi_dim = int(vocab["roi_feature_dim"])

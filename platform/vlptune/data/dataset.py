@@ -26,7 +26,6 @@ corrupt stops with a :class:`DataError`.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import math
 import os
@@ -43,9 +42,10 @@ from vlptune.config import Recipe
 from vlptune.data.collate import SOHOCollate, pad_images
 from vlptune.data.schema import TABLE_IMAGE_TEXT, DataError
 from vlptune.data.shards import decode_image, decode_segmentation, list_shards, read_manifest, read_shard
-from vlptune.data.text import load_tokenizer, tokenize_texts  # noqa: F401  (tokenize_texts: re-exported for the eval loop)
+from vlptune.data.prepare import ensure_data
+from vlptune.data.text import load_tokenizer
 from vlptune.data.transforms import ImageTransform
-from vlptune.model.grid import grid_stride
+from vlptune.data.grid import grid_stride
 
 log = logging.getLogger(__name__)
 
@@ -58,98 +58,6 @@ RECORD_ERRORS = (DataError, ValueError, TypeError, KeyError, IndexError, OSError
 
 
 # ------------------------------------------------------------------ data root
-
-
-def data_root(recipe: Recipe) -> Path:
-    return Path(recipe.data.root).expanduser()
-
-
-def needs_phrase_similarity(recipe: Recipe) -> bool:
-    """Whether an active objective of ``recipe`` reads the ``phrase_label_sim`` column.
-
-    An objective says so with a classmethod ``required_columns(cfg)`` returning
-    the optional ``image_text`` columns it needs (KD-VLP's OMVM with guided
-    sampling, PRA).
-    """
-    from vlptune.objectives import registry
-    from vlptune.objectives.base import active_objectives
-
-    for name, cfg in active_objectives(recipe).items():
-        required = getattr(registry.get(name).impl, "required_columns", None)
-        if required is not None and "phrase_label_sim" in required(cfg):
-            return True
-    return False
-
-
-def manifest_vocabularies(recipe: Recipe) -> dict:
-    """The ``vocabularies`` of the recipe's dataset manifest (generating the synthetic world first if needed)."""
-    return read_manifest(ensure_data(recipe))["vocabularies"]
-
-
-def world_mismatches(manifest: dict[str, Any], recipe: Recipe) -> list[str]:
-    """``data.synth`` fields whose value differs from the synthetic world in ``manifest`` (empty: it matches).
-
-    Only worlds written by the generator are compared; a world from before a
-    field existed counts as that field's default.
-    """
-    generator = manifest.get("generator") or {}
-    if generator.get("name") != "synth":
-        return []
-    s = recipe.data.synth
-    splits = generator.get("splits", {})
-    wanted = {
-        "seed": (s.seed, generator.get("seed")),
-        "image_size": (s.image_size, generator.get("image_size")),
-        "caption_style": (s.caption_style, generator.get("caption_style", type(s).model_fields["caption_style"].default)),
-        "train": (s.train, splits.get("train", 0)),
-        "val": (s.val, splits.get("val", 0)),
-        "test": (s.test, splits.get("test", 0)),
-    }
-    return [f"data.synth.{k}={want!r} but the world has {have!r}" for k, (want, have) in wanted.items() if want != have]
-
-
-def check_world_matches(root: Path, recipe: Recipe) -> None:
-    """Refuse a synthetic world at ``root`` generated with other ``data.synth`` settings than ``recipe``'s."""
-    differences = world_mismatches(read_manifest(root), recipe)
-    if differences:
-        raise DataError(
-            f"{root / 'manifest.json'}: the synthetic world there was generated with other settings: {'; '.join(differences)}. "
-            f"Point data.root at another directory (it is generated on first use) or delete {root} to regenerate it"
-        )
-
-
-def ensure_data(recipe: Recipe) -> Path:
-    """The data directory of ``recipe``; generates the synthetic world first when
-    it has no manifest and ``data.synthesize`` is on (under a file lock, so
-    concurrent ranks generate it once). The world gets phrase-label
-    similarities (``phrase_label_sim``) when an active objective needs them
-    (:func:`needs_phrase_similarity`)."""
-    root = data_root(recipe)
-    if (root / "manifest.json").is_file():
-        if recipe.data.synthesize:
-            check_world_matches(root, recipe)
-        return root
-    if not recipe.data.synthesize:
-        from vlptune.data.cli import missing_data_message
-
-        raise DataError(missing_data_message(recipe, root, needs_phrase_similarity(recipe)))
-    from vlptune.data import synth
-
-    root.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = root.parent / f".{root.name}.lock"
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if not (root / "manifest.json").is_file():
-                s = recipe.data.synth
-                log.info("generating the synthetic world into %s", root)
-                synth.make_world(
-                    root, train=s.train, val=s.val, test=s.test, image_size=s.image_size, seed=s.seed, shard_size=s.shard_size,
-                    phrase_similarity=needs_phrase_similarity(recipe), caption_style=s.caption_style,
-                )
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-    return root
 
 
 # ------------------------------------------------------------------ sharding
@@ -594,9 +502,7 @@ __all__ = [
     "RetrievalSet",
     "build_loader",
     "collate_images",
-    "ensure_data",
     "load_retrieval_set",
     "pad_images",
     "rank_positions",
-    "tokenize_texts",
 ]

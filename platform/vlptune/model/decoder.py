@@ -32,17 +32,17 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from vlptune.config import ConfigError
+from vlptune.config import ConfigError, Recipe
+from vlptune.data.text import load_tokenizer
 
 DECODER_ATTR = "decoder"  # name of the shared decoder on the VLPModel
 INIT_STD = 0.02  # BERT's initializer_range
-# Objectives that own a share of the decoder, and their config field for its depth.
-DECODER_OBJECTIVES = ("detection", "captioning")
+# The config field by which an objective asks for the shared decoder, and its depth.
 DECODER_FIELD = "decoder_layers"
 
 
@@ -169,15 +169,13 @@ def get_or_create_decoder(model: nn.Module, layers: int, owner: str) -> Transfor
     return existing
 
 
-def check_decoder_agreement(recipe: Any) -> None:
-    """Refuse a recipe whose active decoder objectives ask for different decoder depths (one shared decoder)."""
-    from vlptune.objectives.base import active_objectives
-
-    active = active_objectives(recipe)
-    depths = {name: int(getattr(active[name], DECODER_FIELD)) for name in DECODER_OBJECTIVES if name in active}
+def check_decoder_agreement(recipe: Recipe) -> None:
+    """Refuse a recipe whose active decoder objectives (those with a ``decoder_layers`` field) ask for different depths: they share one decoder."""
+    active = recipe.active_objectives()
+    depths = {name: int(getattr(cfg, DECODER_FIELD)) for name, cfg in active.items() if DECODER_FIELD in type(cfg).model_fields}
     if len(set(depths.values())) > 1:
         detail = ", ".join(f"objectives.{name}.{DECODER_FIELD}={value}" for name, value in depths.items())
-        raise ConfigError(f"{detail}: detection and captioning share one decoder; set the same {DECODER_FIELD} for both")
+        raise ConfigError(f"{detail}: {' and '.join(depths)} share one decoder; set the same {DECODER_FIELD} for all of them")
 
 
 # --------------------------------------------------------------------------- memory
@@ -193,8 +191,6 @@ class SpecialIds:
 @functools.lru_cache(maxsize=8)
 def special_ids(tokenizer_spec: str) -> SpecialIds:
     """[CLS], [SEP] and [PAD] ids of ``data.tokenizer`` ([CLS] starts and [SEP] ends every caption)."""
-    from vlptune.data.text import load_tokenizer
-
     tok = load_tokenizer(tokenizer_spec)
     return SpecialIds(cls=int(tok.cls_token_id), sep=int(tok.sep_token_id), pad=int(tok.pad_token_id))
 

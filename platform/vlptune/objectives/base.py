@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from vlptune.config import ConfigError, ObjectiveConfig, Recipe
+from vlptune.data.info import COLUMN_MEANINGS, DatasetInfo
+from vlptune.data.prepare import ensure_data
+from vlptune.model.fusion import FusionOutput
+from vlptune.model.vlp import ImageFeatures, VLPModel
 from vlptune.objectives import registry
-
-if TYPE_CHECKING:  # the model package is imported lazily by build_pretrainer
-    from vlptune.config import Recipe
 
 BERT_LAYER_NORM_EPS = 1e-12  # BERT's LayerNorm epsilon, so the heads normalise like the encoder
 HEAD_INIT_STD = 0.02  # BERT's initializer_range, used for every head weight and learned vector
@@ -47,16 +49,16 @@ class StepContext:
     checkpoints, so a resumed run draws the same choices.
     """
 
-    def __init__(self, model: nn.Module, batch: dict[str, Any], generator: torch.Generator | None = None):
+    def __init__(self, model: VLPModel, batch: dict[str, Any], generator: torch.Generator | None = None):
         self.model = model
         self.batch = batch
         self.generator = generator
-        self._images: Any = None
+        self._images: ImageFeatures | None = None
         self._views: dict[str, Any] = {}
         self._positive_rows: Tensor | None = None
 
     @property
-    def images(self) -> Any:
+    def images(self) -> ImageFeatures:
         """The batch's ``ImageFeatures`` (backbone, projection, pooling, VD), computed on first use."""
         if self._images is None:
             self._images = self.model.encode_images(self.batch["images"], self.batch["pixel_mask"])
@@ -86,12 +88,12 @@ class StepContext:
             self._views[name] = build()
         return self._views[name]
 
-    def fuse(self, text_ids: Tensor, text_mask: Tensor, grid: Tensor, grid_mask: Tensor) -> Any:
+    def fuse(self, text_ids: Tensor, text_mask: Tensor, grid: Tensor, grid_mask: Tensor) -> FusionOutput:
         return self.model.fuse(text_ids, text_mask, grid, grid_mask)
 
 
 class Objective(nn.Module, abc.ABC):
-    """Base of every pretext task. Subclasses are registered with ``@register(name, ConfigCls)``.
+    """Base of every pretext task. Subclasses are registered with ``@register(name)``; the config class of that name lives in :mod:`vlptune.config.objectives`.
 
     ``Objective(cfg, model, recipe)``: ``cfg`` is the objective's own config
     (with ``weight``), ``model`` the ``VLPModel`` (heads may tie to its
@@ -103,16 +105,39 @@ class Objective(nn.Module, abc.ABC):
     # Every metric the objective may return. A step may leave some out (nothing
     # to learn from); averages then count only the steps that have them.
     metric_names: ClassVar[tuple[str, ...]] = ()
+    # True for an objective whose ``match_score(fused, text_mask)`` scores an
+    # image-text pair: the loop's zero-shot retrieval ranks with it (ITM).
+    scores_pairs: ClassVar[bool] = False
+    # True for an objective with ``generate(memory, ...)`` and special ``ids``:
+    # ``vlptune caption`` decodes captions with it (E2E-VLP's captioning).
+    generates_captions: ClassVar[bool] = False
 
-    def __init__(self, cfg: Any, model: nn.Module, recipe: Recipe):
+    def __init__(self, cfg: ObjectiveConfig, model: VLPModel, recipe: Recipe, info: DatasetInfo | None = None):
         super().__init__()
         self.cfg = cfg
         self.weight = float(cfg.weight)
 
     @classmethod
+    def required_columns(cls, cfg: Any) -> tuple[str, ...]:
+        """The optional ``image_text`` columns this objective reads (``phrase_label_sim``); the data is prepared with them."""
+        return ()
+
+    @classmethod
     def check_recipe(cls, cfg: Any, recipe: Recipe) -> None:
         """Refuse a recipe this objective cannot train with (raise ConfigError); called before the model is built."""
         return None
+
+    def require_info(self, info: DatasetInfo | None, fields: tuple[str, ...] = ()) -> DatasetInfo:
+        """``info``, or a clear error for an objective that sizes its heads from the dataset's vocabularies.
+
+        ``fields``: the config fields that would size the heads instead (named in the error, a ConfigError then).
+        """
+        if info is not None:
+            return info
+        how = "build it with build_pretrainer(recipe, prepare_dataset(recipe)) (the training loop does)"
+        if fields:
+            raise ConfigError(f"{' and '.join(fields)} = 0 read the vocabulary sizes from the dataset, but no dataset info was given: {how}, or set the sizes explicitly")
+        raise ValueError(f"objective {self.name!r} sizes its head from the dataset's vocabularies: {how}")
 
     def check_batch(self, batch: dict[str, Any]) -> None:
         missing = [key for key in self.needs if key not in batch]
@@ -165,7 +190,7 @@ class Pretrainer(nn.Module):
     every objective's metrics, ``loss`` (the total) and the VD statistics.
     """
 
-    def __init__(self, model: nn.Module, objectives: dict[str, Objective]):
+    def __init__(self, model: VLPModel, objectives: dict[str, Objective]):
         super().__init__()
         if not objectives:
             raise ValueError("no active objective: give at least one objective a weight > 0")
@@ -244,44 +269,66 @@ class MetricMeter:
         return out
 
 
-def build_objectives(recipe: Recipe, model: nn.Module) -> dict[str, Objective]:
+def build_objectives(recipe: Recipe, model: VLPModel, info: DatasetInfo | None = None) -> dict[str, Objective]:
     """The recipe's active objectives (weight > 0), constructed in recipe order."""
     check_recipe(recipe)
     built: dict[str, Objective] = {}
-    for name, cfg in active_objectives(recipe).items():
+    for name, cfg in recipe.active_objectives().items():
         impl = registry.get(name).impl
-        built[name] = impl(cfg, model, recipe)
+        built[name] = impl(cfg, model, recipe, info)
     return built
 
 
-def active_objectives(recipe: Recipe) -> dict[str, Any]:
-    """The recipe's objectives with weight > 0, as validated configs, in recipe order.
+def required_columns(recipe: Recipe) -> frozenset[str]:
+    """The optional ``image_text`` columns the recipe's active objectives read."""
+    return frozenset(column for name, cfg in recipe.active_objectives().items() for column in registry.get(name).impl.required_columns(cfg))
 
-    Unlike ``Recipe.active_objectives`` this also accepts entries left as plain
-    dicts (the field's default is not validated by pydantic).
+
+def prepare_dataset(recipe: Recipe) -> DatasetInfo:
+    """The recipe's data, generated when it is the missing synthetic world, with the columns its objectives read; its info.
+
+    ConfigError naming the objectives when an existing dataset lacks a column they need.
     """
-    out: dict[str, Any] = {}
-    for name, cfg in recipe.objectives.items():
-        if not isinstance(cfg, registry.ObjectiveConfig):
-            cfg = registry.config_class(name).model_validate(cfg if cfg is not None else {})
-        if cfg.weight > 0:
-            out[name] = cfg
-    return out
+    columns = required_columns(recipe)
+    info = DatasetInfo.read(ensure_data(recipe, columns))
+    missing = sorted(columns - info.columns)
+    if missing:
+        readers = [name for name, cfg in recipe.active_objectives().items() if set(registry.get(name).impl.required_columns(cfg)) & set(missing)]
+        what = " and ".join(f"{COLUMN_MEANINGS.get(column, column)} (image_text column {column!r})" for column in missing)
+        raise ConfigError(
+            f"{', '.join(f'objectives.{name}' for name in readers)}: needs {what}, but the dataset at data.root={recipe.data.root!r} "
+            f"was prepared without them (its manifest {info.root / 'manifest.json'} does not record them); regenerate it with "
+            "make_world(..., phrase_similarity=True) (or delete it: a recipe with this objective synthesizes the world with them), "
+            "or add them to real data with vlptune.data.similarity.PhraseLabelSimilarity and record them in the manifest"
+        )
+    return info
+
+
+def pair_scorer(pretrainer: Pretrainer) -> Objective | None:
+    """The active objective that scores image-text pairs (``scores_pairs``), if any."""
+    return next((objective for objective in pretrainer.objectives.values() if objective.scores_pairs), None)
+
+
+def pair_scorer_names() -> list[str]:
+    """Names of the registered objectives that score image-text pairs (for messages)."""
+    return [name for name in registry.names() if registry.get(name).impl.scores_pairs]
 
 
 def check_recipe(recipe: Recipe) -> None:
     """Let every active objective refuse the recipe (ConfigError naming the fields) before anything is built."""
-    active = active_objectives(recipe)
+    active = recipe.active_objectives()
     if not active:
-        raise registry.ConfigError("objectives: no objective has a weight > 0; nothing to train")
+        raise ConfigError("objectives: no objective has a weight > 0; nothing to train")
     for name, cfg in active.items():
         registry.get(name).impl.check_recipe(cfg, recipe)
 
 
-def build_pretrainer(recipe: Recipe) -> Pretrainer:
-    """Build ``VLPModel(recipe)`` and the recipe's objectives; refuses inconsistent recipes first."""
-    from vlptune.model.vlp import VLPModel
+def build_pretrainer(recipe: Recipe, info: DatasetInfo | None = None) -> Pretrainer:
+    """Build ``VLPModel(recipe)`` and the recipe's objectives; refuses inconsistent recipes first.
 
+    ``info`` (from :func:`prepare_dataset`) sizes the heads of objectives that
+    predict the dataset's vocabularies; objectives without such heads need none.
+    """
     check_recipe(recipe)
     model = VLPModel(recipe)
-    return Pretrainer(model, build_objectives(recipe, model))
+    return Pretrainer(model, build_objectives(recipe, model, info))

@@ -30,7 +30,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import Tensor, nn
 
 from vlptune.model.decoder import (
@@ -43,31 +42,29 @@ from vlptune.model.decoder import (
     special_ids,
 )
 from vlptune.objectives.base import Objective, ObjectiveOutput, PredictionTransform, StepContext, accuracy
-from vlptune.objectives.registry import ObjectiveConfig, register
+from vlptune.config import Recipe
+from vlptune.data.info import DatasetInfo
+from vlptune.model.vlp import VLPModel
+from vlptune.config.objectives import CaptioningConfig
+from vlptune.objectives.registry import register
 
 IGNORE_INDEX = -100
 
 
-class CaptioningConfig(ObjectiveConfig, objective="captioning"):
-    """E2E-VLP's image-to-text generation on positive pairs."""
-
-    decoder_layers: int = Field(6, ge=1, le=24, description="layers of the decoder shared with detection (E2E-VLP: 6)")
-    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0, description="label smoothing of the token cross-entropy")
-
-
-@register("captioning", CaptioningConfig)
+@register("captioning")
 class Captioning(Objective):
     """Caption generation on positive pairs; metrics ``cap_loss``, ``cap_acc``, ``cap_chance``."""
 
     needs = ("images", "pixel_mask", "text_ids", "text_mask", "itm_labels", "pair_image")
+    generates_captions = True  # generate() decodes captions for `vlptune caption`
     metric_names = ("cap_loss", "cap_acc", "cap_chance")
 
     @classmethod
-    def check_recipe(cls, cfg: CaptioningConfig, recipe: Any) -> None:
+    def check_recipe(cls, cfg: CaptioningConfig, recipe: Recipe) -> None:
         check_decoder_agreement(recipe)
 
-    def __init__(self, cfg: CaptioningConfig, model: nn.Module, recipe: Any):
-        super().__init__(cfg, model, recipe)
+    def __init__(self, cfg: CaptioningConfig, model: VLPModel, recipe: Recipe, info: DatasetInfo | None = None):
+        super().__init__(cfg, model, recipe, info)
         self.ids = special_ids(recipe.data.tokenizer)
         self._model = (model,)  # not a sub-module: the model is registered once, by the Pretrainer
         get_or_create_decoder(model, cfg.decoder_layers, "captioning")

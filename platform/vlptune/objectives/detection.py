@@ -39,15 +39,13 @@ one-image batch leaves the chance levels out.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import Tensor, nn
 
-from vlptune.config import ConfigError
+from vlptune.config import ConfigError, Recipe
 from vlptune.model.decoder import (
     TransformerDecoder,
     check_decoder_agreement,
@@ -57,27 +55,12 @@ from vlptune.model.decoder import (
 )
 from vlptune.objectives.base import HEAD_INIT_STD, Objective, ObjectiveOutput, StepContext, init_head_weights
 from vlptune.objectives.matching import batched_hungarian_match
-from vlptune.objectives.registry import ObjectiveConfig, register
+from vlptune.data.info import DatasetInfo
+from vlptune.model.vlp import VLPModel
+from vlptune.config.objectives import DetectionConfig
+from vlptune.objectives.registry import register
 
 BOX_EPS = 1e-7  # guards divisions by box areas
-
-
-class DetectionConfig(ObjectiveConfig, objective="detection"):
-    """E2E-VLP / DETR set prediction; defaults are DETR's (E2E-VLP follows it)."""
-
-    decoder_layers: int = Field(6, ge=1, le=24, description="layers of the decoder shared with captioning (E2E-VLP: 6)")
-    num_queries: int = Field(100, ge=1, le=1000, description="learned object queries per image (DETR / E2E-VLP: 100)")
-    num_classes: int = Field(0, ge=0, le=100_000, description="object classes; 0 = the 'classes' vocabulary of the manifest in data.root")
-    num_attributes: int = Field(0, ge=0, le=100_000, description="attribute vocabulary size; 0 = the 'attributes' vocabulary of the manifest in data.root")
-    eos_coef: float = Field(0.1, ge=0.0, le=1.0, description="weight of the no-object class in the class loss (DETR: 0.1)")
-    cost_class: float = Field(1.0, ge=0.0, le=100.0, description="matcher: weight of -p(target class) (DETR: 1)")
-    cost_bbox: float = Field(5.0, ge=0.0, le=100.0, description="matcher: weight of the L1 box distance (DETR: 5)")
-    cost_giou: float = Field(2.0, ge=0.0, le=100.0, description="matcher: weight of -GIoU (DETR: 2)")
-    class_weight: float = Field(1.0, ge=0.0, le=100.0, description="loss: weight of the class cross-entropy (DETR: 1)")
-    bbox_weight: float = Field(5.0, ge=0.0, le=100.0, description="loss: weight of the L1 box loss (DETR: 5)")
-    giou_weight: float = Field(2.0, ge=0.0, le=100.0, description="loss: weight of the GIoU loss (DETR: 2)")
-    attr_weight: float = Field(1.0, ge=0.0, le=100.0, description="loss: weight of the attribute BCE on matched queries")
-    aux_loss: bool = Field(True, description="add the same losses on every intermediate decoder layer (DETR's auxiliary decoding losses)")
 
 
 # --------------------------------------------------------------------------- boxes
@@ -115,21 +98,6 @@ def generalized_iou(a: Tensor, b: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- sizes
 
 
-def manifest_vocab_sizes(recipe: Any, fields: tuple[str, str]) -> dict[str, int]:
-    """Sizes of the manifest vocabularies ``classes`` and ``attributes`` in ``data.root`` (ConfigError naming ``fields`` if absent)."""
-    from vlptune.data.dataset import data_root
-    from vlptune.data.shards import MANIFEST_NAME, read_manifest
-
-    root = Path(data_root(recipe))
-    if not (root / MANIFEST_NAME).is_file():
-        raise ConfigError(
-            f"{' and '.join(fields)} = 0 read the vocabulary sizes from {root / MANIFEST_NAME}, which does not exist: "
-            "generate the data first (the training loop does) or set the sizes explicitly"
-        )
-    vocab = read_manifest(root)["vocabularies"]
-    return {"classes": len(vocab["classes"]), "attributes": len(vocab["attributes"])}
-
-
 class BoxMLP(nn.Sequential):
     """DETR's box head: 3 linear layers with ReLU, then 4 outputs (sigmoid applied by the caller)."""
 
@@ -137,7 +105,7 @@ class BoxMLP(nn.Sequential):
         super().__init__(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 4))
 
 
-@register("detection", DetectionConfig)
+@register("detection")
 class Detection(Objective):
     """DETR-style detection on the shared decoder; metrics listed in the module docstring."""
 
@@ -155,18 +123,17 @@ class Detection(Objective):
     )
 
     @classmethod
-    def check_recipe(cls, cfg: DetectionConfig, recipe: Any) -> None:
+    def check_recipe(cls, cfg: DetectionConfig, recipe: Recipe) -> None:
         check_decoder_agreement(recipe)
         if cfg.cost_class == 0 and cfg.cost_bbox == 0 and cfg.cost_giou == 0:
             raise ConfigError("objectives.detection.cost_class, cost_bbox and cost_giou are all 0: the matcher needs at least one positive cost")
 
-    def __init__(self, cfg: DetectionConfig, model: nn.Module, recipe: Any):
-        super().__init__(cfg, model, recipe)
-        sizes = None
-        if cfg.num_classes == 0 or cfg.num_attributes == 0:
-            sizes = manifest_vocab_sizes(recipe, ("objectives.detection.num_classes", "objectives.detection.num_attributes"))
-        self.num_classes = cfg.num_classes or sizes["classes"]
-        self.num_attributes = cfg.num_attributes or sizes["attributes"]
+    def __init__(self, cfg: DetectionConfig, model: VLPModel, recipe: Recipe, info: DatasetInfo | None = None):
+        super().__init__(cfg, model, recipe, info)
+        if cfg.num_classes == 0 or cfg.num_attributes == 0:  # 0: sized from the dataset's vocabularies
+            info = self.require_info(info, ("objectives.detection.num_classes", "objectives.detection.num_attributes"))
+        self.num_classes = cfg.num_classes or info.num_classes
+        self.num_attributes = cfg.num_attributes or info.num_attributes
         self.ids = special_ids(recipe.data.tokenizer)
         self._model = (model,)  # not a sub-module: the model is registered once, by the Pretrainer
         get_or_create_decoder(model, cfg.decoder_layers, "detection")

@@ -30,31 +30,20 @@ objective. The pass then runs on its own view (``"itm_hard"`` /
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import Tensor, nn
 
-from vlptune.config import ConfigError
-from vlptune.objectives.base import Objective, ObjectiveOutput, StepContext, accuracy, active_objectives, init_head_weights
-from vlptune.objectives.registry import ObjectiveConfig, register
+from vlptune.config import ConfigError, Recipe
+from vlptune.objectives.base import Objective, ObjectiveOutput, StepContext, accuracy, init_head_weights
+from vlptune.data.info import DatasetInfo
+from vlptune.model.vlp import VLPModel
+from vlptune.config.objectives import ITMConfig
+from vlptune.objectives.registry import register
 
 ITM_CLASSES = 2  # 0: the caption does not describe the image, 1: it does
-
-
-class ITMConfig(ObjectiveConfig):
-    """Image-text matching; positives/negatives per image live in data.itm_positives/itm_negatives."""
-
-    pooling: Literal["cls", "mean", "product"] = Field(
-        "cls",
-        description="what the head reads: 'cls' the fused [CLS] state (SOHO); 'mean' the mean of all real text and image states; "
-        "'product' the element-wise product of the mean text state and the mean image state (a bilinear match feature, fastest start)",
-    )
-    negatives: Literal["random", "hard", "sampled"] = Field(
-        "random", description="negative captions: 'random' from the collate (SOHO), 'hard' / 'sampled' by MVPTR's VSC similarities (needs objectives.vsc)"
-    )
 
 
 def clean_view(batch: dict[str, Any], ctx: StepContext) -> Any:
@@ -78,23 +67,24 @@ def mean_state(fused: Any, text_mask: Tensor) -> Tensor:
     return (states * real).sum(dim=1) / real.sum(dim=1).clamp_min(1.0)
 
 
-@register("itm", ITMConfig)
+@register("itm")
 class ITM(Objective):
     """Image-text matching over all pairs; metrics ``itm_loss``, ``itm_acc``."""
 
     needs = ("text_ids", "text_mask", "itm_labels", "pair_image")
+    scores_pairs = True  # match_score ranks the loop's zero-shot retrieval
     metric_names = ("itm_loss", "itm_acc")
 
     @classmethod
-    def check_recipe(cls, cfg: ITMConfig, recipe: Any) -> None:
-        if cfg.negatives != "random" and "vsc" not in active_objectives(recipe):
+    def check_recipe(cls, cfg: ITMConfig, recipe: Recipe) -> None:
+        if cfg.negatives != "random" and "vsc" not in recipe.active_objectives():
             raise ConfigError(
                 f"objectives.itm.negatives={cfg.negatives!r} chooses negatives by VSC similarities: give objectives.vsc a weight > 0 "
                 "(it needs model.fusion.unimodal_layers > 0) or set objectives.itm.negatives=random"
             )
 
-    def __init__(self, cfg: ITMConfig, model: nn.Module, recipe: Any):
-        super().__init__(cfg, model, recipe)
+    def __init__(self, cfg: ITMConfig, model: VLPModel, recipe: Recipe, info: DatasetInfo | None = None):
+        super().__init__(cfg, model, recipe, info)
         self.pooling = cfg.pooling
         self.negatives = cfg.negatives
         hidden = model.hidden_size

@@ -18,24 +18,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlptune.objectives.base import Objective, ObjectiveOutput, PredictionTransform, StepContext, accuracy, majority_share
-from vlptune.objectives.registry import ObjectiveConfig, register
+from vlptune.config import Recipe
+from vlptune.data.info import DatasetInfo
+from vlptune.model.vlp import VLPModel
+from vlptune.config.objectives import MLMConfig
+from vlptune.objectives.registry import register
 
 IGNORE_INDEX = -100  # mlm_labels value where there is nothing to predict (see docs/contracts.md)
 
 
-class MLMConfig(ObjectiveConfig):
-    """Masked language modelling; masking probability lives in data.mlm_prob."""
-
-
-@register("mlm", MLMConfig)
+@register("mlm")
 class MLM(Objective):
     """Masked language modelling on positive pairs; metrics ``mlm_loss``, ``mlm_acc``."""
 
     needs = ("mlm_ids", "mlm_labels", "text_mask", "itm_labels", "pair_image")
     metric_names = ("mlm_loss", "mlm_acc", "mlm_chance")
 
-    def __init__(self, cfg: MLMConfig, model: nn.Module, recipe: Any):
-        super().__init__(cfg, model, recipe)
+    def __init__(self, cfg: MLMConfig, model: VLPModel, recipe: Recipe, info: DatasetInfo | None = None):
+        super().__init__(cfg, model, recipe, info)
         embeddings = model.word_embeddings
         self.transform = PredictionTransform(model.hidden_size)
         self.bias = nn.Parameter(embeddings.weight.new_zeros(embeddings.num_embeddings))

@@ -27,10 +27,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import Tensor, nn
 
-from vlptune.config import ConfigError
+from vlptune.config import ConfigError, Recipe
 from vlptune.objectives.base import (
     HEAD_INIT_STD,
     Objective,
@@ -41,11 +40,10 @@ from vlptune.objectives.base import (
     init_head_weights,
     majority_share,
 )
-from vlptune.objectives.registry import ObjectiveConfig, register
-
-
-class MVMConfig(ObjectiveConfig):
-    prob: float = Field(1.0, ge=0.0, le=1.0, description="probability that a positive pair gets MVM (released SOHO code: 0.015)")
+from vlptune.data.info import DatasetInfo
+from vlptune.model.vlp import VLPModel
+from vlptune.config.objectives import MVMConfig
+from vlptune.objectives.registry import register
 
 
 def choose_masks(
@@ -78,7 +76,7 @@ def choose_masks(
     return selected, chosen, mask
 
 
-@register("mvm", MVMConfig)
+@register("mvm")
 class MVM(Objective):
     """Masked visual modelling on positive pairs; metrics ``mvm_loss``, ``mvm_acc``, ``mvm_chance``, ``mvm_skipped``."""
 
@@ -86,15 +84,15 @@ class MVM(Objective):
     metric_names = ("mvm_loss", "mvm_acc", "mvm_chance", "mvm_skipped")
 
     @classmethod
-    def check_recipe(cls, cfg: MVMConfig, recipe: Any) -> None:
+    def check_recipe(cls, cfg: MVMConfig, recipe: Recipe) -> None:
         if cfg.weight > 0 and recipe.model.vd.size == 0:
             raise ConfigError(
                 f"objectives.mvm.weight={cfg.weight} needs the visual dictionary, but model.vd.size=0 switches it off: "
                 "set model.vd.size > 0 or objectives.mvm.weight=0"
             )
 
-    def __init__(self, cfg: MVMConfig, model: nn.Module, recipe: Any):
-        super().__init__(cfg, model, recipe)
+    def __init__(self, cfg: MVMConfig, model: VLPModel, recipe: Recipe, info: DatasetInfo | None = None):
+        super().__init__(cfg, model, recipe, info)
         self.check_recipe(cfg, recipe)
         self.num_codes = int(recipe.model.vd.size)
         self.prob = float(cfg.prob)

@@ -38,14 +38,13 @@ the most frequent masked class of the batch.
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import Tensor, nn
 
-from vlptune.config import ConfigError
+from vlptune.config import ConfigError, Recipe
 from vlptune.objectives.base import (
     HEAD_INIT_STD,
     Objective,
@@ -56,21 +55,14 @@ from vlptune.objectives.base import (
     init_head_weights,
 )
 from vlptune.objectives.pooling import object_cells, pool_under_masks
-from vlptune.objectives.registry import ObjectiveConfig, register
+from vlptune.data.info import DatasetInfo
+from vlptune.model.vlp import VLPModel
+from vlptune.config.objectives import OMVMConfig
+from vlptune.objectives.registry import register
 
 log = logging.getLogger(__name__)
 
 SIMILARITY_COLUMN = "phrase_label_sim"
-
-
-class OMVMConfig(ObjectiveConfig, objective="omvm"):
-    """KD-VLP object-guided masked vision modelling (MRC + MRFR on one masked object per positive pair)."""
-
-    mrc_weight: float = Field(1.0, ge=0.0, le=100.0, description="weight of masked region classification (cross-entropy over object classes) inside OMVM (KD-VLP: 1)")
-    mrfr_weight: float = Field(1.0, ge=0.0, le=100.0, description="weight of masked region feature regression (L2 to the RoI feature) inside OMVM (KD-VLP: 1)")
-    sampling: Literal["guided", "random"] = Field("guided", description="guided: knowledge-guided choice of the masked object by phrase-label similarity (KD-VLP); random: uniform (the paper's RandomMVM row)")
-    guide_temperature: float = Field(0.1, gt=0.0, le=10.0, description="guided sampling: P(object) = softmax(max over phrases of alpha / guide_temperature)")
-    prob: float = Field(1.0, ge=0.0, le=1.0, description="probability that a positive pair gets an object masked (KD-VLP: every pair)")
 
 
 def sampling_probabilities(
@@ -125,31 +117,7 @@ def choose_objects(probs: Tensor, prob: float, generator: torch.Generator | None
     return selected, chosen
 
 
-def dataset_classes(recipe: Any) -> tuple[int, int]:
-    """(object classes, RoI feature dimension) of the recipe's dataset manifest."""
-    from vlptune.data.dataset import manifest_vocabularies
-
-    vocab = manifest_vocabularies(recipe)
-    return len(vocab["classes"]), int(vocab["roi_feature_dim"])
-
-
-def check_similarity_data(objective: str, recipe: Any) -> None:
-    """ConfigError when the recipe's dataset was prepared without phrase-label similarities."""
-    from vlptune.data.dataset import ensure_data
-    from vlptune.data.shards import read_manifest
-    from vlptune.data.similarity import MANIFEST_KEY
-
-    root = ensure_data(recipe)
-    if MANIFEST_KEY not in read_manifest(root):
-        raise ConfigError(
-            f"objectives.{objective}: needs phrase-label similarities (image_text column {SIMILARITY_COLUMN!r}), but the dataset at "
-            f"data.root={recipe.data.root!r} was prepared without them (its manifest has no {MANIFEST_KEY!r}); regenerate it with "
-            f"make_world(..., phrase_similarity=True) (or delete it: a recipe with this objective synthesizes the world with them), "
-            f"or add them to real data with vlptune.data.similarity.PhraseLabelSimilarity and record {MANIFEST_KEY!r} in the manifest"
-        )
-
-
-@register("omvm", OMVMConfig)
+@register("omvm")
 class OMVM(Objective):
     """Object-guided masked vision modelling; metrics ``omvm_*`` (see the module docstring)."""
 
@@ -164,16 +132,15 @@ class OMVM(Objective):
         return (SIMILARITY_COLUMN,) if cfg.sampling == "guided" else ()
 
     @classmethod
-    def check_recipe(cls, cfg: OMVMConfig, recipe: Any) -> None:
+    def check_recipe(cls, cfg: OMVMConfig, recipe: Recipe) -> None:
         if cfg.weight > 0 and cfg.mrc_weight == 0 and cfg.mrfr_weight == 0:
             raise ConfigError(f"objectives.omvm.weight={cfg.weight} but mrc_weight and mrfr_weight are both 0: nothing to train; set one > 0 or objectives.omvm.weight=0")
 
-    def __init__(self, cfg: OMVMConfig, model: nn.Module, recipe: Any):
-        super().__init__(cfg, model, recipe)
+    def __init__(self, cfg: OMVMConfig, model: VLPModel, recipe: Recipe, info: DatasetInfo | None = None):
+        super().__init__(cfg, model, recipe, info)
         self.check_recipe(cfg, recipe)
-        if cfg.sampling == "guided":
-            check_similarity_data("omvm", recipe)
-        self.num_classes, self.roi_dim = dataset_classes(recipe)
+        info = self.require_info(info)
+        self.num_classes, self.roi_dim = info.num_classes, info.roi_feature_dim
         self.sampling = cfg.sampling
         self.guide_temperature = float(cfg.guide_temperature)
         self.prob = float(cfg.prob)

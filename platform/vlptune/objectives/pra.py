@@ -27,21 +27,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
-from torch import Tensor, nn
+from torch import Tensor
 
 from vlptune.objectives.base import Objective, ObjectiveOutput, StepContext
 from vlptune.objectives.itm import clean_view
-from vlptune.objectives.omvm import SIMILARITY_COLUMN, check_similarity_data
+from vlptune.objectives.omvm import SIMILARITY_COLUMN
 from vlptune.objectives.pooling import object_cells, pool_phrases, pool_under_masks
-from vlptune.objectives.registry import ObjectiveConfig, register
-
-
-class PRAConfig(ObjectiveConfig, objective="pra"):
-    """KD-VLP phrase-region alignment: KL between cross-modal and phrase-label similarity distributions."""
-
-    sim_temperature: float = Field(0.1, gt=0.0, le=10.0, description="temperature of the softmax over cross-modal cosine similarities (phrase state vs object state)")
-    label_temperature: float = Field(0.1, gt=0.0, le=10.0, description="temperature of the softmax over phrase-label similarities alpha (the target)")
+from vlptune.config import Recipe
+from vlptune.data.info import DatasetInfo
+from vlptune.model.vlp import VLPModel
+from vlptune.config.objectives import PRAConfig
+from vlptune.objectives.registry import register
 
 
 def alignment_loss(
@@ -72,7 +68,7 @@ def alignment_loss(
     return kl, used, hit, objects
 
 
-@register("pra", PRAConfig)
+@register("pra")
 class PRA(Objective):
     """Phrase-region alignment; metrics ``pra_loss``, ``pra_acc``, ``pra_chance``, ``pra_skipped``."""
 
@@ -83,9 +79,8 @@ class PRA(Objective):
     def required_columns(cls, cfg: PRAConfig) -> tuple[str, ...]:
         return (SIMILARITY_COLUMN,)
 
-    def __init__(self, cfg: PRAConfig, model: nn.Module, recipe: Any):
-        super().__init__(cfg, model, recipe)
-        check_similarity_data("pra", recipe)
+    def __init__(self, cfg: PRAConfig, model: VLPModel, recipe: Recipe, info: DatasetInfo | None = None):
+        super().__init__(cfg, model, recipe, info)
         self.sim_temperature = float(cfg.sim_temperature)
         self.label_temperature = float(cfg.label_temperature)
 

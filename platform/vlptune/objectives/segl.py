@@ -21,37 +21,32 @@ small grids, this one does not reward answering "background"), and
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
 from vlptune.objectives.base import Objective, ObjectiveOutput, StepContext, accuracy, init_head_weights
 from vlptune.objectives.pooling import visual_states
-from vlptune.objectives.registry import ObjectiveConfig, register
+from vlptune.config import Recipe
+from vlptune.data.info import DatasetInfo
+from vlptune.model.vlp import VLPModel
+from vlptune.config.objectives import SEGLConfig
+from vlptune.objectives.registry import register
 
 SEG_IGNORE = 255  # the collate's class of unlabelled cells
 
 
-class SEGLConfig(ObjectiveConfig, objective="segl"):
-    """Per-cell segmentation cross-entropy (semantic visual loss paper)."""
-
-    source: Literal["fusion", "grid"] = Field("fusion", description="visual outputs the 1x1 conv reads: final image states of the fusion pass on positive pairs, or the grid features before fusion")
-
-
-@register("segl", SEGLConfig)
+@register("segl")
 class SEGL(Objective):
     """Segmentation of the grid; metrics ``segl_loss``, ``segl_acc``, ``segl_chance``, ``segl_skipped``."""
 
     needs = ("seg", "text_ids", "text_mask", "itm_labels", "pair_image")
     metric_names = ("segl_loss", "segl_acc", "segl_chance", "segl_class_acc", "segl_class_chance", "segl_skipped")
 
-    def __init__(self, cfg: SEGLConfig, model: nn.Module, recipe: Any):
-        super().__init__(cfg, model, recipe)
-        from vlptune.data.dataset import manifest_vocabularies
-
-        self.num_classes = len(manifest_vocabularies(recipe)["segmentation_classes"])
+    def __init__(self, cfg: SEGLConfig, model: VLPModel, recipe: Recipe, info: DatasetInfo | None = None):
+        super().__init__(cfg, model, recipe, info)
+        self.num_classes = self.require_info(info).num_segmentation_classes
         self.source = cfg.source
         self.head = nn.Linear(model.hidden_size, self.num_classes)
         init_head_weights(self.head)

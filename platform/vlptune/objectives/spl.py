@@ -24,31 +24,22 @@ share of unmatched queries that answer "no object".
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
-from vlptune.config import ConfigError
+from vlptune.config import ConfigError, Recipe
 from vlptune.objectives.base import HEAD_INIT_STD, Objective, ObjectiveOutput, StepContext, init_head_weights
 from vlptune.objectives.matching import batched_hungarian_match
 from vlptune.objectives.pooling import visual_states
-from vlptune.objectives.registry import ObjectiveConfig, register
+from vlptune.data.info import DatasetInfo
+from vlptune.model.vlp import VLPModel
+from vlptune.config.objectives import SPLConfig
+from vlptune.objectives.registry import register
 
 HEAD_DIM = 64  # default attention head width: heads = hidden // 64
-
-
-class SPLConfig(ObjectiveConfig, objective="spl"):
-    """Set prediction of the image's object labels with Hungarian matching (semantic visual loss paper)."""
-
-    queries: int = Field(36, ge=1, le=1000, description="learned object queries of the decoder (paper: 36 or 100)")
-    layers: int = Field(2, ge=1, le=12, description="Transformer decoder layers")
-    heads: int = Field(0, ge=0, le=64, description="attention heads of the decoder; 0 = hidden size / 64")
-    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout inside the decoder layers")
-    no_object_weight: float = Field(0.1, ge=0.0, le=1.0, description="cross-entropy weight of the 'no object' class for unmatched queries (DETR: 0.1)")
-    source: Literal["fusion", "grid"] = Field("fusion", description="visual outputs the decoder attends to: final image states of the fusion pass on positive pairs, or the grid features before fusion")
 
 
 def match_targets(probs: torch.Tensor, labels: torch.Tensor, no_object: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,7 +63,7 @@ def match_targets(probs: torch.Tensor, labels: torch.Tensor, no_object: int) -> 
     return targets.to(probs.device), matched.to(probs.device)
 
 
-@register("spl", SPLConfig)
+@register("spl")
 class SPL(Objective):
     """Object-label set prediction; metrics ``spl_loss``, ``spl_acc``, ``spl_chance``, ``spl_noobj_acc``."""
 
@@ -86,11 +77,9 @@ class SPL(Objective):
             raise ConfigError(f"objectives.spl.heads={heads} does not divide the hidden size {hidden}; pick a divisor (0 = hidden / {HEAD_DIM})")
         return heads
 
-    def __init__(self, cfg: SPLConfig, model: nn.Module, recipe: Any):
-        super().__init__(cfg, model, recipe)
-        from vlptune.data.dataset import manifest_vocabularies
-
-        self.num_classes = len(manifest_vocabularies(recipe)["classes"])
+    def __init__(self, cfg: SPLConfig, model: VLPModel, recipe: Recipe, info: DatasetInfo | None = None):
+        super().__init__(cfg, model, recipe, info)
+        self.num_classes = self.require_info(info).num_classes
         self.no_object = self.num_classes
         self.source = cfg.source
         hidden = model.hidden_size

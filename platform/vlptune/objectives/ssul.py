@@ -34,28 +34,22 @@ loss / baseline`` (above 0: better than chance).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import Tensor, nn
 
-from vlptune.config import ConfigError
-from vlptune.model.grid import grid_stride
+from vlptune.config import ConfigError, Recipe
+from vlptune.data.grid import grid_stride
 from vlptune.objectives.base import Objective, ObjectiveOutput, PredictionTransform, StepContext, init_head_weights
-from vlptune.objectives.registry import ObjectiveConfig, register
+from vlptune.data.info import DatasetInfo
+from vlptune.model.vlp import VLPModel
+from vlptune.config.objectives import SSULConfig
+from vlptune.objectives.registry import register
 
 RGB = 3
 MASK_VALUE = 0.0  # masked pixels, in normalised space: the dataset's mean colour
-
-
-class SSULConfig(ObjectiveConfig, objective="ssul"):
-    """Masked-patch mean-colour regression (semantic visual loss paper)."""
-
-    mask_ratio: float = Field(0.15, gt=0.0, le=1.0, description="fraction of each image's patches that are masked (paper: 0.15)")
-    patch_size: int = Field(32, ge=1, le=1024, description="side of the masked pixel patches (paper: 32); must divide or be a multiple of the grid stride 32 * model.backbone.pool")
-    source: Literal["fusion", "grid"] = Field("fusion", description="visual outputs the head reads: final image states of the fusion pass on positive pairs, or the grid features before fusion")
 
 
 def patch_geometry(patch: int, stride: int) -> tuple[int, int]:
@@ -134,7 +128,7 @@ def pool_cells(states: Tensor, valid: Tensor, gh: int, gw: int, group: int) -> T
     return (sums / counts.clamp_min(1e-12)).permute(0, 2, 3, 1)
 
 
-@register("ssul", SSULConfig)
+@register("ssul")
 class SSUL(Objective):
     """Masked-patch mean-colour regression; metrics ``ssul_loss``, ``ssul_baseline``, ``ssul_r2``."""
 
@@ -142,11 +136,11 @@ class SSUL(Objective):
     metric_names = ("ssul_loss", "ssul_baseline", "ssul_r2")
 
     @classmethod
-    def check_recipe(cls, cfg: SSULConfig, recipe: Any) -> None:
+    def check_recipe(cls, cfg: SSULConfig, recipe: Recipe) -> None:
         patch_geometry(cfg.patch_size, grid_stride(recipe.model.backbone.pool))
 
-    def __init__(self, cfg: SSULConfig, model: nn.Module, recipe: Any):
-        super().__init__(cfg, model, recipe)
+    def __init__(self, cfg: SSULConfig, model: VLPModel, recipe: Recipe, info: DatasetInfo | None = None):
+        super().__init__(cfg, model, recipe, info)
         self.stride = grid_stride(recipe.model.backbone.pool)
         self.patch = int(cfg.patch_size)
         self.sub, self.group = patch_geometry(self.patch, self.stride)

@@ -45,36 +45,17 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from vlptune.config import ConfigError
+from vlptune.config import ConfigError, Recipe
 from vlptune.objectives.base import Objective, ObjectiveOutput, StepContext, init_head_weights
-from vlptune.objectives.registry import ObjectiveConfig, register
+from vlptune.data.info import DatasetInfo
+from vlptune.model.vlp import VLPModel
+from vlptune.config.objectives import VSCConfig
+from vlptune.objectives.registry import register
 
 VSC_ATTR = "vsc"  # name of the VSC heads on the VLPModel
 NegativeMode = Literal["random", "hard", "sampled"]
-
-
-class VSCConfig(ObjectiveConfig, objective="vsc"):
-    """MVPTR's in-batch contrastive loss between the uni-modal text [CLS] and image embeddings."""
-
-    embed_dim: int = Field(256, ge=8, le=4096, description="width of the projected, L2-normalised embeddings (ALBEF/MVPTR: 256)")
-    temperature: float = Field(0.07, gt=0.0, le=1.0, description="initial value of the learnable softmax temperature (MVPTR: 0.07)")
-    min_temperature: float = Field(0.001, gt=0.0, le=1.0, description="lower clamp of the learnable temperature (ALBEF: 0.001)")
-    max_temperature: float = Field(0.5, gt=0.0, le=1.0, description="upper clamp of the learnable temperature (ALBEF: 0.5)")
-    text_pooling: Literal["cls", "mean"] = Field(
-        "cls",
-        description="uni-modal text embedding: the [CLS] state (MVPTR) or the mean token state (what the packaged MiniLM was trained for; its early-layer [CLS] is nearly constant)",
-    )
-
-    @model_validator(mode="after")
-    def _temperature_in_range(self) -> "VSCConfig":
-        if not self.min_temperature <= self.temperature <= self.max_temperature:
-            raise ValueError(
-                f"temperature={self.temperature} must lie in [min_temperature={self.min_temperature}, max_temperature={self.max_temperature}]"
-            )
-        return self
 
 
 class VSCHeads(nn.Module):
@@ -248,7 +229,7 @@ def itm_negative_texts(batch: dict[str, Any], ctx: StepContext, mode: NegativeMo
     return text_ids, text_mask, replaced
 
 
-@register("vsc", VSCConfig)
+@register("vsc")
 class VSC(Objective):
     """In-batch image-text contrastive loss on the uni-modal stage; metrics ``vsc_loss``, ``vsc_acc``, ``vsc_chance``, ``vsc_temp``."""
 
@@ -256,7 +237,7 @@ class VSC(Objective):
     metric_names = ("vsc_loss", "vsc_acc", "vsc_chance", "vsc_temp")
 
     @classmethod
-    def check_recipe(cls, cfg: VSCConfig, recipe: Any) -> None:
+    def check_recipe(cls, cfg: VSCConfig, recipe: Recipe) -> None:
         fusion = recipe.model.fusion
         if fusion.unimodal_layers == 0:
             raise ConfigError(
@@ -264,8 +245,8 @@ class VSC(Objective):
                 f"set model.fusion.unimodal_layers between 1 and model.fusion.layers-1={fusion.layers - 1}"
             )
 
-    def __init__(self, cfg: VSCConfig, model: nn.Module, recipe: Any):
-        super().__init__(cfg, model, recipe)
+    def __init__(self, cfg: VSCConfig, model: VLPModel, recipe: Recipe, info: DatasetInfo | None = None):
+        super().__init__(cfg, model, recipe, info)
         self.check_recipe(cfg, recipe)
         if getattr(model, VSC_ATTR, None) is not None:
             raise ValueError(f"model.{VSC_ATTR} already exists: build one VSC objective per model")

@@ -32,19 +32,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
-from torch import Tensor, nn
+from torch import Tensor
 
 from vlptune.objectives.base import Objective, ObjectiveOutput, StepContext
 from vlptune.objectives.itm import clean_view
 from vlptune.objectives.pooling import pool_phrases, pool_under_masks
-from vlptune.objectives.registry import ObjectiveConfig, register
-
-
-class WPGConfig(ObjectiveConfig, objective="wpg"):
-    """MVPTR's phrase-region grounding hinge."""
-
-    margin: float = Field(0.2, ge=0.0, le=2.0, description="hinge margin between the positive and the negative image's grounding score (MVPTR: 0.2)")
+from vlptune.config import Recipe
+from vlptune.data.info import DatasetInfo
+from vlptune.model.vlp import VLPModel
+from vlptune.config.objectives import WPGConfig
+from vlptune.objectives.registry import register
 
 
 def grounding_score(phrases: Tensor, phrase_valid: Tensor, regions: Tensor, region_valid: Tensor) -> tuple[Tensor, Tensor]:
@@ -70,19 +67,17 @@ def region_states(image_states: Tensor, obj_masks: Tensor, obj_labels: Tensor, g
     return pool_under_masks(image_states, cells & valid[..., None]), valid
 
 
-@register("wpg", WPGConfig)
+@register("wpg")
 class WPG(Objective):
     """Phrase-region grounding hinge on positive pairs; metrics ``wpg_loss``, ``wpg_acc``, ``wpg_skipped``."""
 
     needs = ("text_ids", "text_mask", "itm_labels", "pair_image", "phrase_spans", "obj_masks", "obj_labels")
     metric_names = ("wpg_loss", "wpg_acc", "wpg_skipped")
 
-    def __init__(self, cfg: WPGConfig, model: nn.Module, recipe: Any):
-        super().__init__(cfg, model, recipe)
-        from vlptune.objectives.base import active_objectives
-
+    def __init__(self, cfg: WPGConfig, model: VLPModel, recipe: Recipe, info: DatasetInfo | None = None):
+        super().__init__(cfg, model, recipe, info)
         self.margin = float(cfg.margin)
-        itm = active_objectives(recipe).get("itm")
+        itm = recipe.active_objectives().get("itm")
         # ITM's clean pass over every pair holds our positives when ITM keeps its random negatives
         self.share_clean = itm is not None and getattr(itm, "negatives", "random") == "random"
 

@@ -29,14 +29,29 @@ import json
 import math
 import re
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from vlptune.config import ConfigError
-from vlptune.tasks.cli import DEFAULT_BEAM, DEFAULT_LENGTH_PENALTY, DEFAULT_LIMIT, DEFAULT_SHOW
+from vlptune.config import ConfigError, Recipe, load_recipe
+from vlptune.config.tasks import CaptionConfig
+from vlptune.data.collate import pad_images
+from vlptune.data.dataset import ShardDataset
+from vlptune.data.grid import grid_stride
+from vlptune.data.schema import DataError
+from vlptune.data.shards import read_manifest
+from vlptune.data.text import load_tokenizer
+from vlptune.io import atomic_write_text
+from vlptune.model.decoder import image_only_memory
+from vlptune.objectives import registry
+from vlptune.objectives.base import Objective, Pretrainer, build_pretrainer, prepare_dataset
+from vlptune.train.checkpoint import CHECKPOINT_DIR, STATE_FILE, CheckpointError, latest_checkpoint, load_checkpoint
+from vlptune.train.loop import Dist, resolve_device
+
+DEFAULTS = CaptionConfig()
 
 RUN_RECIPE = "recipe.yaml"
 WORD = re.compile(r"[a-z]+")
@@ -110,8 +125,6 @@ def mention_scores(vocab: MentionVocab, captions: Sequence[str], objects: Sequen
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
     """``(checkpoint_dir, run_dir)`` from a checkpoint directory or a run directory (its latest checkpoint)."""
-    from vlptune.train.checkpoint import CHECKPOINT_DIR, STATE_FILE, latest_checkpoint
-
     path = Path(path)
     if (path / STATE_FILE).is_file():
         run_dir = path.parent.parent if path.parent.name == CHECKPOINT_DIR else path.parent
@@ -135,22 +148,21 @@ class CaptionReport:
     note: str = ""  # why the mention metric is missing, when it is
 
 
-def load_captioner(checkpoint: Path, run_dir: Path, device: torch.device) -> tuple[Any, Any]:
-    """``(recipe, pretrainer)`` of a run, weights loaded from ``checkpoint``, in eval mode on ``device``."""
-    from vlptune.config import load_recipe
-    from vlptune.objectives.base import build_pretrainer
-    from vlptune.train.checkpoint import load_checkpoint
+def captioner_of(pretrainer: Pretrainer) -> Objective | None:
+    """The active objective that generates captions (``generates_captions``), if any."""
+    return next((objective for objective in pretrainer.objectives.values() if objective.generates_captions), None)
 
+
+def load_captioner(checkpoint: Path, run_dir: Path, device: torch.device) -> tuple[Recipe, Pretrainer]:
+    """``(recipe, pretrainer)`` of a run, weights loaded from ``checkpoint``, in eval mode on ``device``."""
     recipe_path = run_dir / RUN_RECIPE
     if not recipe_path.is_file():
         raise ConfigError(f"{run_dir}: no {RUN_RECIPE} (the training loop writes the resolved recipe there)")
     recipe = load_recipe(recipe_path)
-    if "captioning" not in recipe.active_objectives():
-        raise ConfigError(f"{recipe_path}: objectives.captioning has no weight > 0; this checkpoint has no caption decoder")
-    from vlptune.data.dataset import ensure_data
-
-    ensure_data(recipe)  # detection may read its vocabulary sizes from the manifest
-    pretrainer = build_pretrainer(recipe)
+    if not any(registry.get(name).impl.generates_captions for name in recipe.active_objectives()):
+        generators = [name for name in registry.names() if registry.get(name).impl.generates_captions]
+        raise ConfigError(f"{recipe_path}: no caption-generating objective ({', '.join(generators)}) has a weight > 0; this checkpoint has no caption decoder")
+    pretrainer = build_pretrainer(recipe, prepare_dataset(recipe))  # heads sized from the dataset's vocabularies
     load_checkpoint(checkpoint, pretrainer, restore_rng_state=False)
     return recipe, pretrainer.to(device).eval()
 
@@ -158,23 +170,14 @@ def load_captioner(checkpoint: Path, run_dir: Path, device: torch.device) -> tup
 @torch.no_grad()
 def caption_checkpoint(
     path: str | Path,
-    beam: int = DEFAULT_BEAM,
+    beam: int = DEFAULTS.beam,
     split: str | None = None,
-    limit: int = DEFAULT_LIMIT,
+    limit: int = DEFAULTS.limit,
     max_len: int | None = None,
-    length_penalty: float = DEFAULT_LENGTH_PENALTY,
+    length_penalty: float = DEFAULTS.length_penalty,
     device: str | torch.device = "cpu",
 ) -> CaptionReport:
     """Caption the first ``limit`` images of ``split`` (default ``data.val_split``) and score the mentions."""
-    import time
-
-    from vlptune.data.collate import pad_images
-    from vlptune.data.dataset import ShardDataset
-    from vlptune.data.shards import read_manifest
-    from vlptune.data.text import load_tokenizer
-    from vlptune.model.decoder import image_only_memory
-    from vlptune.model.grid import grid_stride
-
     if beam < 1:
         raise ConfigError(f"--beam must be >= 1, got {beam}")
     if limit < 1:
@@ -183,7 +186,8 @@ def caption_checkpoint(
     device = torch.device(device)
     checkpoint, run_dir = resolve_checkpoint(path)
     recipe, pretrainer = load_captioner(checkpoint, run_dir, device)
-    model, captioner = pretrainer.model, pretrainer.objectives["captioning"]
+    model, captioner = pretrainer.model, captioner_of(pretrainer)
+    assert captioner is not None  # load_captioner refuses a recipe without one
     split = split or recipe.data.val_split
     dataset = ShardDataset(recipe, split, train=False)
     manifest = read_manifest(dataset.root)
@@ -230,7 +234,7 @@ def caption_checkpoint(
 # --------------------------------------------------------------------------- command
 
 
-def format_report(report: CaptionReport, show: int = DEFAULT_SHOW) -> str:
+def format_report(report: CaptionReport, show: int = DEFAULTS.show) -> str:
     m = report.metrics
     lines = [f"captions of {int(m['images'])} images from {report.checkpoint} ({report.seconds:.1f} s)"]
     for image_id, caption, reference in list(zip(report.image_ids, report.captions, report.references))[:show]:
@@ -246,11 +250,6 @@ def format_report(report: CaptionReport, show: int = DEFAULT_SHOW) -> str:
 
 
 def run_caption(args: Any) -> int:
-    from vlptune.train.loop import Dist, resolve_device
-
-    from vlptune.data.schema import DataError
-    from vlptune.train.checkpoint import CheckpointError
-
     device = resolve_device(args.device, Dist())
     try:
         report = caption_checkpoint(
@@ -267,8 +266,6 @@ def run_caption(args: Any) -> int:
         return 1
     print(format_report(report, args.show), flush=True)
     if args.out:
-        from vlptune.io import atomic_write_text
-
         rows = [
             json.dumps({"image_id": i, "caption": c, "reference": r})
             for i, c, r in zip(report.image_ids, report.captions, report.references)

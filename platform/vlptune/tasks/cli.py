@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import argparse
 
-# defaults of the command (tasks/caption.py imports them; kept here so `vlptune --help` stays import-light)
-DEFAULT_BEAM = 1
-DEFAULT_LIMIT = 100
-DEFAULT_LENGTH_PENALTY = 1.0
-DEFAULT_SHOW = 5
+from vlptune.config.tasks import CaptionConfig
+
+DEFAULTS = CaptionConfig()
 
 
 def _positive_int(text: str) -> int:
@@ -34,21 +32,21 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "number for the ground-truth captions and for another image's captions.",
     )
     caption.add_argument("checkpoint", help="checkpoint directory (RUN/checkpoints/step_N) or run directory")
-    caption.add_argument("--beam", type=_positive_int, default=DEFAULT_BEAM, help=f"beam size; 1 = greedy (default {DEFAULT_BEAM})")
+    caption.add_argument("--beam", type=_positive_int, default=DEFAULTS.beam, help=f"beam size; 1 = greedy (default {DEFAULTS.beam})")
     caption.add_argument("--split", default=None, help="data split to caption (default: the recipe's data.val_split)")
-    caption.add_argument("--limit", type=_positive_int, default=DEFAULT_LIMIT, help=f"images to caption (default {DEFAULT_LIMIT})")
+    caption.add_argument("--limit", type=_positive_int, default=DEFAULTS.limit, help=f"images to caption (default {DEFAULTS.limit})")
     caption.add_argument("--max-len", type=_positive_int, default=None, help="most tokens per caption, [CLS] and [SEP] included (default: data.max_text_len)")
     caption.add_argument(
-        "--length-penalty", type=float, default=DEFAULT_LENGTH_PENALTY,
-        help=f"beam ranking: total log-probability / length**penalty (default {DEFAULT_LENGTH_PENALTY}: mean per token)",
+        "--length-penalty", type=float, default=DEFAULTS.length_penalty,
+        help=f"beam ranking: total log-probability / length**penalty (default {DEFAULTS.length_penalty}: mean per token)",
     )
     caption.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run (default auto)")
-    caption.add_argument("--show", type=int, default=DEFAULT_SHOW, help=f"example captions printed (default {DEFAULT_SHOW})")
+    caption.add_argument("--show", type=int, default=DEFAULTS.show, help=f"example captions printed (default {DEFAULTS.show})")
     caption.add_argument("--out", help="also write every caption as JSON lines to this file")
     caption.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from vlptune.tasks.caption import run_caption
+    from vlptune.tasks.caption import run_caption  # torch and the model: only when the command runs
 
     return run_caption(args)

@@ -48,8 +48,11 @@ from torch.utils.data import DataLoader
 
 from vlptune.config import Recipe, dump_recipe, recipe_to_dict, validate_recipe
 from vlptune.io import atomic_write_text
-from vlptune.objectives.base import MetricMeter, Pretrainer, build_pretrainer
+from vlptune.data.dataset import build_loader
+from vlptune.data.info import DatasetInfo
+from vlptune.objectives.base import MetricMeter, Pretrainer, build_pretrainer, pair_scorer, prepare_dataset
 from vlptune.train import checkpoint as ckpt
+from vlptune.train.evaluate import RetrievalInputs, evaluate_losses, evaluate_retrieval, to_device
 from vlptune.train.optim import (
     Optimizers,
     accumulation_steps,
@@ -133,22 +136,14 @@ def as_recipe(recipe: Recipe | dict) -> Recipe:
     return recipe if isinstance(recipe, Recipe) else validate_recipe(dict(recipe), "train_worker recipe")
 
 
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
-
-
 # --------------------------------------------------------------------------- data
 
 
-def prepare_data(recipe: Recipe, workers: Dist) -> None:
-    """Rank 0 generates the synthetic world if needed; the other ranks wait for it."""
-    from vlptune.data.dataset import ensure_data
-
-    if workers.is_main:
-        ensure_data(recipe)
+def prepare_data(recipe: Recipe, workers: Dist) -> DatasetInfo:
+    """The dataset's info; rank 0 generates the synthetic world if needed, the other ranks wait for it."""
+    info = prepare_dataset(recipe) if workers.is_main else None
     workers.barrier()
-    if not workers.is_main:
-        ensure_data(recipe)
+    return info if info is not None else prepare_dataset(recipe)
 
 
 class BatchStream:
@@ -299,8 +294,6 @@ class Evaluation:
     """Validation losses (all ranks) and zero-shot retrieval (rank 0), data prepared once."""
 
     def __init__(self, recipe: Recipe, workers: Dist, device: torch.device, precision: str):
-        from vlptune.data.dataset import build_loader
-
         self.recipe = recipe
         self.workers = workers
         self.device = device
@@ -319,14 +312,12 @@ class Evaluation:
             return self._evaluate(pretrainer)
 
     def _evaluate(self, pretrainer: Pretrainer) -> tuple[dict[str, float], Tensor | None]:
-        from vlptune.tasks.retrieval import RetrievalInputs, evaluate_losses, evaluate_retrieval
-
         metrics: dict[str, float] = {}
         if self.val_loader is not None:
             val = evaluate_losses(pretrainer, self.val_loader, self.recipe.eval.loss_batches, self.device, self.precision)
             metrics.update({f"val/{k}": v for k, v in val.items()})
         picture = None
-        if self.workers.is_main and "itm" in pretrainer.objectives:
+        if self.workers.is_main and pair_scorer(pretrainer) is not None:
             if self._retrieval is None:
                 self._retrieval = RetrievalInputs.load(self.recipe)
             retrieval, encoded = evaluate_retrieval(pretrainer, self.recipe, self._retrieval, self.device, self.precision)
@@ -408,11 +399,10 @@ def train_worker(
     # ---- data, model, optimisers (each phase timed: the first report carries startup/<phase>_s)
     phases = PhaseTimer()
     accum = accumulation_steps(recipe.optim.global_batch, recipe.data.batch_images, workers.world_size)
-    prepare_data(recipe, workers)
-    from vlptune.data.dataset import build_loader
+    info = prepare_data(recipe, workers)
 
     phases.mark("prepare_data")
-    pretrainer = build_pretrainer(recipe).to(device)
+    pretrainer = build_pretrainer(recipe, info).to(device)
     pretrainer.train()
     optimizers = build_optimizers(pretrainer, pretrainer.model.backbone, recipe.optim, recipe.train.max_steps)
     module: nn.Module = pretrainer

@@ -8,7 +8,7 @@ Scalars (tags):
 * ``train/grad_norm``: global gradient norm before clipping;
 * ``vd/<stat>``: the visual dictionary's statistics (perplexity, codes used, dead codes...);
 * ``throughput/images_per_s``, ``throughput/pairs_per_s``: over the log window, all ranks;
-* ``val/<metric>``, ``retrieval/<metric>``: the evaluation (see tasks/retrieval.py).
+* ``val/<metric>``, ``retrieval/<metric>``: the evaluation (see train/evaluate.py).
 
 HParams (the hparams plugin's summaries, written into this same event file, so
 the dashboard lists the run once; ``SummaryWriter.add_hparams`` would open a

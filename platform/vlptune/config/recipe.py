@@ -11,7 +11,7 @@ Recipes compose:
 * dotted overrides ``-o model.vd.size=4096`` are applied after the files.
 
 Objectives are plug-ins: ``objectives`` maps a registered objective name to its
-own config model (see :mod:`vlptune.objectives.registry`), so adding an
+own config model (see :mod:`vlptune.config.objectives`), so adding an
 objective never touches this file.
 
 Every error is a :class:`ConfigError` whose message names the file, the dotted
@@ -27,21 +27,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
+from vlptune.config import objectives as objective_configs
+from vlptune.config.base import ConfigError, Section
 from vlptune.errors import did_you_mean
 
 RECIPE_SUFFIXES = (".yaml", ".yml")
-
-
-class ConfigError(ValueError):
-    """A recipe, override or search file that cannot be accepted."""
-
-
-class Section(BaseModel):
-    """Base of every config section: unknown keys are refused, assignment re-validated."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 # --------------------------------------------------------------------------- data
@@ -215,18 +207,9 @@ class Recipe(Section):
     @field_validator("objectives", mode="before")
     @classmethod
     def _validate_objectives(cls, value: Any) -> dict[str, Any]:
-        from vlptune.objectives import registry
-
         if not isinstance(value, dict):
             raise ValueError("must be a mapping of objective name to its settings")
-        out: dict[str, Any] = {}
-        for name, spec in value.items():
-            config_cls = registry.config_class(name)  # raises with the known names
-            if isinstance(spec, config_cls):
-                out[name] = spec
-            else:
-                out[name] = config_cls.model_validate(spec if spec is not None else {})
-        return out
+        return {name: objective_configs.validate_objective(name, spec) for name, spec in value.items()}  # raises with the known names
 
     def active_objectives(self) -> dict[str, Any]:
         """Objectives with a positive weight, in recipe order."""
@@ -406,15 +389,13 @@ def format_validation_error(exc: ValidationError, source: str, model: type[BaseM
 
 def _validate_objectives(data: dict[str, Any], source: str) -> list[str]:
     """Validate each objective entry with its registered config; error lines with dotted paths."""
-    from vlptune.objectives import registry
-
     objectives = data.get("objectives")
     if not isinstance(objectives, dict):
         return []
     problems: list[str] = []
     for name, spec in objectives.items():
         try:
-            config_cls = registry.config_class(name)
+            config_cls = objective_configs.config_class(name)
         except ConfigError as exc:
             problems.append(f"  {exc}")
             continue
@@ -469,13 +450,11 @@ def dump_recipe(recipe: Recipe) -> str:
 
 def json_schema() -> dict[str, Any]:
     """JSON schema of a recipe, objectives expanded from the registry."""
-    from vlptune.objectives import registry
-
     schema = Recipe.model_json_schema()
     defs = schema.setdefault("$defs", {})
     props: dict[str, Any] = {}
-    for name in registry.names():
-        sub = registry.config_class(name).model_json_schema()
+    for name in objective_configs.names():
+        sub = objective_configs.config_class(name).model_json_schema()
         for key, value in sub.pop("$defs", {}).items():
             defs[key] = value
         props[name] = sub
@@ -491,15 +470,13 @@ def json_schema() -> dict[str, Any]:
 
 def field_at(path: str) -> tuple[type[BaseModel], str]:
     """Resolve a dotted recipe path to (section model, field name); ConfigError if absent."""
-    from vlptune.objectives import registry
-
     parts = path.split(".")
     model: type[BaseModel] = Recipe
     for i, part in enumerate(parts):
         if model is Recipe and part == "objectives":
             if i + 2 >= len(parts):
                 raise ConfigError(f"{path}: name an objective and its field, e.g. objectives.mvm.weight")
-            model = registry.config_class(parts[i + 1])
+            model = objective_configs.config_class(parts[i + 1])
             rest = parts[i + 2 :]
             if len(rest) != 1 or rest[0] not in model.model_fields:
                 hint = did_you_mean(rest[0], model.model_fields) if len(rest) == 1 else ""

@@ -43,7 +43,10 @@ from torch import Tensor
 
 from vlptune.config import Recipe
 from vlptune.model.visual_dictionary import perplexity
-from vlptune.objectives.base import MetricMeter, Pretrainer
+from vlptune.data.collate import pad_images
+from vlptune.data.dataset import load_retrieval_set
+from vlptune.data.text import load_tokenizer, tokenize_texts
+from vlptune.objectives.base import MetricMeter, Pretrainer, pair_scorer, pair_scorer_names
 from vlptune.train.optim import autocast
 
 RECALL_AT = (1, 5, 10)
@@ -107,8 +110,6 @@ class EncodedImages:
 @torch.no_grad()
 def encode_images(model: Any, images: list[Tensor], stride: int, batch: int, device: torch.device, precision: str) -> EncodedImages:
     """Run the backbone (and VD) once per image; pad every grid to the set's largest."""
-    from vlptune.data.dataset import pad_images
-
     feats, masks, codes = [], [], []
     for s in range(0, len(images), batch):
         pixels, pixel_mask, _ = pad_images(images[s : s + batch], stride)
@@ -210,9 +211,6 @@ class RetrievalInputs:
 
     @classmethod
     def load(cls, recipe: Recipe, tokenizer: Any = None) -> "RetrievalInputs":
-        from vlptune.data.dataset import load_retrieval_set
-        from vlptune.data.text import load_tokenizer, tokenize_texts
-
         rset = load_retrieval_set(recipe)
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(recipe.data.tokenizer)
         ids, mask = tokenize_texts(tokenizer, rset.captions, recipe.data.max_text_len)
@@ -228,7 +226,7 @@ def evaluate_retrieval(
     device: torch.device,
     precision: str = "fp32",
 ) -> tuple[dict[str, float], EncodedImages]:
-    """Zero-shot TR/IR recall of ``pretrainer`` (which must have an ``itm`` objective).
+    """Zero-shot TR/IR recall of ``pretrainer`` (which must have an objective that scores pairs, ITM).
 
     Returns ``(metrics, encoded images)``; metrics are percentages (keys
     ``tr_r1 ... ir_r10``, ``rsum``, ``chance_*``, plus ``images``, ``texts``,
@@ -236,10 +234,11 @@ def evaluate_retrieval(
     the VD on, ``vd_codes_used``, ``vd_code_share`` and ``vd_perplexity`` over
     the evaluation images' cells).
     """
-    if "itm" not in pretrainer.objectives:
-        raise ValueError("zero-shot retrieval is scored by the ITM head: give objectives.itm a weight > 0")
+    itm = pair_scorer(pretrainer)
+    if itm is None:
+        raise ValueError(f"zero-shot retrieval is scored by an objective that scores image-text pairs ({', '.join(pair_scorer_names())}): give one a weight > 0")
     start = time.perf_counter()
-    model, itm = pretrainer.model, pretrainer.objectives["itm"]
+    model = pretrainer.model
     was_training = pretrainer.training
     pretrainer.eval()
     try:
@@ -284,7 +283,7 @@ def evaluate_retrieval(
 # --------------------------------------------------------------------------- validation losses
 
 
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 
@@ -313,7 +312,7 @@ def evaluate_losses(
             if i >= max_batches:
                 break
             with autocast(precision, device):
-                _, metrics = pretrainer(_to_device(batch, device), generator)
+                _, metrics = pretrainer(to_device(batch, device), generator)
             meter.add({k: v for k, v in metrics.items() if not k.startswith("vd_")})
     finally:
         pretrainer.train(was_training)

@@ -1,0 +1,44 @@
+"""Typed configuration, importable without torch: recipes, their sections and the objectives' own configs.
+
+* :mod:`vlptune.config.base` — :class:`ConfigError` and the strict :class:`Section` model.
+* :mod:`vlptune.config.objectives` — every objective's config, registered by name.
+* :mod:`vlptune.config.recipe` — the recipe sections, loading (``base:`` chains, ``-o`` overrides), validation and the JSON schema.
+
+The names below are the public surface; import them from ``vlptune.config``.
+"""
+
+from __future__ import annotations
+
+from vlptune.config.base import ConfigError, Section
+from vlptune.config.objectives import ObjectiveConfig
+from vlptune.config.recipe import (
+    RECIPE_SUFFIXES,
+    SynthConfig,
+    DataConfig,
+    BackboneConfig,
+    VDConfig,
+    FusionConfig,
+    ModelConfig,
+    GroupOptimConfig,
+    OptimConfig,
+    TrainConfig,
+    EvalConfig,
+    ResourcesConfig,
+    Recipe,
+    read_yaml_mapping,
+    deep_merge,
+    load_raw_with_sources,
+    load_raw,
+    parse_override,
+    set_dotted,
+    apply_overrides,
+    format_validation_error,
+    validate_recipe,
+    load_recipe,
+    recipe_to_dict,
+    dump_recipe,
+    json_schema,
+    field_at,
+)
+
+__all__ = ["ConfigError", "Section", "ObjectiveConfig", "RECIPE_SUFFIXES", "SynthConfig", "DataConfig", "BackboneConfig", "VDConfig", "FusionConfig", "ModelConfig", "GroupOptimConfig", "OptimConfig", "TrainConfig", "EvalConfig", "ResourcesConfig", "Recipe", "read_yaml_mapping", "deep_merge", "load_raw_with_sources", "load_raw", "parse_override", "set_dotted", "apply_overrides", "format_validation_error", "validate_recipe", "load_recipe", "recipe_to_dict", "dump_recipe", "json_schema", "field_at"]

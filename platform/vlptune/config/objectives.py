@@ -1,0 +1,212 @@
+"""Objective configs: each pretext task's own recipe section, registered by name.
+
+A recipe's ``objectives`` maps a registered name to its config. A config class
+registers itself when it is defined, ``class MLMConfig(ObjectiveConfig,
+objective="mlm")``, so recipes validate without importing torch or building a
+model. The implementation (an ``nn.Module`` in :mod:`vlptune.objectives`)
+registers under the same name with ``@register("mlm")`` and finds its config
+class here; these are the only two places an objective's name is written.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from vlptune.config.base import ConfigError, Section
+from vlptune.errors import did_you_mean
+
+_CONFIGS: dict[str, type[ObjectiveConfig]] = {}
+
+
+class ObjectiveConfig(Section):
+    """Fields every objective has; a subclass names its objective with ``objective="name"``."""
+
+    def __init_subclass__(cls, objective: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if objective is None:
+            return
+        existing = _CONFIGS.get(objective)
+        if existing is not None and existing.__qualname__ != cls.__qualname__:
+            raise ValueError(f"objective {objective!r}: two config classes ({existing.__qualname__} and {cls.__qualname__})")
+        _CONFIGS[objective] = cls
+
+    weight: float = Field(1.0, ge=0.0, le=100.0, description="weight of this loss in the total; 0 switches the objective off")
+
+
+def names() -> list[str]:
+    """Every registered objective name, sorted."""
+    return sorted(_CONFIGS)
+
+
+def unknown_objective(name: str) -> ConfigError:
+    return ConfigError(f"objectives.{name}: unknown objective {name!r}{did_you_mean(name, _CONFIGS)}; registered: {', '.join(sorted(_CONFIGS))}")
+
+
+def config_class(name: str) -> type[ObjectiveConfig]:
+    """The config class registered under ``name``; ConfigError naming the known ones otherwise."""
+    if name not in _CONFIGS:
+        raise unknown_objective(name)
+    return _CONFIGS[name]
+
+
+def validate_objective(name: str, spec: Any) -> ObjectiveConfig:
+    """``spec`` (a mapping, None for the defaults, or an already validated config) as ``name``'s config."""
+    config_cls = config_class(name)
+    if isinstance(spec, config_cls):
+        return spec
+    return config_cls.model_validate(spec if spec is not None else {})
+
+
+# ---------------------------------------------------------------------- mlm
+
+
+class MLMConfig(ObjectiveConfig, objective="mlm"):
+    """Masked language modelling; masking probability lives in data.mlm_prob."""
+
+
+# ---------------------------------------------------------------------- itm
+
+
+class ITMConfig(ObjectiveConfig, objective="itm"):
+    """Image-text matching; positives/negatives per image live in data.itm_positives/itm_negatives."""
+
+    pooling: Literal["cls", "mean", "product"] = Field(
+        "cls",
+        description="what the head reads: 'cls' the fused [CLS] state (SOHO); 'mean' the mean of all real text and image states; "
+        "'product' the element-wise product of the mean text state and the mean image state (a bilinear match feature, fastest start)",
+    )
+    negatives: Literal["random", "hard", "sampled"] = Field(
+        "random", description="negative captions: 'random' from the collate (SOHO), 'hard' / 'sampled' by MVPTR's VSC similarities (needs objectives.vsc)"
+    )
+
+
+# ---------------------------------------------------------------------- mvm
+
+
+class MVMConfig(ObjectiveConfig, objective="mvm"):
+    prob: float = Field(1.0, ge=0.0, le=1.0, description="probability that a positive pair gets MVM (released SOHO code: 0.015)")
+
+
+# ---------------------------------------------------------------------- omvm
+
+
+class OMVMConfig(ObjectiveConfig, objective="omvm"):
+    """KD-VLP object-guided masked vision modelling (MRC + MRFR on one masked object per positive pair)."""
+
+    mrc_weight: float = Field(1.0, ge=0.0, le=100.0, description="weight of masked region classification (cross-entropy over object classes) inside OMVM (KD-VLP: 1)")
+    mrfr_weight: float = Field(1.0, ge=0.0, le=100.0, description="weight of masked region feature regression (L2 to the RoI feature) inside OMVM (KD-VLP: 1)")
+    sampling: Literal["guided", "random"] = Field("guided", description="guided: knowledge-guided choice of the masked object by phrase-label similarity (KD-VLP); random: uniform (the paper's RandomMVM row)")
+    guide_temperature: float = Field(0.1, gt=0.0, le=10.0, description="guided sampling: P(object) = softmax(max over phrases of alpha / guide_temperature)")
+    prob: float = Field(1.0, ge=0.0, le=1.0, description="probability that a positive pair gets an object masked (KD-VLP: every pair)")
+
+
+# ---------------------------------------------------------------------- pra
+
+
+class PRAConfig(ObjectiveConfig, objective="pra"):
+    """KD-VLP phrase-region alignment: KL between cross-modal and phrase-label similarity distributions."""
+
+    sim_temperature: float = Field(0.1, gt=0.0, le=10.0, description="temperature of the softmax over cross-modal cosine similarities (phrase state vs object state)")
+    label_temperature: float = Field(0.1, gt=0.0, le=10.0, description="temperature of the softmax over phrase-label similarities alpha (the target)")
+
+
+# ---------------------------------------------------------------------- ssul
+
+
+class SSULConfig(ObjectiveConfig, objective="ssul"):
+    """Masked-patch mean-colour regression (semantic visual loss paper)."""
+
+    mask_ratio: float = Field(0.15, gt=0.0, le=1.0, description="fraction of each image's patches that are masked (paper: 0.15)")
+    patch_size: int = Field(32, ge=1, le=1024, description="side of the masked pixel patches (paper: 32); must divide or be a multiple of the grid stride 32 * model.backbone.pool")
+    source: Literal["fusion", "grid"] = Field("fusion", description="visual outputs the head reads: final image states of the fusion pass on positive pairs, or the grid features before fusion")
+
+
+# ---------------------------------------------------------------------- segl
+
+
+class SEGLConfig(ObjectiveConfig, objective="segl"):
+    """Per-cell segmentation cross-entropy (semantic visual loss paper)."""
+
+    source: Literal["fusion", "grid"] = Field("fusion", description="visual outputs the 1x1 conv reads: final image states of the fusion pass on positive pairs, or the grid features before fusion")
+
+
+# ---------------------------------------------------------------------- spl
+
+
+class SPLConfig(ObjectiveConfig, objective="spl"):
+    """Set prediction of the image's object labels with Hungarian matching (semantic visual loss paper)."""
+
+    queries: int = Field(36, ge=1, le=1000, description="learned object queries of the decoder (paper: 36 or 100)")
+    layers: int = Field(2, ge=1, le=12, description="Transformer decoder layers")
+    heads: int = Field(0, ge=0, le=64, description="attention heads of the decoder; 0 = hidden size / 64")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout inside the decoder layers")
+    no_object_weight: float = Field(0.1, ge=0.0, le=1.0, description="cross-entropy weight of the 'no object' class for unmatched queries (DETR: 0.1)")
+    source: Literal["fusion", "grid"] = Field("fusion", description="visual outputs the decoder attends to: final image states of the fusion pass on positive pairs, or the grid features before fusion")
+
+
+# ---------------------------------------------------------------------- detection
+
+
+class DetectionConfig(ObjectiveConfig, objective="detection"):
+    """E2E-VLP / DETR set prediction; defaults are DETR's (E2E-VLP follows it)."""
+
+    decoder_layers: int = Field(6, ge=1, le=24, description="layers of the decoder shared with captioning (E2E-VLP: 6)")
+    num_queries: int = Field(100, ge=1, le=1000, description="learned object queries per image (DETR / E2E-VLP: 100)")
+    num_classes: int = Field(0, ge=0, le=100_000, description="object classes; 0 = the 'classes' vocabulary of the manifest in data.root")
+    num_attributes: int = Field(0, ge=0, le=100_000, description="attribute vocabulary size; 0 = the 'attributes' vocabulary of the manifest in data.root")
+    eos_coef: float = Field(0.1, ge=0.0, le=1.0, description="weight of the no-object class in the class loss (DETR: 0.1)")
+    cost_class: float = Field(1.0, ge=0.0, le=100.0, description="matcher: weight of -p(target class) (DETR: 1)")
+    cost_bbox: float = Field(5.0, ge=0.0, le=100.0, description="matcher: weight of the L1 box distance (DETR: 5)")
+    cost_giou: float = Field(2.0, ge=0.0, le=100.0, description="matcher: weight of -GIoU (DETR: 2)")
+    class_weight: float = Field(1.0, ge=0.0, le=100.0, description="loss: weight of the class cross-entropy (DETR: 1)")
+    bbox_weight: float = Field(5.0, ge=0.0, le=100.0, description="loss: weight of the L1 box loss (DETR: 5)")
+    giou_weight: float = Field(2.0, ge=0.0, le=100.0, description="loss: weight of the GIoU loss (DETR: 2)")
+    attr_weight: float = Field(1.0, ge=0.0, le=100.0, description="loss: weight of the attribute BCE on matched queries")
+    aux_loss: bool = Field(True, description="add the same losses on every intermediate decoder layer (DETR's auxiliary decoding losses)")
+
+
+# ---------------------------------------------------------------------- captioning
+
+
+class CaptioningConfig(ObjectiveConfig, objective="captioning"):
+    """E2E-VLP's image-to-text generation on positive pairs."""
+
+    decoder_layers: int = Field(6, ge=1, le=24, description="layers of the decoder shared with detection (E2E-VLP: 6)")
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0, description="label smoothing of the token cross-entropy")
+
+
+# ---------------------------------------------------------------------- vsc
+
+
+class VSCConfig(ObjectiveConfig, objective="vsc"):
+    """MVPTR's in-batch contrastive loss between the uni-modal text [CLS] and image embeddings."""
+
+    embed_dim: int = Field(256, ge=8, le=4096, description="width of the projected, L2-normalised embeddings (ALBEF/MVPTR: 256)")
+    temperature: float = Field(0.07, gt=0.0, le=1.0, description="initial value of the learnable softmax temperature (MVPTR: 0.07)")
+    min_temperature: float = Field(0.001, gt=0.0, le=1.0, description="lower clamp of the learnable temperature (ALBEF: 0.001)")
+    max_temperature: float = Field(0.5, gt=0.0, le=1.0, description="upper clamp of the learnable temperature (ALBEF: 0.5)")
+    text_pooling: Literal["cls", "mean"] = Field(
+        "cls",
+        description="uni-modal text embedding: the [CLS] state (MVPTR) or the mean token state (what the packaged MiniLM was trained for; its early-layer [CLS] is nearly constant)",
+    )
+
+    @model_validator(mode="after")
+    def _temperature_in_range(self) -> "VSCConfig":
+        if not self.min_temperature <= self.temperature <= self.max_temperature:
+            raise ValueError(
+                f"temperature={self.temperature} must lie in [min_temperature={self.min_temperature}, max_temperature={self.max_temperature}]"
+            )
+        return self
+
+
+# ---------------------------------------------------------------------- wpg
+
+
+class WPGConfig(ObjectiveConfig, objective="wpg"):
+    """MVPTR's phrase-region grounding hinge."""
+
+    margin: float = Field(0.2, ge=0.0, le=2.0, description="hinge margin between the positive and the negative image's grounding score (MVPTR: 0.2)")
+
+
