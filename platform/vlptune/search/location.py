@@ -1,6 +1,6 @@
 """Where an experiment lives: a local directory, or a URI opened with pyarrow (s3://, gs://, file://...).
 
-A local experiment is one directory (``EXP_DIR``, see :mod:`vlptune.search.runner`).
+A local experiment is one directory (``EXP_DIR``, see :mod:`vlptune.search.layout`).
 
 A URI experiment (``--storage s3://BUCKET/DIR``) is split in two:
 
@@ -252,6 +252,15 @@ class Location:
     def remote_files(self) -> dict[str, tuple[int, float | None]]:
         fs, base = _fs_and_path(self.uri)
         return list_files(fs, base)
+
+    def delete_files(self, names: Iterable[str]) -> None:
+        """Remove these files at the URI (those that are not there are skipped)."""
+        fs, base = _fs_and_path(self.uri)
+        for name in names:
+            try:
+                fs.delete_file(f"{base}/{name}")
+            except FileNotFoundError:
+                pass
 
     def upload_driver_files(self, names: Iterable[str], study_db: str | None) -> None:
         """Upload the driver's experiment files, and a snapshot of the SQLite study (if it exists)."""
