@@ -4,6 +4,8 @@ synthetic world with phrase-label similarities, and a tiny recipe on it."""
 from __future__ import annotations
 
 import fcntl
+import json
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -131,3 +133,28 @@ def stop_process(proc, timeout_s: float) -> None:
 def build_with_data(recipe: Recipe) -> Pretrainer:
     """``build_pretrainer`` handed the dataset's info, as the training loop builds it (heads sized from the vocabularies)."""
     return build_pretrainer(recipe, prepare_dataset(recipe))
+
+# ------------------------------------------------------------------ TensorBoard's HParams data API (moved from vlptune.search.board: only tests use it)
+
+
+def _post(url: str, payload: dict[str, Any], timeout: float = 30.0) -> Any:
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read().decode())
+
+
+def hparams_experiment(base_url: str) -> dict[str, Any]:
+    """The HParams plugin's experiment: hparam and metric infos over all runs."""
+    return _post(base_url.rstrip("/") + "/data/plugin/hparams/experiment", {"experimentName": ""})
+
+
+def hparams_sessions(base_url: str, metric_tags: list[str], page_size: int = 1000) -> list[dict[str, Any]]:
+    """Every session group (one per trial) with its hparams and metric values."""
+    request = {
+        "experimentName": "",
+        "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
+        "colParams": [{"metric": {"tag": tag, "group": ""}, "order": "ORDER_UNSPECIFIED"} for tag in metric_tags],
+        "startIndex": 0,
+        "sliceSize": page_size,
+    }
+    return _post(base_url.rstrip("/") + "/data/plugin/hparams/session_groups", request).get("sessionGroups", [])

@@ -313,7 +313,7 @@ def test_a_persisted_checkpoint_leaves_its_one_copy_and_resumes_from_it(straight
     """The loop drops its own copy once the reporter holds one; a restarted worker resumes from that copy."""
     import ray.train
 
-    from vlptune.search.runner import _materialize_ray_checkpoint
+    from vlptune.search.trainable import materialize_ray_checkpoint
     from vlptune.train import loop
 
     recipe, straight_result, base = straight
@@ -338,7 +338,7 @@ def test_a_persisted_checkpoint_leaves_its_one_copy_and_resumes_from_it(straight
 
     # the restarted worker: train_loop_per_worker copies Ray's checkpoint in before the loop starts
     monkeypatch.setattr(ray.train, "get_checkpoint", lambda: ray.train.Checkpoint.from_directory(str(copy)))
-    _materialize_ray_checkpoint(run)
+    materialize_ray_checkpoint(run)
     assert ckpt.latest_checkpoint(run).name == ckpt.step_dir_name(HALF)
     reporter = PersistingReporter(storage)
     resumed = train_worker(recipe, reporter, run, resume=True)

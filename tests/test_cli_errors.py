@@ -16,8 +16,8 @@ from vlptune.data.prepare import ensure_data
 from vlptune.objectives.base import prepare_dataset
 from vlptune.data.schema import DataError
 from vlptune.errors import EXIT_USER_ERROR, did_you_mean
-from vlptune.search import experiments
-from vlptune.search.runner import META_FILE
+from vlptune.search import layout as experiments
+from vlptune.search.layout import META_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 LIGHT = REPO / "trials" / "light.yaml"
@@ -135,7 +135,7 @@ def test_the_listing_is_bounded_and_says_when_there_is_nothing(tmp_path, monkeyp
 
 
 def test_the_listing_root_holds_every_default_storage():
-    from vlptune.search.runner import DEFAULT_STORAGE
+    from vlptune.search.layout import DEFAULT_STORAGE
     from vlptune.study.ablation import DEFAULT_STORAGE as ABLATION_STORAGE
     from vlptune.study.promote_cli import DEFAULT_RUN_STORAGE
 

@@ -195,7 +195,7 @@ def test_runtime_env_parses_with_rays_parser():
 
 
 def test_runtime_env_does_not_repeat_variables_the_search_sets():
-    from vlptune.search.runner import RAY_ENV
+    from vlptune.cluster.session import RAY_ENV
 
     raw = _load(CLUSTER / "runtime_env.yaml")
     assert not set(raw.get("env_vars", {})) & set(RAY_ENV)

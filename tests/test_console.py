@@ -101,7 +101,8 @@ def test_console_log_not_quiet_redirects_nothing(tmp_path, capsys):
 
 
 def test_a_failed_fresh_experiment_keeps_its_log_beside_the_removed_directory(tmp_path):
-    from vlptune.search.runner import _keep_log, _remove_keeping_log, kept_log_path
+    from vlptune.search.layout import kept_log_path
+    from vlptune.search.runner import _keep_log, _remove_keeping_log
 
     exp_dir = tmp_path / "exp"
     exp_dir.mkdir()

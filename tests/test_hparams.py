@@ -102,7 +102,7 @@ def test_a_study_lists_variant_seed_and_the_paths_its_variants_set():
 
 
 def test_the_trial_passes_hparams_only_to_a_worker_that_takes_them():
-    from vlptune.search.runner import _hparams_kwargs
+    from vlptune.search.trainable import hparams_kwargs
 
     config = {"hparams": {"model.vd.size": 16}, "metric": METRIC}
 
@@ -112,8 +112,8 @@ def test_the_trial_passes_hparams_only_to_a_worker_that_takes_them():
     def new_worker(recipe, reporter, out_dir, resume=True, hparams=None):
         return {}
 
-    assert _hparams_kwargs(old_standin, config) == {}
-    assert _hparams_kwargs(new_worker, config) == {"hparams": HParamsPlan({"model.vd.size": 16}, METRIC)}
+    assert hparams_kwargs(old_standin, config) == {}
+    assert hparams_kwargs(new_worker, config) == {"hparams": HParamsPlan({"model.vd.size": 16}, METRIC)}
 
 
 # ------------------------------------------------------------------ the event file and the dashboard
@@ -178,7 +178,7 @@ def board(tmp_path):
 
 
 def _served_experiment(url: str, proc: subprocess.Popen) -> dict:
-    from vlptune.search.board import hparams_experiment
+    from helpers import hparams_experiment
 
     deadline = time.monotonic() + SERVER_START_S
     while time.monotonic() < deadline:
@@ -194,7 +194,7 @@ def _served_experiment(url: str, proc: subprocess.Popen) -> dict:
 
 
 def test_the_dashboard_opens_on_the_searched_hparams_and_the_search_metric(board):
-    from vlptune.search.board import hparams_sessions
+    from helpers import hparams_sessions
 
     url, proc = board
     experiment = _served_experiment(url, proc)

@@ -9,7 +9,7 @@ import optuna
 import pytest
 
 from vlptune.cli import main as vlptune_main
-from vlptune.search.runner import META_FILE, OPTUNA_DB
+from vlptune.search.layout import META_FILE, OPTUNA_DB
 from vlptune.study import importance as imp
 
 N_TRIALS = 40

@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 from vlptune.cli import main as vlptune_main
 from vlptune.config import load_recipe
 from vlptune.search import results as res
-from vlptune.search.runner import BASE_COPY, META_FILE, OPTUNA_DB
+from vlptune.search.layout import BASE_COPY, META_FILE, OPTUNA_DB
 from vlptune.study import promote as pr
 from vlptune.study.fidelity import FidelityMapError, Ratios, load_fidelity_map
 from vlptune.study.promote_report import format_report, rank_report

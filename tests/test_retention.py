@@ -113,7 +113,7 @@ def test_a_trial_without_a_valid_recipe_is_left_alone(tmp_path):
 def test_ray_reporter_confirms_only_a_copy_ray_has_recorded(tmp_path, monkeypatch):
     import ray.train
 
-    from vlptune.search.runner import RayTrainReporter
+    from vlptune.search.trainable import RayTrainReporter
 
     local = tmp_path / "step_00000002"
     local.mkdir()

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import import_by_value, stop_process, tiny_loop_fixed
+from helpers import hparams_experiment, hparams_sessions, import_by_value, stop_process, tiny_loop_fixed
 from helpers import standin_space as make_standin_space
 
 from vlptune.train.tensorboard import FIXED_HPARAMS
@@ -195,7 +195,7 @@ def _free_port() -> int:
 
 
 def test_board_serves_every_trial_in_hparams(tiny_experiment):
-    from vlptune.search import board, results
+    from vlptune.search import results
 
     exp_dir = tiny_experiment["exp_dir"]
     collected = results.collect(exp_dir)
@@ -223,7 +223,7 @@ def test_board_serves_every_trial_in_hparams(tiny_experiment):
 
         experiment = {}
         for _ in range(60):  # the first load of the event files takes a moment
-            experiment = board.hparams_experiment(url)
+            experiment = hparams_experiment(url)
             if experiment.get("metricInfos"):
                 break
             time.sleep(1)
@@ -236,7 +236,7 @@ def test_board_serves_every_trial_in_hparams(tiny_experiment):
         assert set(hparam_names) == {*searched, *FIXED_HPARAMS}
         groups = []
         for _ in range(60):
-            groups = board.hparams_sessions(url, [METRIC])
+            groups = hparams_sessions(url, [METRIC])
             if len(groups) >= len(collected.rows):
                 break
             time.sleep(1)
@@ -344,7 +344,8 @@ def run_standin(tmp_path: Path, control: dict, body: str, **kwargs):
 
 @pytest.mark.slow
 def test_a_trial_that_cannot_fit_is_refused_and_leaves_nothing(tmp_path):
-    from vlptune.search.runner import SearchError, run_search
+    from vlptune.search.layout import SearchError
+    from vlptune.search.runner import run_search
 
     module = standin_module(tmp_path)
     space = standin_space(tmp_path, {}, "resources: {workers: 3, cpus_per_worker: 1}\nparameters:\n  objectives.mvm.weight: {uniform: [0.5, 1.5]}\n")

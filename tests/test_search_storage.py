@@ -23,7 +23,9 @@ import pytest
 from helpers import import_by_value, standin_space
 
 from vlptune.search.location import DirUploader, Location, join_uri, mirror_key, uri_parent
-from vlptune.search.runner import SearchError, check_experiment_storage, cluster_address
+from vlptune.cluster.session import cluster_address
+from vlptune.search.layout import SearchError
+from vlptune.search.preflight import check_experiment_storage
 
 MOUNTS = """\
 overlay / overlay rw,relatime 0 0
@@ -107,14 +109,14 @@ def test_search_refuses_a_local_directory_on_a_two_node_cluster(tmp_path, monkey
     import ray
 
     from vlptune.cluster import storage
-    from vlptune.search import runner
+    from vlptune.search import preflight, runner
 
     _, space = standin(tmp_path, {}, "num_samples: 1\nparameters:\n  objectives.mvm.weight: {uniform: [0.5, 1.5]}\n")
     mounts = tmp_path / "mounts"
     mounts.write_text(f"overlay / overlay rw 0 0\n/dev/sda1 {tmp_path} ext4 rw 0 0\n")
     monkeypatch.setattr(storage, "MOUNTS_FILE", str(mounts))
     monkeypatch.setattr(runner, "connect", lambda *a, **k: "10.0.0.1:6379")  # "joined" a cluster ...
-    monkeypatch.setattr(runner, "_cluster_nodes", lambda: TWO_NODES)  # ... of two alive nodes
+    monkeypatch.setattr(preflight, "cluster_nodes", lambda: TWO_NODES)  # ... of two alive nodes
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     rc = cli(["search", str(space), "--storage", str(tmp_path / "runs"), "--name", "x", "--address", "10.0.0.1:6379"])
     err = capsys.readouterr().err
@@ -137,7 +139,7 @@ def test_uri_helpers_and_uploader(tmp_path):
     assert mirror_key("s3://b/d/n?region=x") == Path("s3/b/d/n")
     assert mirror_key("file:///tmp/../x") == Path("file/_/tmp/_/x")
     with pytest.raises(SearchError, match="pyarrow cannot open"):
-        from vlptune.search.runner import experiment_location
+        from vlptune.search.layout import experiment_location
 
         experiment_location("nope://x/y")
     # the uploader sends what changed, never checkpoints/ or dot files
@@ -240,9 +242,10 @@ def test_cluster_address_sources():
 def test_a_dead_ray_address_is_explained(monkeypatch):
     import ray
 
-    from vlptune.search.runner import _free_loopback_port, connect
+    from vlptune.cluster.session import free_loopback_port
+    from vlptune.search.runner import connect
 
-    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{_free_loopback_port()}")
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{free_loopback_port()}")
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
     try:
         with pytest.raises(SearchError, match=r"cannot join the Ray cluster at 127\.0\.0\.1:\d+ \(RAY_ADDRESS from the environment; unset it"):

@@ -4,9 +4,10 @@ Each package contributes its sub-commands through an ``add_commands(subparsers)`
 function in its own ``cli`` module (listed in :data:`COMMAND_MODULES`), so a new
 command group never edits this file's logic.
 
-Bad input is reported here, once for every command: an error of one of the
-project's user-facing classes (:mod:`vlptune.errors`) becomes
+Bad input is reported here, once for every command (:func:`vlptune.cliutil.run_parsed`):
+an error of one of the project's user-facing classes (:mod:`vlptune.errors`) becomes
 ``vlptune: <message>`` on stderr and exit code 2, never a traceback.
+``add_override_arg`` (from :mod:`vlptune.cliutil`) stays importable from here.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import importlib
 import json
 import sys
 
+from vlptune.cliutil import add_override_arg, run_parsed
 from vlptune.config import dump_recipe, json_schema, load_recipe
-from vlptune.errors import EXIT_USER_ERROR, is_user_error
+from vlptune.io import atomic_write_text
 
 COMMAND_MODULES = (
     "vlptune.data.cli",
@@ -39,20 +41,11 @@ def _config_show(args: argparse.Namespace) -> int:
 def _config_schema(args: argparse.Namespace) -> int:
     text = json.dumps(json_schema(), indent=2)
     if args.out:
-        from vlptune.io import atomic_write_text
-
         atomic_write_text(args.out, text + "\n")
         print(f"wrote {args.out}")
     else:
         print(text)
     return 0
-
-
-def add_override_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "-o", "--override", action="append", default=[], metavar="PATH=VALUE",
-        help="dotted override of a recipe field, e.g. -o model.vd.size=4096 (repeatable)",
-    )
 
 
 def _add_config_commands(sub: argparse._SubParsersAction) -> None:
@@ -81,14 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except Exception as exc:  # noqa: BLE001 - only the user-facing classes are caught; a bug keeps its traceback
-        if not is_user_error(exc):
-            raise
-        print(f"vlptune: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    return run_parsed(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

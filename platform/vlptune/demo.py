@@ -207,7 +207,7 @@ def stage_promote(search_dir: Path, root: Path, out: Path, steps: int, top_k: in
 
 
 def stage_importance(search_dir: Path) -> int:
-    from vlptune.search.runner import read_meta
+    from vlptune.search.layout import read_meta
     from vlptune.study import importance as imp
 
     _banner(f"6. hyperparameter importance of the demo search ({', '.join(imp.EVALUATORS)})")

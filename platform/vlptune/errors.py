@@ -26,12 +26,13 @@ USER_ERRORS: tuple[tuple[str, str], ...] = (
     ("vlptune.config", "ConfigError"),  # recipes, -o overrides, search-space, study and fidelity-map files
     ("vlptune.data.schema", "DataError"),  # datasets: manifests, shards, records
     ("vlptune.data.text", "TokenizerError"),  # data.tokenizer that cannot be loaded
-    ("vlptune.search.runner", "SearchError"),  # experiments that cannot start, resume or be read
+    ("vlptune.search.layout", "SearchError"),  # experiments that cannot start, resume or be read
     ("vlptune.study.ablation", "StudyError"),  # ablation studies
     ("vlptune.study.importance", "ImportanceError"),  # importance of a search's parameters
     ("vlptune.train.checkpoint", "CheckpointError"),  # checkpoints that cannot be read back
     ("vlptune.cluster.storage", "StorageError"),  # search storage paths
     ("vlptune.cluster.submit", "ClusterError"),  # Ray clusters and jobs
+    ("vlptune.cluster.session", "SessionError"),  # Ray clusters that cannot be joined
 )
 
 SUGGESTION_CUTOFF = 0.6  # difflib's similarity ratio (its default) a name needs to be suggested

@@ -1,10 +1,12 @@
-"""Atomic file writes: write to a temporary sibling, then rename over the target."""
+"""Atomic file writes (write to a temporary sibling, then rename over the target), and :func:`finite`."""
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -25,3 +27,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def finite(value: Any) -> bool:
+    """A real number (an int or a float, not a bool) that is neither NaN nor infinite: a metric worth ranking."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

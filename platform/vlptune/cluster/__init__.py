@@ -5,6 +5,11 @@
   found where Ray looks for it.
 - :mod:`vlptune.cluster.storage`: :func:`check_storage`, the check that a
   search on several nodes keeps its results where every node reaches them.
+- :mod:`vlptune.cluster.session`: joining a Ray cluster or starting a local
+  one (:func:`~vlptune.cluster.session.connect`), and the environment its
+  processes get (:data:`~vlptune.cluster.session.RAY_ENV`).
+
+Nothing here imports :mod:`vlptune.search` or :mod:`vlptune.study`.
 
 The cluster definitions themselves (``ray up``, on-premises, KubeRay, the
 runtime env) live in the repository's ``cluster/`` directory; its README is

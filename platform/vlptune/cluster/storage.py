@@ -167,7 +167,7 @@ def check_storage(
         raise StorageError(f"storage: empty; {SHARED_HINT}")
     count = alive_node_count(nodes)
     if is_uri(raw) and not raw.startswith("file://"):
-        _open_uri(raw)
+        open_uri(raw)
         return raw
     local = Path(raw[len("file://") :] if raw.startswith("file://") else raw).expanduser().resolve()
     if count <= 1 or assume_shared:
@@ -184,7 +184,7 @@ def check_storage(
     )
 
 
-def _open_uri(uri: str):
+def open_uri(uri: str):
     """``(filesystem, path)`` of a URI, or :class:`StorageError` with pyarrow's reason."""
     import pyarrow.fs
 
@@ -235,7 +235,7 @@ def probe_storage(storage: str, timeout_s: float = 120.0) -> list[str]:
     marker = f".vlptune-storage-probe-{uuid.uuid4().hex}"
     remote = is_uri(storage) and not storage.startswith("file://")
     if remote:
-        fs, base = _open_uri(storage)
+        fs, base = open_uri(storage)
         try:
             fs.create_dir(base, recursive=True)
             with fs.open_output_stream(f"{base.rstrip('/')}/{marker}") as f:

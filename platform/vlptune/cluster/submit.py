@@ -31,6 +31,8 @@ from typing import Any, Callable, Mapping, TextIO
 
 import yaml
 
+from vlptune.cluster.session import RAY_ENV
+
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 RUNTIME_ENV_FILE = Path("cluster") / "runtime_env.yaml"
 TOKEN_ENV = "RAY_AUTH_TOKEN"
@@ -272,11 +274,11 @@ def load_runtime_env(path: str | os.PathLike | None = None) -> dict[str, Any]:
         for name, value in env_vars.items():
             if not isinstance(value, str):
                 raise ClusterError(f"{file}: env_vars.{name}: Ray wants every value as a string; quote it ({name}: \"{value}\")")
-        clash = sorted(set(env_vars) & set(_search_env_keys()))
+        clash = sorted(set(env_vars) & set(RAY_ENV))
         if clash:
             raise ClusterError(
                 f"{file}: env_vars.{clash[0]}: `vlptune search` sets {', '.join(clash)} itself when it joins the "
-                f"cluster (vlptune.search.runner.RAY_ENV), and Ray refuses to merge a job's env_vars with the "
+                f"cluster (vlptune.cluster.session.RAY_ENV), and Ray refuses to merge a job's env_vars with the "
                 f"driver's when a name repeats; remove {'it' if len(clash) == 1 else 'them'} from this file"
             )
     excludes = env.get("excludes")
@@ -287,14 +289,6 @@ def load_runtime_env(path: str | os.PathLike | None = None) -> dict[str, Any]:
     except Exception as exc:  # Ray raises TypeError/ValueError/RuntimeEnvSetupError naming the field
         raise ClusterError(f"{file}: not a valid Ray runtime_env: {' '.join(str(exc).split())}") from None
     return env
-
-
-def _search_env_keys() -> tuple[str, ...]:
-    try:
-        from vlptune.search.runner import RAY_ENV
-    except ImportError:  # the search package is optional for submitting other commands
-        return ()
-    return tuple(RAY_ENV)
 
 
 # ------------------------------------------------------------------ jobs

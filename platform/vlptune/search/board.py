@@ -10,13 +10,10 @@ trials, early-stopped ones too. The server binds to 127.0.0.1 only.
 
 from __future__ import annotations
 
-import json
 import threading
-import urllib.request
 from pathlib import Path
-from typing import Any
 
-from vlptune.search.runner import TB_DIR, SearchError
+from vlptune.search.layout import TB_DIR, SearchError, local_view, not_an_experiment
 
 HOST = "127.0.0.1"
 
@@ -25,8 +22,6 @@ def logdir_of(exp_dir: str | Path) -> Path:
     exp_dir = Path(exp_dir)
     logdir = exp_dir / TB_DIR
     if not logdir.is_dir():
-        from vlptune.search.experiments import not_an_experiment
-
         raise SearchError(not_an_experiment(exp_dir, f"no TensorBoard runs ({logdir} does not exist); is this a search experiment directory?"))
     return logdir
 
@@ -56,8 +51,6 @@ def start(exp_dir: str | Path, port: int = 6006, reload_interval: float = 5.0) -
 
 def serve_forever(exp_dir: str | Path, port: int = 6006, mirror_dir: str | Path | None = None) -> int:
     """Serve until Ctrl-C. A URI experiment is downloaded once first (a snapshot: run again to refresh)."""
-    from vlptune.search.runner import local_view
-
     exp_dir = local_view(exp_dir, mirror_dir, tensorboard=True)
     url = start(exp_dir, port)
     print(f"TensorBoard for {Path(exp_dir).resolve()} at {url} (HParams tab: {url.rstrip('/')}/#hparams); Ctrl-C to stop", flush=True)
@@ -67,28 +60,3 @@ def serve_forever(exp_dir: str | Path, port: int = 6006, mirror_dir: str | Path 
         pass
     return 0
 
-
-# ------------------------------------------------------------------ the HParams data API (used by tests and scripts)
-
-
-def _post(url: str, payload: dict[str, Any], timeout: float = 30.0) -> Any:
-    req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}, method="POST")
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return json.loads(resp.read().decode())
-
-
-def hparams_experiment(base_url: str) -> dict[str, Any]:
-    """The HParams plugin's experiment: hparam and metric infos over all runs."""
-    return _post(base_url.rstrip("/") + "/data/plugin/hparams/experiment", {"experimentName": ""})
-
-
-def hparams_sessions(base_url: str, metric_tags: list[str], page_size: int = 1000) -> list[dict[str, Any]]:
-    """Every session group (one per trial) with its hparams and metric values."""
-    request = {
-        "experimentName": "",
-        "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
-        "colParams": [{"metric": {"tag": tag, "group": ""}, "order": "ORDER_UNSPECIFIED"} for tag in metric_tags],
-        "startIndex": 0,
-        "sliceSize": page_size,
-    }
-    return _post(base_url.rstrip("/") + "/data/plugin/hparams/session_groups", request).get("sessionGroups", [])

@@ -12,6 +12,15 @@ import argparse
 import sys
 from pathlib import Path
 
+from vlptune.cliutil import run_parsed
+from vlptune.cluster.storage import is_uri
+from vlptune.search import results as res
+from vlptune.search.board import serve_forever
+from vlptune.search.layout import default_exp_dir, experiment_location
+from vlptune.search.location import DEFAULT_MIRROR_ROOT
+from vlptune.search.runner import run_search
+from vlptune.search.space import load_space
+
 
 def _override_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -22,8 +31,6 @@ def _override_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _mirror_arg(parser: argparse.ArgumentParser) -> None:
-    from vlptune.search.location import DEFAULT_MIRROR_ROOT
-
     parser.add_argument(
         "--mirror-dir", default=None, metavar="DIR",
         help="local root for URI experiments: the search driver's files and Optuna study (DIR/driver/...), and the "
@@ -32,8 +39,6 @@ def _mirror_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _space_check(args: argparse.Namespace) -> int:
-    from vlptune.search.space import load_space
-
     space = load_space(args.file, args.override)
     print(space.describe())
     print(f"  corners checked: {len(space.corner_values())} recipe(s) validated")
@@ -42,11 +47,6 @@ def _space_check(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from vlptune.search import results as res
-    from vlptune.search.runner import run_search
-
-    from vlptune.cluster.storage import is_uri
-
     common = dict(
         address=args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus, verbose=args.verbose,
         worker_log_level=args.worker_log_level, mirror_dir=args.mirror_dir, shared_storage=args.shared_storage,
@@ -58,14 +58,9 @@ def _search(args: argparse.Namespace) -> int:
         if args.file is None:
             print("error: give a search-space file (or --resume EXP_DIR)", file=sys.stderr)
             return 2
-        from vlptune.search.space import load_space
-        from vlptune.search.runner import default_exp_dir
-
         space = load_space(args.file, args.override)  # refuse a bad file before anything starts
         exp_dir = default_exp_dir(space, args.storage, args.name)
         if is_uri(str(exp_dir)):
-            from vlptune.search.runner import experiment_location
-
             mirror = experiment_location(exp_dir, args.mirror_dir).local
             print(f"experiment: {exp_dir} (the driver's files and the Optuna study: {mirror}, uploaded there)", flush=True)
         else:
@@ -79,8 +74,6 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _results(args: argparse.Namespace) -> int:
-    from vlptune.search import results as res
-
     collected = res.collect(args.exp_dir, args.mirror_dir)
     print(res.summary(collected))
     print(res.format_table(collected))
@@ -100,8 +93,6 @@ def _results(args: argparse.Namespace) -> int:
 
 
 def _board(args: argparse.Namespace) -> int:
-    from vlptune.search.board import serve_forever
-
     return serve_forever(args.exp_dir, args.port, args.mirror_dir)
 
 
@@ -158,10 +149,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m vlptune.search.cli ...``: the `vlptune` command (it wires these parsers)."""
-    from vlptune.cli import main as vlptune_main
-
-    return vlptune_main(argv)
+    """``python -m vlptune.search.cli ...``: these sub-commands on their own (the `vlptune` command wires the same parsers)."""
+    parser = argparse.ArgumentParser(prog="vlptune")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    return run_parsed(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

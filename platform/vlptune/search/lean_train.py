@@ -9,7 +9,7 @@ Imported inside a trial's driver process only (it imports Ray Train's internals)
   every second (each check is a state-API round trip through the dashboard;
   the PG of a killed trial is freed at most 5 s later);
 * on a cluster without an autoscaler (the local cluster a search starts;
-  :data:`NO_AUTOSCALER_ENV` set), no resource requests to Ray's
+  :data:`vlptune.cluster.session.NO_AUTOSCALER_ENV` set), no resource requests to Ray's
   AutoscalingCoordinator: the fixed-size policy's requests can only be
   granted by an autoscaler, and the coordinator is one more detached process
   (importing Ray Data) whose first answer, on a busy 2-core machine, came
@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import os
 
+from vlptune.cluster.session import NO_AUTOSCALER_ENV
+
 PG_CLEANER_INTERVAL_S = 5.0  # Ray's default polls the state API every second, for the whole trial
 LEAN_ENV = "VLPTUNE_LEAN_TRAINER"
-NO_AUTOSCALER_ENV = "VLPTUNE_NO_AUTOSCALER"  # set in every process of a local cluster the search started
 
 
 def _env_on(name: str, default: str) -> bool:

@@ -1,6 +1,6 @@
 """Where an experiment lives: a local directory, or a URI opened with pyarrow (s3://, gs://, file://...).
 
-A local experiment is one directory (``EXP_DIR``, see :mod:`vlptune.search.runner`).
+A local experiment is one directory (``EXP_DIR``, see :mod:`vlptune.search.layout`).
 
 A URI experiment (``--storage s3://BUCKET/DIR``) is split in two:
 
@@ -39,7 +39,7 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable
 from urllib.parse import urlsplit, urlunsplit
 
-from vlptune.cluster.storage import StorageError, _open_uri, is_uri
+from vlptune.cluster.storage import StorageError, is_uri, open_uri
 
 # Default root of the local mirrors of URI experiments (the --mirror-dir flag).
 DEFAULT_MIRROR_ROOT = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vlptune" / "mirrors"
@@ -76,7 +76,7 @@ def mirror_key(uri: str) -> Path:
 
 
 def _fs_and_path(uri: str):
-    fs, path = _open_uri(uri)
+    fs, path = open_uri(uri)
     return fs, path.rstrip("/") or "/"
 
 
@@ -214,7 +214,7 @@ class Location:
         raw = os.fspath(exp)
         if is_uri(raw):
             uri_parent(raw)  # refuses a URI without a directory name
-            _open_uri(raw)  # refuses a scheme or location pyarrow cannot open (StorageError)
+            open_uri(raw)  # refuses a scheme or location pyarrow cannot open (StorageError)
             root = Path(mirror_root).expanduser().resolve() if mirror_root else DEFAULT_MIRROR_ROOT
             return cls(local=root / "driver" / mirror_key(raw), uri=raw, mirror_root=root)
         return cls(local=Path(raw).expanduser().resolve())
@@ -252,6 +252,15 @@ class Location:
     def remote_files(self) -> dict[str, tuple[int, float | None]]:
         fs, base = _fs_and_path(self.uri)
         return list_files(fs, base)
+
+    def delete_files(self, names: Iterable[str]) -> None:
+        """Remove these files at the URI (those that are not there are skipped)."""
+        fs, base = _fs_and_path(self.uri)
+        for name in names:
+            try:
+                fs.delete_file(f"{base}/{name}")
+            except FileNotFoundError:
+                pass
 
     def upload_driver_files(self, names: Iterable[str], study_db: str | None) -> None:
         """Upload the driver's experiment files, and a snapshot of the SQLite study (if it exists)."""

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import pickle
 import random
 import warnings
@@ -36,6 +35,7 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
+from vlptune.io import finite
 from vlptune.search.space import TIME_ATTR, Param, SearchSpace
 
 log = logging.getLogger(__name__)
@@ -114,9 +114,6 @@ def sample(space: SearchSpace, trial: optuna.Trial) -> dict[str, Any]:
     """Define-by-run: suggest each active parameter in file order."""
     return space.active_values(lambda p: suggest_value(trial, p))
 
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class OptunaSearcher(Searcher):
@@ -209,7 +206,7 @@ class OptunaSearcher(Searcher):
 
     def _report(self, trial_id: str, storage_id: int, result: dict[str, Any]) -> None:
         step, value = result.get(TIME_ATTR), result.get(self.space.metric)
-        if not _finite(value) or not isinstance(step, (int, float)):
+        if not finite(value) or not isinstance(step, (int, float)):
             return
         step = int(step)
         if step <= self._last_step.get(trial_id, -1):
@@ -256,7 +253,7 @@ class OptunaSearcher(Searcher):
         stop_reason = result.get("stop_reason")
         if stop_reason and stop_reason != "max_steps":
             return TrialState.FAIL, None, f"stopped: {stop_reason}"
-        if not _finite(value):
+        if not finite(value):
             return TrialState.FAIL, None, "nan" if value is not None else "no metric"
         reached = isinstance(step, (int, float)) and step >= self.space.max_fidelity
         if reached:

@@ -19,7 +19,9 @@ from typing import Any
 import yaml
 
 from vlptune.config import recipe_to_dict, set_dotted, validate_recipe
-from vlptune.search.runner import BASE_COPY, STARTUP_KEY, TB_DIR, TRIAL_RECIPE, SearchError, local_view, read_meta, study_url
+from vlptune.io import finite
+from vlptune.search.layout import BASE_COPY, TB_DIR, TRIAL_RECIPE, SearchError, local_view, read_meta, study_url
+from vlptune.search.trainable import STARTUP_KEY
 
 TUNE_STATUS_WORDS = {"TERMINATED": "terminated", "ERROR": "error", "RUNNING": "running", "PENDING": "pending", "PAUSED": "paused"}
 
@@ -56,19 +58,16 @@ class ExperimentResults:
     @property
     def best(self) -> TrialRow | None:
         """The best trial that reached the maximum fidelity; else the best of any trial."""
-        done = [r for r in self.rows if r.status == "completed" and _finite(r.metric)]
-        pool = done or [r for r in self.rows if _finite(r.metric)]
+        done = [r for r in self.rows if r.status == "completed" and finite(r.metric)]
+        pool = done or [r for r in self.rows if finite(r.metric)]
         if not pool:
             return None
         pick = max if self.mode == "max" else min
         return pick(pool, key=lambda r: r.metric)
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
-
-def _read_results(trial_dir: Path) -> list[dict[str, Any]]:
+def read_results(trial_dir: Path) -> list[dict[str, Any]]:
     path = trial_dir / "result.json"
     if not path.is_file():
         return []
@@ -123,8 +122,8 @@ def collect(exp_dir: str | Path, mirror_dir: str | Path | None = None) -> Experi
     rows = []
     for t in trials:
         trial_dir = Path(t.path) if t.path else None
-        results = _read_results(trial_dir) if trial_dir else []
-        history = [(int(r["step"]), float(r[metric])) for r in results if "step" in r and _finite(r.get(metric))]
+        results = read_results(trial_dir) if trial_dir else []
+        history = [(int(r["step"]), float(r[metric])) for r in results if "step" in r and finite(r.get(metric))]
         values = [v for _, v in history]
         last = results[-1] if results else {}
         first = results[0] if results else {}
@@ -162,7 +161,7 @@ def collect(exp_dir: str | Path, mirror_dir: str | Path | None = None) -> Experi
             TrialRow(
                 trial_id=t.trial_id,
                 params=dict(t.config),
-                metric=last.get(metric) if _finite(last.get(metric)) else (float("nan") if metric in last else None),
+                metric=last.get(metric) if finite(last.get(metric)) else (float("nan") if metric in last else None),
                 best=(max(values) if mode == "max" else min(values)) if values else None,
                 fidelity=int(last["step"]) if isinstance(last.get("step"), (int, float)) else None,
                 status=status,
@@ -179,7 +178,7 @@ def collect(exp_dir: str | Path, mirror_dir: str | Path | None = None) -> Experi
             )
         )
     sign = -1.0 if mode == "max" else 1.0
-    rows.sort(key=lambda r: (0, sign * r.metric) if _finite(r.metric) else (1, 0.0))
+    rows.sort(key=lambda r: (0, sign * r.metric) if finite(r.metric) else (1, 0.0))
     return ExperimentResults(str(exp_dir), metric, mode, int(meta["max_fidelity"]), list(meta["parameters"]), rows)
 
 
@@ -250,7 +249,7 @@ def summary(results: ExperimentResults) -> str:
 
 
 STARTUP_PREFIX = "startup/"
-# The start-up phases in the order they happen (keys of a trial's first report; search/runner.py, train/loop.py).
+# The start-up phases in the order they happen (keys of a trial's first report; search/trainable.py, train/loop.py).
 STARTUP_PHASES = (
     ("trial_actor_s", "Tune's trial actor runs the trial function (Tune counts from when the actor is up)"),
     ("worker_group_s", "Train controller, placement group, worker process (its imports: torch, transformers), torch.distributed"),

@@ -3,7 +3,7 @@
 A trial's checkpoints live in Ray Train's run storage,
 ``EXP/train/<trial_id>/checkpoint_*`` (the worker drops the loop's own copy
 in ``EXP/tb/<trial_id>/checkpoints`` once Ray has recorded it: see
-:meth:`vlptune.search.runner.RayTrainReporter.persisted`). While the trial
+:meth:`vlptune.search.trainable.RayTrainReporter.persisted`). While the trial
 runs, Ray keeps ``train.keep_checkpoints`` of them (the best by the metric
 and the latest). Once the trial has ended it never runs again (Tune resumes
 only unfinished trials: ``resume_errored=False, restart_errored=False``), so
@@ -39,7 +39,9 @@ from typing import Any, Callable
 from ray.tune import Callback
 
 from vlptune.config import Recipe, validate_recipe
+from vlptune.search.layout import TB_DIR, TRAIN_DIR
 from vlptune.search.space import TIME_ATTR
+from vlptune.search.trainable import apply_config
 from vlptune.train import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
@@ -83,8 +85,8 @@ class CheckpointRetention(Callback):
     """Prunes an ended trial's checkpoints to its recipe's policy (see the module docstring).
 
     ``base_raw``, ``resolve``: how a trial's recipe is made from its Tune
-    config (as :func:`vlptune.search.runner.make_trainable` makes it; default
-    :func:`~vlptune.search.runner.apply_config`); ``metric``, ``mode``: what
+    config (as :func:`vlptune.search.trainable.make_trainable` makes it; default
+    :func:`~vlptune.search.trainable.apply_config`); ``metric``, ``mode``: what
     ``best`` ranks by. Paths come from each trial's own storage context, so a
     resumed experiment that moved, or lives at a URI, is pruned where it is.
     """
@@ -115,8 +117,6 @@ class CheckpointRetention(Callback):
                 self.apply(trial, policy)
 
     def _end(self, trial: Any, failed: bool) -> None:
-        from vlptune.search.runner import apply_config
-
         source = f"trial {trial.trial_id}"
         try:
             recipe = validate_recipe((self.resolve or apply_config)(self.base_raw, dict(trial.config), source), source)
@@ -130,8 +130,6 @@ class CheckpointRetention(Callback):
     def apply(self, trial: Any, policy: str) -> None:
         """Prune ``trial``'s checkpoints (Ray's copies, and the loop's directory when local) to ``policy``."""
         from pyarrow import fs as pafs
-
-        from vlptune.search.runner import TB_DIR, TRAIN_DIR
 
         fs = trial.storage.storage_filesystem
         exp = trial.storage.experiment_fs_path

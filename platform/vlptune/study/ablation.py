@@ -33,20 +33,24 @@ import csv
 import datetime as _dt
 import functools
 import io
-import json
 import logging
-import math
 import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vlptune.config import ConfigError, Recipe, field_at, format_validation_error, parse_override, read_yaml_mapping, set_dotted, validate_recipe
-from vlptune.io import atomic_write_text
+from vlptune.io import atomic_write_text, finite
+from vlptune.search import layout
+from vlptune.search import results as search_results
+from vlptune.search.layout import BASE_COPY, META_FILE, TB_DIR, SearchError, absolute_paths, not_an_experiment
+from vlptune.search.location import DirUploader, Location
+from vlptune.search.results import read_results
+from vlptune.search.runner import TrialPlan, run_experiment
+from vlptune.search.trainable import apply_config
 from vlptune.search.space import (
     FIDELITY_PATH,
     TIME_ATTR,
@@ -71,6 +75,8 @@ TABLE_CSV = "ablation.csv"
 TB_RUN = "ablation"  # TensorBoard run (under EXP_DIR/tb) holding the table as text
 TB_TEXT_TAG = "ablation/table"
 DEFAULT_STORAGE = "runs/ablation"
+# What the driver of a URI study uploads (and a resume downloads) besides the trials: layout.DRIVER_FILES for a study.
+STUDY_DRIVER_FILES = (META_FILE, BASE_COPY, STUDY_SPEC, STUDY_FILE_COPY)
 KIND = "ablation"
 VARIANT_KEY = "variant"  # Tune config keys of a study trial
 SEED_KEY = "seed"
@@ -190,8 +196,6 @@ def resolve_trial(base_raw: dict[str, Any], config: dict[str, Any], source: str,
     name = config[VARIANT_KEY]
     if name not in variants:
         raise StudyError(f"{source}: unknown variant {name!r}; the study has {sorted(variants)}")
-    from vlptune.search.runner import apply_config
-
     overlay = {**copy.deepcopy(variants[name]), SEED_PATH: int(config[SEED_KEY])}
     return apply_config(base_raw, overlay, f"{source}: variant {name!r}")
 
@@ -315,8 +319,6 @@ def load_experiment_study(exp_dir: str | Path) -> StudySpec:
     """The study of an experiment, from the resolved copy saved in its directory."""
     path = Path(exp_dir) / STUDY_SPEC
     if not path.is_file():
-        from vlptune.search.experiments import not_an_experiment
-
         raise StudyError(not_an_experiment(exp_dir, f"not a vlptune ablation study ({STUDY_SPEC} is missing)"))
     try:
         return StudySpec.model_validate_json(path.read_text())
@@ -327,20 +329,19 @@ def load_experiment_study(exp_dir: str | Path) -> StudySpec:
 # ------------------------------------------------------------------ running
 
 
-def default_exp_dir(spec: StudySpec, storage: str | Path | None, name: str | None) -> Path:
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return (Path(storage or DEFAULT_STORAGE) / (name or f"{spec.name}-{stamp}")).resolve()
+def default_exp_dir(spec: StudySpec, storage: str | Path | None, name: str | None) -> Path | str:
+    """``STORAGE/NAME`` (default storage :data:`DEFAULT_STORAGE`): a directory, or a URI when ``storage`` is one."""
+    return layout.default_exp_dir(spec, storage, name, default_storage=DEFAULT_STORAGE)
 
 
-def write_experiment_files(spec: StudySpec, exp_dir: Path, address: str | None) -> dict[str, Any]:
-    """The study's copy and the experiment meta file that `vlptune results`/`board` read."""
-    from vlptune.search import runner
-
+def write_experiment_files(spec: StudySpec, exp_dir: Path, address: str | None, location: str | None = None) -> dict[str, Any]:
+    """The study's copy and the experiment meta file that `vlptune results`/`board` read, in ``exp_dir``
+    (the directory, or the driver mirror of a URI study; ``location``: where it lives, default ``exp_dir``)."""
     exp_dir.mkdir(parents=True, exist_ok=True)
     if Path(spec.file).is_file():
         shutil.copyfile(spec.file, exp_dir / STUDY_FILE_COPY)
     atomic_write_text(exp_dir / STUDY_SPEC, spec.model_dump_json(indent=1) + "\n")
-    atomic_write_text(exp_dir / runner.BASE_COPY, yaml.safe_dump(spec.base_raw, sort_keys=False))
+    layout.write_base_copy(exp_dir, spec.base_raw)
     meta = {
         "kind": KIND,
         "name": exp_dir.name,
@@ -354,19 +355,19 @@ def write_experiment_files(spec: StudySpec, exp_dir: Path, address: str | None) 
         "parameters": [VARIANT_KEY, SEED_KEY],
         "storage_url": None,  # no searcher, no Optuna study
         "study_name": exp_dir.name,
+        "location": location or str(exp_dir),
         "scheduler": "fifo",
         "searcher": None,
         "num_samples": spec.num_trials,
         "address": address,
         "created": _dt.datetime.now().isoformat(timespec="seconds"),
     }
-    atomic_write_text(exp_dir / runner.META_FILE, json.dumps(meta, indent=1) + "\n")
-    return meta
+    return layout.write_meta(exp_dir, meta)
 
 
 def _study_settings(spec: StudySpec) -> dict[str, Any]:
     """Every (variant, seed) once, to the full fidelity: Tune's grid, no searcher, FIFO."""
-    from ray import tune
+    from ray import tune  # heavy dependency kept lazy
     from ray.tune.schedulers import FIFOScheduler
 
     return {
@@ -398,46 +399,62 @@ def run_study(
     trials are done. On resume the saved study is used (``spec`` may be None;
     a different one is ignored with a warning). ``worker_fn``: the per-worker
     function (``train_worker``'s signature; tests pass a stand-in).
+
+    ``exp_dir`` / ``storage``: a directory or a URI (:mod:`vlptune.search.location`);
+    a URI study runs like a URI search (the driver's files kept in its local
+    mirror and uploaded, the table uploaded at the end) and the directory
+    returned is that mirror.
     """
-    from vlptune.search import runner
-
+    if resume and exp_dir is None:
+        raise StudyError("resuming a study needs its experiment directory")
+    if not resume and spec is None:
+        raise StudyError("a study needs a StudySpec (load_study(FILE)), or resume=True with exp_dir")
     fresh = False
-    if resume:
-        if exp_dir is None:
-            raise StudyError("resuming a study needs its experiment directory")
-        exp_dir = Path(exp_dir).resolve()
-        saved = load_experiment_study(exp_dir)
-        if spec is not None and spec.model_dump(exclude={"base_raw", "file", "base_file"}) != saved.model_dump(exclude={"base_raw", "file", "base_file"}):
-            log.warning("resuming %s with its saved study (from %s), not the one given", exp_dir, saved.file)
-        spec = saved
-    else:
-        if spec is None:
-            raise StudyError("a study needs a StudySpec (load_study(FILE)), or resume=True with exp_dir")
-        exp_dir = Path(exp_dir).resolve() if exp_dir else default_exp_dir(spec, storage, name)
-        if exp_dir.exists() and any(exp_dir.iterdir()):
-            raise StudyError(f"{exp_dir}: already exists; continue it with --resume {exp_dir}, or choose another --name")
-        from vlptune.search.runner import _absolute_paths
-
-        spec = spec.model_copy(update={"base_raw": _absolute_paths(spec.base_raw, Path.cwd())})
-        fresh = True
-        write_experiment_files(spec, exp_dir, address)
-
-    plan = runner.TrialPlan(
-        source=spec,
-        data_recipes=[spec.variant_recipe(v) for v in spec.variant_names],
-        tune_settings=lambda: _study_settings(spec),
-        resolve=functools.partial(resolve_trial, variants=spec.variants),
-        hparams=study_hparams(spec),
-    )
     try:
-        runner.run_experiment(
+        loc = layout.experiment_location(exp_dir if exp_dir is not None else default_exp_dir(spec, storage, name))
+        if resume:
+            if loc.remote:
+                layout.download_for_resume(loc, STUDY_DRIVER_FILES)
+            exp_dir = loc.local
+            saved = load_experiment_study(exp_dir)
+            if spec is not None and spec.model_dump(exclude={"base_raw", "file", "base_file"}) != saved.model_dump(exclude={"base_raw", "file", "base_file"}):
+                log.warning("resuming %s with its saved study (from %s), not the one given", exp_dir, saved.file)
+            spec = saved
+        else:
+            exp_dir = loc.local
+            layout.check_fresh(loc)
+            spec = spec.model_copy(update={"base_raw": absolute_paths(spec.base_raw, Path.cwd())})
+            fresh = True
+            write_experiment_files(spec, exp_dir, address, location=loc.path)
+
+        plan = TrialPlan(
+            source=spec,
+            data_recipes=[spec.variant_recipe(v) for v in spec.variant_names],
+            tune_settings=lambda: _study_settings(spec),
+            resolve=functools.partial(resolve_trial, variants=spec.variants),
+            hparams=study_hparams(spec),
+            driver_files=STUDY_DRIVER_FILES,
+        )
+        run_experiment(
             plan, exp_dir, fresh=fresh, resume=resume, address=address, num_cpus=num_cpus, num_gpus=num_gpus,
             verbose=verbose, worker_log_level=worker_log_level, worker_fn=worker_fn, callbacks=callbacks,
+            location=loc,
         )
-    except runner.SearchError as exc:
+    except SearchError as exc:
         raise StudyError(str(exc)) from None
     write_study_outputs(exp_dir)
+    if loc.remote:
+        _upload_outputs(loc)
     return exp_dir
+
+
+def _upload_outputs(loc: Location) -> None:
+    """The table of a URI study, next to its trials at the URI (its TensorBoard text run too)."""
+    try:
+        loc.upload_driver_files((TABLE_MD, TABLE_CSV), None)
+        DirUploader(loc.local / TB_DIR / TB_RUN, loc.join(TB_DIR, TB_RUN)).sync()
+    except Exception as exc:  # noqa: BLE001 - pyarrow's errors: network, credentials, quota
+        raise StudyError(f"{loc.uri}: cannot upload the study's table: {' '.join(str(exc).split())}") from None
 
 
 # ------------------------------------------------------------------ results
@@ -501,24 +518,18 @@ class StudyResults:
         return [t for t in self.trials if t.variant == variant and t.seed not in done]
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
 
 def collect_study(exp_dir: str | Path) -> StudyResults:
     """Read a study's experiment directory (finished, running or interrupted)."""
-    from vlptune.search import results as search_results
-    from vlptune.search.results import _read_results
-
     exp_dir = Path(exp_dir).resolve()
     spec = load_experiment_study(exp_dir)
     trials = []
     for row in search_results.collect(exp_dir).rows:
         if VARIANT_KEY not in row.params or SEED_KEY not in row.params:
             continue
-        reports = _read_results(Path(row.trial_dir)) if row.trial_dir else []
+        reports = read_results(Path(row.trial_dir)) if row.trial_dir else []
         last = reports[-1] if reports else {}
-        metrics = {m: float(last[m]) for m in spec.metrics if _finite(last.get(m))}
+        metrics = {m: float(last[m]) for m in spec.metrics if finite(last.get(m))}
         trials.append(StudyTrial(row.trial_id, str(row.params[VARIANT_KEY]), int(row.params[SEED_KEY]), row.status, row.fidelity, metrics, row.error))
     trials.sort(key=lambda t: (spec.variant_names.index(t.variant) if t.variant in spec.variant_names else len(spec.variant_names), t.seed))
     return StudyResults.for_spec(spec, trials, exp_dir)
@@ -631,8 +642,7 @@ def write_study_outputs(exp_dir: str | Path, results: StudyResults | None = None
     markdown = format_markdown(results, rows)
     atomic_write_text(exp_dir / TABLE_MD, markdown)
     atomic_write_text(exp_dir / TABLE_CSV, format_csv(rows))
-    from torch.utils.tensorboard import SummaryWriter
-    from vlptune.search.runner import TB_DIR
+    from torch.utils.tensorboard import SummaryWriter  # heavy dependency kept lazy
 
     writer = SummaryWriter(log_dir=str(exp_dir / TB_DIR / TB_RUN))
     try:

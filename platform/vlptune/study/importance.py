@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from vlptune.io import atomic_write_text
+from vlptune.search.layout import TB_DIR, SearchError, read_meta, study_url
 
 EVALUATORS = ("fanova", "ped-anova")
 EVALUATOR_CHOICES = (*EVALUATORS, "both")
@@ -71,9 +72,7 @@ class StudyCounts:
 
 def open_study(exp_dir: str | Path):
     """The Optuna study of a search experiment (its storage URL and name are in the experiment's meta)."""
-    import optuna
-
-    from vlptune.search.runner import SearchError, read_meta
+    import optuna  # heavy dependency kept lazy
 
     try:
         meta = read_meta(exp_dir)
@@ -81,10 +80,8 @@ def open_study(exp_dir: str | Path):
         raise ImportanceError(str(exc)) from None
     if not meta.get("storage_url"):
         raise ImportanceError(f"{exp_dir}: this experiment has no Optuna study (kind {meta.get('kind', 'search')!r}: an ablation or promoted run has no searcher); give a search experiment")
-    from vlptune.search import runner
-
-    # the experiment's own optuna.db wherever the directory now is (runner.study_url), else the stored URL
-    url = runner.study_url(meta, exp_dir) if hasattr(runner, "study_url") else meta["storage_url"]
+    # the experiment's own optuna.db wherever the directory now is, else the stored URL
+    url = study_url(meta, exp_dir)
     if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
         raise ImportanceError(f"{exp_dir}: the study's SQLite file {url[len('sqlite:///'):]} does not exist (did the search start?)")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -232,9 +229,7 @@ def format_csv(results: list[Importance]) -> str:
 
 def write_outputs(exp_dir: str | Path, results: list[Importance], metric: str | None = None) -> list[Path]:
     """importance.md, importance.csv and TensorBoard text (run ``tb/importance``) in the experiment directory."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    from vlptune.search.runner import TB_DIR
+    from torch.utils.tensorboard import SummaryWriter  # heavy dependency kept lazy
 
     exp_dir = Path(exp_dir)
     text = format_markdown(results, metric)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import copy
 import datetime as _dt
 import json
-import math
 import os
 import subprocess
 from dataclasses import asdict, dataclass, field
@@ -40,13 +39,15 @@ from typing import Any, Callable
 import yaml
 
 from vlptune.config import ConfigError, Recipe, deep_merge, load_raw, load_recipe, set_dotted, validate_recipe
-from vlptune.io import atomic_write_text
+from vlptune.io import atomic_write_text, finite
+from vlptune.search import results as res
+from vlptune.search.layout import PROMOTION_FILE, SearchError, not_an_experiment, read_meta
+from vlptune.search.space import check_objectives
 from vlptune.study.fidelity import FidelityMap, FidelityMapError, load_fidelity_map, map_values, overrides_of
 
 REPO = Path(__file__).resolve().parents[3]
 DEFAULT_MAP = REPO / "trials" / "fidelity" / "light-to-full.yaml"
 PROMOTED_DIRNAME = "promoted"  # next to the target recipe: trials/promoted/
-PROMOTION_FILE = "vlptune_promotion.json"  # in a promoted run's experiment directory
 PROVENANCE_MARK = "# provenance"
 PROVENANCE_PREFIX = "#   "
 GIT_TIMEOUT_S = 10.0
@@ -59,9 +60,6 @@ class PromotionError(ConfigError):
 # ------------------------------------------------------------------ selection
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
 
 def skip_reason(row: Any, max_fidelity: int) -> str | None:
     """Why a trial cannot be promoted (None: it completed the final fidelity with a finite metric)."""
@@ -72,7 +70,7 @@ def skip_reason(row: Any, max_fidelity: int) -> str | None:
         return f"status {row.status}{where}"
     if row.fidelity is None or int(row.fidelity) != int(max_fidelity):
         return f"last step {row.fidelity}, not the final fidelity {max_fidelity}"
-    if not _finite(row.metric):
+    if not finite(row.metric):
         return f"metric {row.metric!r} is not a finite number"
     return None
 
@@ -203,10 +201,6 @@ def promote(
     promoted_dir: str | Path | None = None,
 ) -> Promotion:
     """Pick, map, validate and write the promoted recipes; returns what was written."""
-    from vlptune.search import results as res
-    from vlptune.search.runner import SearchError, read_meta
-    from vlptune.search.space import check_objectives
-
     exp_dir = Path(exp_dir).resolve()
     target = Path(target)
     try:
@@ -281,7 +275,7 @@ def promote(
         git_commit=commit,
         date=date,
         trials=promoted,
-        skipped=[{"trial_id": row.trial_id, "metric": row.metric if _finite(row.metric) else None, "reason": reason} for row, reason in selection.skipped],
+        skipped=[{"trial_id": row.trial_id, "metric": row.metric if finite(row.metric) else None, "reason": reason} for row, reason in selection.skipped],
         eligible=selection.eligible,
     )
 
@@ -374,8 +368,6 @@ def write_promotion_record(exp_dir: str | Path, promotion: Promotion, run: dict[
 def read_promotion_record(exp_dir: str | Path) -> tuple[Promotion, dict[str, Any]]:
     path = Path(exp_dir) / PROMOTION_FILE
     if not path.is_file():
-        from vlptune.search.experiments import not_an_experiment
-
         problem = f"not a promoted run ({PROMOTION_FILE} is missing); give the experiment directory printed by `vlptune promote --run`"
         raise PromotionError(not_an_experiment(exp_dir, problem))
     data = json.loads(path.read_text())

@@ -88,7 +88,7 @@ def _promote(args: argparse.Namespace) -> int:
 
 
 def _importance(args: argparse.Namespace) -> int:
-    from vlptune.search.runner import read_meta
+    from vlptune.search.layout import read_meta
     from vlptune.study import importance as imp
 
     results = imp.importances(

@@ -17,6 +17,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from vlptune.io import finite
+
 DEFAULT_MIN_CORRELATION = 0.0  # Spearman's rho at or below this: the light ranking did not predict the full one
 MIN_CONFIGS_FOR_CORRELATION = 2  # pairs below which a rank correlation is undefined
 SIGN_ONLY_CONFIGS = 2  # with exactly this many pairs a rank correlation is +1 or -1: a sign, not evidence
@@ -49,9 +51,6 @@ class RankReport:
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _ranks(values: dict[str, float], mode: str) -> dict[str, int]:
@@ -91,8 +90,8 @@ def rank_report(
         raise ValueError(f"names, light and full must have the same length; got {len(names)}, {len(light)}, {len(full)}")
     if not -1.0 <= min_correlation <= 1.0:
         raise ValueError(f"min_correlation: expected a value in [-1, 1], got {min_correlation}")
-    counts = list(full_n) if full_n is not None else [1 if _finite(v) else 0 for v in full]
-    rows = [PairRow(str(n), float(l) if _finite(l) else None, float(f) if _finite(f) else None, int(c)) for n, l, f, c in zip(names, light, full, counts)]
+    counts = list(full_n) if full_n is not None else [1 if finite(v) else 0 for v in full]
+    rows = [PairRow(str(n), float(l) if finite(l) else None, float(f) if finite(f) else None, int(c)) for n, l, f, c in zip(names, light, full, counts)]
     paired = [r for r in rows if r.light is not None and r.full is not None]
     notes: list[str] = []
     warnings: list[str] = []
@@ -168,7 +167,7 @@ def full_means(study_results: Any, metric: str, names: Sequence[str]) -> dict[st
     """Variant name -> (mean of ``metric`` over its finished seeds, how many), from ``collect_study``'s results."""
     out: dict[str, tuple[float | None, int]] = {}
     for name in names:
-        values = [float(v) for v in study_results.values(name, metric) if _finite(v)]
+        values = [float(v) for v in study_results.values(name, metric) if finite(v)]
         out[name] = (math.fsum(values) / len(values) if values else None, len(values))
     return out
 

@@ -371,6 +371,44 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return path if (path / STATE_FILE).is_file() else None
 
 
+def checkpoint_step(path: str | Path) -> int | None:
+    """The step of the checkpoint directory ``path`` (its ``state.json``), or None if it holds none."""
+    state_file = Path(path) / STATE_FILE
+    if not state_file.is_file():
+        return None
+    return int(json.loads(state_file.read_text())["step"])
+
+
+def install_checkpoint(run_dir: str | Path, src: str | Path) -> Path:
+    """Copy the complete checkpoint directory ``src`` (a copy kept elsewhere, e.g. by Ray Train)
+    into ``run_dir`` as the checkpoint of its step, and make it the ``latest``; returns its directory.
+
+    The same protocol as :func:`save_checkpoint`: the files are copied to a
+    temporary sibling (``.tmp-*``), an existing checkpoint of that step is
+    renamed aside (``.old-*``) and the copy renamed onto the name, then the
+    ``latest`` pointer is replaced atomically. A crash leaves the previous
+    checkpoint or the new one, never half of one. The caller keeps other
+    writers of ``run_dir`` out (the loop's own saves, another installer).
+    """
+    step = checkpoint_step(src)
+    if step is None:
+        raise CheckpointError(f"{src}: not a checkpoint ({STATE_FILE} is missing)")
+    root = checkpoint_root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dir_name(step)
+    tmp = root / f"{TMP_PREFIX}{final.name}-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        shutil.copytree(src, tmp)
+        if final.exists():
+            _discard(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_text(root / LATEST, final.name + "\n")
+    return final
+
+
 def load_checkpoint(
     path: str | Path,
     module: nn.Module,

@@ -1,0 +1,87 @@
+"""What is made ready and checked before any trial of an experiment starts: its data and its storage.
+
+* :func:`prepare_recipes_data`: the synthetic world of each data root, generated
+  once by the driver (the trials would all wait on its lock), and a world that
+  lacks what a recipe needs refused before any trial starts;
+* :func:`check_experiment_storage`: an experiment the nodes of the cluster
+  cannot all reach (a local directory on several nodes) refused once the
+  cluster is joined (:func:`vlptune.cluster.storage.check_storage`).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from vlptune.cluster import storage
+from vlptune.cluster.storage import StorageError, check_storage
+from vlptune.config import Recipe
+from vlptune.search.layout import SearchError
+from vlptune.search.location import Location
+from vlptune.search.space import SearchSpace
+
+log = logging.getLogger(__name__)
+
+
+def prepare_data(space: SearchSpace) -> None:
+    """Generate the synthetic world once, before trials start (they would all wait on its lock)."""
+    prepare_recipes_data([space.base_recipe])
+
+
+def prepare_recipes_data(recipes: list[Recipe]) -> None:
+    """Generate the synthetic world of each data root once, before trials start.
+
+    Recipes sharing a root get one world, with phrase-label similarities when
+    any of them needs them (guided OMVM, PRA). A world that already exists
+    without them while a recipe needs them is refused here, before any trial
+    starts, instead of failing in every trial that needs them.
+    """
+    from vlptune.data.dataset import ensure_data, needs_phrase_similarity  # imports torch: kept lazy
+    from vlptune.data.shards import read_manifest
+    from vlptune.data.similarity import MANIFEST_KEY
+
+    by_root: dict[Path, tuple[Recipe, bool]] = {}
+    for recipe in recipes:
+        root = Path(recipe.data.root).resolve()
+        needs = needs_phrase_similarity(recipe)
+        if root not in by_root or (needs and not by_root[root][1]):
+            by_root[root] = (recipe, needs)
+    for root, (recipe, needs) in by_root.items():
+        if (root / "manifest.json").is_file():
+            if needs and MANIFEST_KEY not in read_manifest(root):
+                raise SearchError(
+                    f"{root}: this dataset has no phrase-label similarities ({MANIFEST_KEY!r} missing from its manifest), "
+                    "but a trial's objectives need them (guided OMVM or PRA); delete the directory so it is generated again "
+                    "with them, or set data.root to another directory"
+                )
+            continue
+        if not recipe.data.synthesize:
+            continue
+        log.info("preparing data in %s", root)
+        ensure_data(recipe)
+
+
+def cluster_nodes() -> list[dict[str, Any]] | int:
+    """``ray.nodes()`` of the cluster joined (1 when Ray is not initialised)."""
+    import ray  # heavy dependency kept lazy
+
+    return ray.nodes() if ray.is_initialized() else 1
+
+
+def check_experiment_storage(location: Location, shared: bool = False, nodes: list[dict[str, Any]] | int | None = None, mounts_file: str | Path | None = None) -> None:
+    """Refuse (:class:`SearchError`) an experiment the nodes of the cluster cannot all reach.
+
+    ``nodes``: ``ray.nodes()``'s list or a count; default: asked of the Ray
+    this process joined. ``shared``: the user says every node mounts the
+    directory (``--shared-storage``). See :func:`vlptune.cluster.storage.check_storage`.
+    """
+    try:
+        check_storage(location.uri or location.local, cluster_nodes() if nodes is None else nodes, assume_shared=shared, mounts_file=mounts_file or storage.MOUNTS_FILE)  # MOUNTS_FILE read when called
+    except StorageError as exc:
+        local_path = location.uri is None or location.uri.startswith("file://")
+        hint = "" if shared or not local_path else (
+            "; if every node does mount this directory at the same path (a shared filesystem vlptune does not "
+            "recognise), pass --shared-storage"
+        )
+        raise SearchError(f"{exc}{hint}") from None
