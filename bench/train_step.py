@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from vlptune.config import Recipe, load_recipe
-from vlptune.data.grid import grid_shape, grid_stride
+from vlptune.grid import grid_shape, grid_stride
 from vlptune.objectives.base import build_pretrainer
 from vlptune.train.optim import autocast, build_optimizers, resolve_precision
 

@@ -7,7 +7,7 @@ import torch
 from transformers import ResNetModel
 
 from vlptune.model.backbone import GridProjection, ResNetBackbone, grid_mask_from_pixels, resnet_config
-from vlptune.data.grid import grid_shape, grid_stride
+from vlptune.grid import grid_shape, grid_stride
 
 TINY = dict(depth=18, width_mult=0.125)
 

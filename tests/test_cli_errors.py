@@ -12,7 +12,6 @@ import pytest
 import yaml
 
 from vlptune import cli
-from vlptune.data.prepare import ensure_data
 from vlptune.objectives.base import prepare_dataset
 from vlptune.data.schema import DataError
 from vlptune.errors import EXIT_USER_ERROR, did_you_mean

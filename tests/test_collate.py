@@ -16,7 +16,7 @@ from vlptune.data.prepare import ensure_data
 from vlptune.data.schema import DataError
 from vlptune.data.shards import read_manifest
 from vlptune.data.text import IGNORE_INDEX, MLMMasker, char_to_token_spans, encode, load_tokenizer
-from vlptune.data.grid import grid_shape, grid_stride
+from vlptune.grid import grid_shape, grid_stride
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = dict(train=24, val=8, image_size=64, seed=0, shard_size=10)  # same world as test_dataset

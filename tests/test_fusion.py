@@ -9,7 +9,7 @@ from transformers import BertConfig, BertModel
 
 from vlptune.config import BackboneConfig, FusionConfig, ModelConfig, Recipe, VDConfig
 from vlptune.model.fusion import FusionTransformer, minilm_path, sine_table
-from vlptune.data.grid import grid_shape, grid_stride
+from vlptune.grid import grid_shape, grid_stride
 from vlptune.model.vlp import VLPModel
 
 

@@ -15,7 +15,6 @@ from helpers import build_with_data, similarity_world, small_recipe
 from vlptune.config import ConfigError
 from vlptune.data.collate import SOHOCollate
 from vlptune.data.dataset import ShardDataset, build_loader, decode_record
-from vlptune.data.prepare import ensure_data
 from vlptune.data.schema import DataError
 from vlptune.data.shards import read_manifest, read_shard, verify
 from vlptune.data.similarity import MANIFEST_KEY, PhraseLabelSimilarity

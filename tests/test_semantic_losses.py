@@ -15,6 +15,7 @@ from vlptune.data.collate import SEG_IGNORE, SOHOCollate, seg_to_grid
 from vlptune.data.dataset import ShardDataset, build_loader, decode_record
 from vlptune.data.shards import read_manifest, read_shard
 from vlptune.data.synth import make_world
+from vlptune.config.objectives import patch_geometry
 from vlptune.data.text import load_tokenizer
 from vlptune.data.transforms import ImageTransform
 from vlptune.objectives.base import StepContext
@@ -22,7 +23,6 @@ from vlptune.objectives.ssul import (
     cells_to_patches,
     choose_patches,
     mask_pixels,
-    patch_geometry,
     patch_means,
     pool_cells,
 )

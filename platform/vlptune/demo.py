@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from vlptune.config.objectives import required_columns
+from vlptune.data.prepare import ensure_data
 from vlptune.config import load_recipe
 from vlptune.search.console import format_duration
 
@@ -82,13 +84,11 @@ _banner = CLOCK.banner
 
 
 def stage_world(recipe_path: Path, out: Path, overrides: list[str]) -> Path:
-    from vlptune.data.dataset import ensure_data
-
     recipe = load_recipe(recipe_path, [*overrides, f"data.root={out / 'world'}"])
     _banner(f"1. synthetic world -> {recipe.data.root}")
     start = time.perf_counter()
     existed = (Path(recipe.data.root) / "manifest.json").is_file()
-    root = ensure_data(recipe)
+    root = ensure_data(recipe, required_columns(recipe))
     state = "already there" if existed else f"generated in {time.perf_counter() - start:.1f} s"
     print(f"world at {root} ({state})")
     return root

@@ -6,16 +6,31 @@ objective="mlm")``, so recipes validate without importing torch or building a
 model. The implementation (an ``nn.Module`` in :mod:`vlptune.objectives`)
 registers under the same name with ``@register("mlm")`` and finds its config
 class here; these are the only two places an objective's name is written.
+
+The config class is also the objective's torch-free contract with the rest of
+the platform: which recipes it refuses (:meth:`ObjectiveConfig.check_recipe`),
+which optional data columns it reads (:meth:`ObjectiveConfig.required_columns`)
+and what it can do for others (``scores_pairs``: the loop's zero-shot
+retrieval ranks with it; ``generates_captions``: ``vlptune caption`` decodes
+with it). Searches, studies and the data preparation ask these questions
+without importing an ``nn.Module``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
 from vlptune.config.base import ConfigError, Section
 from vlptune.errors import did_you_mean
+from vlptune.grid import grid_stride
+
+if TYPE_CHECKING:  # recipe.py imports this module: the annotation only
+    from vlptune.config.recipe import Recipe
+
+SIMILARITY_COLUMN = "phrase_label_sim"  # image_text column of phrase-label similarities (KD-VLP), filled by vlptune.data.similarity
+DECODER_FIELD = "decoder_layers"  # an objective with this field asks for the one shared Transformer decoder, of that depth
 
 _CONFIGS: dict[str, type[ObjectiveConfig]] = {}
 
@@ -32,7 +47,18 @@ class ObjectiveConfig(Section):
             raise ValueError(f"objective {objective!r}: two config classes ({existing.__qualname__} and {cls.__qualname__})")
         _CONFIGS[objective] = cls
 
+    scores_pairs: ClassVar[bool] = False  # its module's match_score(fused, text_mask) scores image-text pairs
+    generates_captions: ClassVar[bool] = False  # its module's generate(memory, ...) decodes captions
+
     weight: float = Field(1.0, ge=0.0, le=100.0, description="weight of this loss in the total; 0 switches the objective off")
+
+    def required_columns(self) -> tuple[str, ...]:
+        """The optional ``image_text`` columns this objective reads (``phrase_label_sim``); the data is prepared with them."""
+        return ()
+
+    def check_recipe(self, recipe: Recipe) -> None:
+        """Refuse (ConfigError naming the fields) a recipe this objective cannot train with; runs before anything is built."""
+        return None
 
 
 def names() -> list[str]:
@@ -49,6 +75,50 @@ def config_class(name: str) -> type[ObjectiveConfig]:
     if name not in _CONFIGS:
         raise unknown_objective(name)
     return _CONFIGS[name]
+
+
+def check_objectives(recipe: Recipe) -> None:
+    """Let every active objective refuse the recipe (ConfigError naming the fields); refuse a recipe that trains nothing."""
+    active = recipe.active_objectives()
+    if not active:
+        raise ConfigError("objectives: no objective has a weight > 0; nothing to train")
+    for cfg in active.values():
+        cfg.check_recipe(recipe)
+
+
+def required_columns(recipe: Recipe) -> frozenset[str]:
+    """The optional ``image_text`` columns the recipe's active objectives read."""
+    return frozenset(column for cfg in recipe.active_objectives().values() for column in cfg.required_columns())
+
+
+def pair_scorer_names() -> list[str]:
+    """The objectives whose module scores image-text pairs (retrieval needs one)."""
+    return [name for name in names() if _CONFIGS[name].scores_pairs]
+
+
+def caption_generator_names() -> list[str]:
+    """The objectives whose module decodes captions."""
+    return [name for name in names() if _CONFIGS[name].generates_captions]
+
+
+def check_decoder_agreement(recipe: Recipe) -> None:
+    """Refuse a recipe whose active decoder objectives (those with a ``decoder_layers`` field) ask for different depths: they share one decoder."""
+    depths = {name: int(getattr(cfg, DECODER_FIELD)) for name, cfg in recipe.active_objectives().items() if DECODER_FIELD in type(cfg).model_fields}
+    if len(set(depths.values())) > 1:
+        detail = ", ".join(f"objectives.{name}.{DECODER_FIELD}={value}" for name, value in depths.items())
+        raise ConfigError(f"{detail}: {' and '.join(depths)} share one decoder; set the same {DECODER_FIELD} for all of them")
+
+
+def patch_geometry(patch: int, stride: int) -> tuple[int, int]:
+    """(patches per cell side, cells per patch side) of SSUL's pixel patches on a grid of ``stride``: one of them is 1."""
+    if stride % patch == 0:
+        return stride // patch, 1
+    if patch % stride == 0:
+        return 1, patch // stride
+    raise ConfigError(
+        f"objectives.ssul.patch_size={patch} and the grid stride {stride} (32 * model.backbone.pool) do not nest: "
+        f"choose a patch_size that divides {stride} or is a multiple of it"
+    )
 
 
 def validate_objective(name: str, spec: Any) -> ObjectiveConfig:
@@ -81,12 +151,28 @@ class ITMConfig(ObjectiveConfig, objective="itm"):
         "random", description="negative captions: 'random' from the collate (SOHO), 'hard' / 'sampled' by MVPTR's VSC similarities (needs objectives.vsc)"
     )
 
+    scores_pairs = True  # ITM.match_score ranks the loop's zero-shot retrieval
+
+    def check_recipe(self, recipe: Recipe) -> None:
+        if self.negatives != "random" and "vsc" not in recipe.active_objectives():
+            raise ConfigError(
+                f"objectives.itm.negatives={self.negatives!r} chooses negatives by VSC similarities: give objectives.vsc a weight > 0 "
+                "(it needs model.fusion.unimodal_layers > 0) or set objectives.itm.negatives=random"
+            )
+
 
 # ---------------------------------------------------------------------- mvm
 
 
 class MVMConfig(ObjectiveConfig, objective="mvm"):
     prob: float = Field(1.0, ge=0.0, le=1.0, description="probability that a positive pair gets MVM (released SOHO code: 0.015)")
+
+    def check_recipe(self, recipe: Recipe) -> None:
+        if self.weight > 0 and recipe.model.vd.size == 0:
+            raise ConfigError(
+                f"objectives.mvm.weight={self.weight} needs the visual dictionary, but model.vd.size=0 switches it off: "
+                "set model.vd.size > 0 or objectives.mvm.weight=0"
+            )
 
 
 # ---------------------------------------------------------------------- omvm
@@ -101,6 +187,13 @@ class OMVMConfig(ObjectiveConfig, objective="omvm"):
     guide_temperature: float = Field(0.1, gt=0.0, le=10.0, description="guided sampling: P(object) = softmax(max over phrases of alpha / guide_temperature)")
     prob: float = Field(1.0, ge=0.0, le=1.0, description="probability that a positive pair gets an object masked (KD-VLP: every pair)")
 
+    def required_columns(self) -> tuple[str, ...]:
+        return (SIMILARITY_COLUMN,) if self.sampling == "guided" else ()
+
+    def check_recipe(self, recipe: Recipe) -> None:
+        if self.weight > 0 and self.mrc_weight == 0 and self.mrfr_weight == 0:
+            raise ConfigError(f"objectives.omvm.weight={self.weight} but mrc_weight and mrfr_weight are both 0: nothing to train; set one > 0 or objectives.omvm.weight=0")
+
 
 # ---------------------------------------------------------------------- pra
 
@@ -110,6 +203,9 @@ class PRAConfig(ObjectiveConfig, objective="pra"):
 
     sim_temperature: float = Field(0.1, gt=0.0, le=10.0, description="temperature of the softmax over cross-modal cosine similarities (phrase state vs object state)")
     label_temperature: float = Field(0.1, gt=0.0, le=10.0, description="temperature of the softmax over phrase-label similarities alpha (the target)")
+
+    def required_columns(self) -> tuple[str, ...]:
+        return (SIMILARITY_COLUMN,)
 
 
 # ---------------------------------------------------------------------- ssul
@@ -121,6 +217,9 @@ class SSULConfig(ObjectiveConfig, objective="ssul"):
     mask_ratio: float = Field(0.15, gt=0.0, le=1.0, description="fraction of each image's patches that are masked (paper: 0.15)")
     patch_size: int = Field(32, ge=1, le=1024, description="side of the masked pixel patches (paper: 32); must divide or be a multiple of the grid stride 32 * model.backbone.pool")
     source: Literal["fusion", "grid"] = Field("fusion", description="visual outputs the head reads: final image states of the fusion pass on positive pairs, or the grid features before fusion")
+
+    def check_recipe(self, recipe: Recipe) -> None:
+        patch_geometry(self.patch_size, grid_stride(recipe.model.backbone.pool))
 
 
 # ---------------------------------------------------------------------- segl
@@ -166,6 +265,11 @@ class DetectionConfig(ObjectiveConfig, objective="detection"):
     attr_weight: float = Field(1.0, ge=0.0, le=100.0, description="loss: weight of the attribute BCE on matched queries")
     aux_loss: bool = Field(True, description="add the same losses on every intermediate decoder layer (DETR's auxiliary decoding losses)")
 
+    def check_recipe(self, recipe: Recipe) -> None:
+        check_decoder_agreement(recipe)
+        if self.cost_class == 0 and self.cost_bbox == 0 and self.cost_giou == 0:
+            raise ConfigError("objectives.detection.cost_class, cost_bbox and cost_giou are all 0: the matcher needs at least one positive cost")
+
 
 # ---------------------------------------------------------------------- captioning
 
@@ -175,6 +279,11 @@ class CaptioningConfig(ObjectiveConfig, objective="captioning"):
 
     decoder_layers: int = Field(6, ge=1, le=24, description="layers of the decoder shared with detection (E2E-VLP: 6)")
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0, description="label smoothing of the token cross-entropy")
+
+    generates_captions = True  # Captioning.generate decodes captions for `vlptune caption`
+
+    def check_recipe(self, recipe: Recipe) -> None:
+        check_decoder_agreement(recipe)
 
 
 # ---------------------------------------------------------------------- vsc
@@ -199,6 +308,14 @@ class VSCConfig(ObjectiveConfig, objective="vsc"):
                 f"temperature={self.temperature} must lie in [min_temperature={self.min_temperature}, max_temperature={self.max_temperature}]"
             )
         return self
+
+    def check_recipe(self, recipe: Recipe) -> None:
+        fusion = recipe.model.fusion
+        if fusion.unimodal_layers == 0:
+            raise ConfigError(
+                f"objectives.vsc.weight={self.weight} needs MVPTR's uni-modal stage, but model.fusion.unimodal_layers=0: "
+                f"set model.fusion.unimodal_layers between 1 and model.fusion.layers-1={fusion.layers - 1}"
+            )
 
 
 # ---------------------------------------------------------------------- wpg

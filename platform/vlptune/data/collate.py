@@ -31,7 +31,7 @@ import torch
 from vlptune.config import Recipe
 from vlptune.data.schema import DataError
 from vlptune.data.text import MLMMasker, char_to_token_spans, encode
-from vlptune.data.grid import grid_shape, grid_stride
+from vlptune.grid import grid_shape, grid_stride
 
 SEG_IGNORE = 255  # segmentation class of cells outside the image (and of images without a map)
 SEG_CLASSES = 256  # uint8 maps

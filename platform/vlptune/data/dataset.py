@@ -45,7 +45,7 @@ from vlptune.data.shards import decode_image, decode_segmentation, list_shards, 
 from vlptune.data.prepare import ensure_data
 from vlptune.data.text import load_tokenizer
 from vlptune.data.transforms import ImageTransform
-from vlptune.data.grid import grid_stride
+from vlptune.grid import grid_stride
 
 log = logging.getLogger(__name__)
 

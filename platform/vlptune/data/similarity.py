@@ -29,13 +29,13 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from vlptune.config.objectives import SIMILARITY_COLUMN
 from vlptune.data.schema import DataError
 
 MINILM = "minilm"
 ENCODER_BATCH = 128  # strings per encoder forward
 ENCODER_MAX_TOKENS = 32  # phrases and labels are short; longer strings are truncated
 CACHE_MAX = 1_000_000  # distinct strings kept before the cache is emptied
-SIMILARITY_COLUMN = "phrase_label_sim"
 MANIFEST_KEY = "phrase_label_similarity"  # manifest entry that says the column is filled
 
 

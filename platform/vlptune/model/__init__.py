@@ -1,6 +1,6 @@
 """Backbone, visual dictionary, fusion Transformer and the assembled VLP model.
 
-Names are imported lazily: ``import vlptune.data.grid`` (used by the data
+Names are imported lazily: ``import vlptune.grid`` (used by the data
 pipeline) must not pay for importing ``transformers``.
 
 Public API::
@@ -25,8 +25,8 @@ _EXPORTS = {
     "resnet_config": "vlptune.model.backbone",
     "VisualDictionary": "vlptune.model.visual_dictionary",
     "VDOutput": "vlptune.model.visual_dictionary",
-    "grid_shape": "vlptune.data.grid",
-    "grid_stride": "vlptune.data.grid",
+    "grid_shape": "vlptune.grid",
+    "grid_stride": "vlptune.grid",
 }
 
 __all__ = sorted(_EXPORTS)

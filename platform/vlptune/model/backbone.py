@@ -10,7 +10,7 @@ Two modules, so that optimiser groups follow module boundaries:
   trained with the Transformer and keeps learning while the CNN is frozen.
 
 The output grid of an ``H x W`` image is ``grid_shape(H, W, grid_stride(pool))``
-(see :mod:`vlptune.data.grid`): every strided layer of a ResNet rounds up
+(see :mod:`vlptune.grid`): every strided layer of a ResNet rounds up
 (``ceil``), and the max-pool runs in ceil mode.
 """
 
@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from transformers import ResNetConfig, ResNetModel
 
 from vlptune.config import BackboneConfig
-from vlptune.data.grid import grid_shape, grid_stride
+from vlptune.grid import grid_shape, grid_stride
 
 # depth -> (blocks per stage, layer type); channel counts below are the
 # standard torchvision / microsoft/resnet-* ones at width_mult = 1.

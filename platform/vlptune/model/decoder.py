@@ -21,7 +21,7 @@ Sharing: the decoder is a sub-module of the ``VLPModel`` under the name
 before the optimisers are built, so it is in the ``transformer`` parameter
 group, in checkpoints (``model.decoder.*``) and in DDP like every other
 parameter. A second objective asking with the same layer count gets the same
-module; a different count is refused (:func:`check_decoder_agreement` refuses
+module; a different count is refused (``vlptune.config.objectives.check_decoder_agreement`` refuses
 it earlier, from the recipe, naming both fields).
 
 :func:`beam_search` is the generic left-to-right search (greedy when the beam
@@ -37,13 +37,13 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from vlptune.config import ConfigError, Recipe
+from vlptune.config import ConfigError
+from vlptune.config.objectives import DECODER_FIELD
 from vlptune.data.text import load_tokenizer
 
 DECODER_ATTR = "decoder"  # name of the shared decoder on the VLPModel
 INIT_STD = 0.02  # BERT's initializer_range
 # The config field by which an objective asks for the shared decoder, and its depth.
-DECODER_FIELD = "decoder_layers"
 
 
 @dataclass(frozen=True)
@@ -169,15 +169,6 @@ def get_or_create_decoder(model: nn.Module, layers: int, owner: str) -> Transfor
     return existing
 
 
-def check_decoder_agreement(recipe: Recipe) -> None:
-    """Refuse a recipe whose active decoder objectives (those with a ``decoder_layers`` field) ask for different depths: they share one decoder."""
-    active = recipe.active_objectives()
-    depths = {name: int(getattr(cfg, DECODER_FIELD)) for name, cfg in active.items() if DECODER_FIELD in type(cfg).model_fields}
-    if len(set(depths.values())) > 1:
-        detail = ", ".join(f"objectives.{name}.{DECODER_FIELD}={value}" for name, value in depths.items())
-        raise ConfigError(f"{detail}: {' and '.join(depths)} share one decoder; set the same {DECODER_FIELD} for all of them")
-
-
 # --------------------------------------------------------------------------- memory
 
 
@@ -292,7 +283,6 @@ __all__ = [
     "TransformerDecoder",
     "beam_search",
     "causal_mask",
-    "check_decoder_agreement",
     "decoder_spec",
     "get_or_create_decoder",
     "image_only_memory",

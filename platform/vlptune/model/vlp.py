@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from vlptune.config import ModelConfig, Recipe
 from vlptune.model.backbone import GridProjection, ResNetBackbone, grid_mask_from_pixels
 from vlptune.model.fusion import FusionOutput, FusionTransformer, UnimodalOutput
-from vlptune.data.grid import grid_stride
+from vlptune.grid import grid_stride
 from vlptune.model.visual_dictionary import VisualDictionary
 
 

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from vlptune.config import ConfigError, ObjectiveConfig, Recipe
+from vlptune.config.objectives import check_objectives, required_columns
 from vlptune.data.info import COLUMN_MEANINGS, DatasetInfo
 from vlptune.data.prepare import ensure_data
 from vlptune.model.fusion import FusionOutput
@@ -105,27 +106,10 @@ class Objective(nn.Module, abc.ABC):
     # Every metric the objective may return. A step may leave some out (nothing
     # to learn from); averages then count only the steps that have them.
     metric_names: ClassVar[tuple[str, ...]] = ()
-    # True for an objective whose ``match_score(fused, text_mask)`` scores an
-    # image-text pair: the loop's zero-shot retrieval ranks with it (ITM).
-    scores_pairs: ClassVar[bool] = False
-    # True for an objective with ``generate(memory, ...)`` and special ``ids``:
-    # ``vlptune caption`` decodes captions with it (E2E-VLP's captioning).
-    generates_captions: ClassVar[bool] = False
-
     def __init__(self, cfg: ObjectiveConfig, model: VLPModel, recipe: Recipe, info: DatasetInfo | None = None):
         super().__init__()
         self.cfg = cfg
         self.weight = float(cfg.weight)
-
-    @classmethod
-    def required_columns(cls, cfg: Any) -> tuple[str, ...]:
-        """The optional ``image_text`` columns this objective reads (``phrase_label_sim``); the data is prepared with them."""
-        return ()
-
-    @classmethod
-    def check_recipe(cls, cfg: Any, recipe: Recipe) -> None:
-        """Refuse a recipe this objective cannot train with (raise ConfigError); called before the model is built."""
-        return None
 
     def require_info(self, info: DatasetInfo | None, fields: tuple[str, ...] = ()) -> DatasetInfo:
         """``info``, or a clear error for an objective that sizes its heads from the dataset's vocabularies.
@@ -271,17 +255,12 @@ class MetricMeter:
 
 def build_objectives(recipe: Recipe, model: VLPModel, info: DatasetInfo | None = None) -> dict[str, Objective]:
     """The recipe's active objectives (weight > 0), constructed in recipe order."""
-    check_recipe(recipe)
+    check_objectives(recipe)
     built: dict[str, Objective] = {}
     for name, cfg in recipe.active_objectives().items():
         impl = registry.get(name).impl
         built[name] = impl(cfg, model, recipe, info)
     return built
-
-
-def required_columns(recipe: Recipe) -> frozenset[str]:
-    """The optional ``image_text`` columns the recipe's active objectives read."""
-    return frozenset(column for name, cfg in recipe.active_objectives().items() for column in registry.get(name).impl.required_columns(cfg))
 
 
 def prepare_dataset(recipe: Recipe) -> DatasetInfo:
@@ -293,7 +272,7 @@ def prepare_dataset(recipe: Recipe) -> DatasetInfo:
     info = DatasetInfo.read(ensure_data(recipe, columns))
     missing = sorted(columns - info.columns)
     if missing:
-        readers = [name for name, cfg in recipe.active_objectives().items() if set(registry.get(name).impl.required_columns(cfg)) & set(missing)]
+        readers = [name for name, cfg in recipe.active_objectives().items() if set(cfg.required_columns()) & set(missing)]
         what = " and ".join(f"{COLUMN_MEANINGS.get(column, column)} (image_text column {column!r})" for column in missing)
         raise ConfigError(
             f"{', '.join(f'objectives.{name}' for name in readers)}: needs {what}, but the dataset at data.root={recipe.data.root!r} "
@@ -305,22 +284,8 @@ def prepare_dataset(recipe: Recipe) -> DatasetInfo:
 
 
 def pair_scorer(pretrainer: Pretrainer) -> Objective | None:
-    """The active objective that scores image-text pairs (``scores_pairs``), if any."""
-    return next((objective for objective in pretrainer.objectives.values() if objective.scores_pairs), None)
-
-
-def pair_scorer_names() -> list[str]:
-    """Names of the registered objectives that score image-text pairs (for messages)."""
-    return [name for name in registry.names() if registry.get(name).impl.scores_pairs]
-
-
-def check_recipe(recipe: Recipe) -> None:
-    """Let every active objective refuse the recipe (ConfigError naming the fields) before anything is built."""
-    active = recipe.active_objectives()
-    if not active:
-        raise ConfigError("objectives: no objective has a weight > 0; nothing to train")
-    for name, cfg in active.items():
-        registry.get(name).impl.check_recipe(cfg, recipe)
+    """The active objective that scores image-text pairs (its config says ``scores_pairs``), if any."""
+    return next((objective for objective in pretrainer.objectives.values() if objective.cfg.scores_pairs), None)
 
 
 def build_pretrainer(recipe: Recipe, info: DatasetInfo | None = None) -> Pretrainer:
@@ -329,6 +294,6 @@ def build_pretrainer(recipe: Recipe, info: DatasetInfo | None = None) -> Pretrai
     ``info`` (from :func:`prepare_dataset`) sizes the heads of objectives that
     predict the dataset's vocabularies; objectives without such heads need none.
     """
-    check_recipe(recipe)
+    check_objectives(recipe)
     model = VLPModel(recipe)
     return Pretrainer(model, build_objectives(recipe, model, info))

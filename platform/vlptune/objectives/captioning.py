@@ -36,7 +36,6 @@ from vlptune.model.decoder import (
     DecoderMemory,
     TransformerDecoder,
     beam_search,
-    check_decoder_agreement,
     get_or_create_decoder,
     image_only_memory,
     special_ids,
@@ -56,12 +55,7 @@ class Captioning(Objective):
     """Caption generation on positive pairs; metrics ``cap_loss``, ``cap_acc``, ``cap_chance``."""
 
     needs = ("images", "pixel_mask", "text_ids", "text_mask", "itm_labels", "pair_image")
-    generates_captions = True  # generate() decodes captions for `vlptune caption`
     metric_names = ("cap_loss", "cap_acc", "cap_chance")
-
-    @classmethod
-    def check_recipe(cls, cfg: CaptioningConfig, recipe: Recipe) -> None:
-        check_decoder_agreement(recipe)
 
     def __init__(self, cfg: CaptioningConfig, model: VLPModel, recipe: Recipe, info: DatasetInfo | None = None):
         super().__init__(cfg, model, recipe, info)

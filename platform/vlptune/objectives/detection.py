@@ -45,10 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlptune.config import ConfigError, Recipe
+from vlptune.config import Recipe
 from vlptune.model.decoder import (
     TransformerDecoder,
-    check_decoder_agreement,
     get_or_create_decoder,
     image_only_memory,
     special_ids,
@@ -121,12 +120,6 @@ class Detection(Objective):
         "det_iou",
         "det_iou_chance",
     )
-
-    @classmethod
-    def check_recipe(cls, cfg: DetectionConfig, recipe: Recipe) -> None:
-        check_decoder_agreement(recipe)
-        if cfg.cost_class == 0 and cfg.cost_bbox == 0 and cfg.cost_giou == 0:
-            raise ConfigError("objectives.detection.cost_class, cost_bbox and cost_giou are all 0: the matcher needs at least one positive cost")
 
     def __init__(self, cfg: DetectionConfig, model: VLPModel, recipe: Recipe, info: DatasetInfo | None = None):
         super().__init__(cfg, model, recipe, info)

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlptune.config import ConfigError, Recipe
+from vlptune.config import Recipe
 from vlptune.objectives.base import Objective, ObjectiveOutput, StepContext, accuracy, init_head_weights
 from vlptune.data.info import DatasetInfo
 from vlptune.model.vlp import VLPModel
@@ -72,16 +72,7 @@ class ITM(Objective):
     """Image-text matching over all pairs; metrics ``itm_loss``, ``itm_acc``."""
 
     needs = ("text_ids", "text_mask", "itm_labels", "pair_image")
-    scores_pairs = True  # match_score ranks the loop's zero-shot retrieval
     metric_names = ("itm_loss", "itm_acc")
-
-    @classmethod
-    def check_recipe(cls, cfg: ITMConfig, recipe: Recipe) -> None:
-        if cfg.negatives != "random" and "vsc" not in recipe.active_objectives():
-            raise ConfigError(
-                f"objectives.itm.negatives={cfg.negatives!r} chooses negatives by VSC similarities: give objectives.vsc a weight > 0 "
-                "(it needs model.fusion.unimodal_layers > 0) or set objectives.itm.negatives=random"
-            )
 
     def __init__(self, cfg: ITMConfig, model: VLPModel, recipe: Recipe, info: DatasetInfo | None = None):
         super().__init__(cfg, model, recipe, info)

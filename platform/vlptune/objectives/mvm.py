@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlptune.config import ConfigError, Recipe
+from vlptune.config import Recipe
 from vlptune.objectives.base import (
     HEAD_INIT_STD,
     Objective,
@@ -83,17 +83,9 @@ class MVM(Objective):
     needs = ("text_ids", "text_mask", "itm_labels", "pair_image")
     metric_names = ("mvm_loss", "mvm_acc", "mvm_chance", "mvm_skipped")
 
-    @classmethod
-    def check_recipe(cls, cfg: MVMConfig, recipe: Recipe) -> None:
-        if cfg.weight > 0 and recipe.model.vd.size == 0:
-            raise ConfigError(
-                f"objectives.mvm.weight={cfg.weight} needs the visual dictionary, but model.vd.size=0 switches it off: "
-                "set model.vd.size > 0 or objectives.mvm.weight=0"
-            )
-
     def __init__(self, cfg: MVMConfig, model: VLPModel, recipe: Recipe, info: DatasetInfo | None = None):
         super().__init__(cfg, model, recipe, info)
-        self.check_recipe(cfg, recipe)
+        cfg.check_recipe(recipe)
         self.num_codes = int(recipe.model.vd.size)
         self.prob = float(cfg.prob)
         hidden = model.hidden_size

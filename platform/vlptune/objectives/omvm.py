@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlptune.config import ConfigError, Recipe
+from vlptune.config import Recipe
 from vlptune.objectives.base import (
     HEAD_INIT_STD,
     Objective,
@@ -62,7 +62,6 @@ from vlptune.objectives.registry import register
 
 log = logging.getLogger(__name__)
 
-SIMILARITY_COLUMN = "phrase_label_sim"
 
 
 def sampling_probabilities(
@@ -127,18 +126,9 @@ class OMVM(Objective):
         "omvm_mrfr_skipped", "omvm_unguided", "omvm_skipped",
     )
 
-    @classmethod
-    def required_columns(cls, cfg: OMVMConfig) -> tuple[str, ...]:
-        return (SIMILARITY_COLUMN,) if cfg.sampling == "guided" else ()
-
-    @classmethod
-    def check_recipe(cls, cfg: OMVMConfig, recipe: Recipe) -> None:
-        if cfg.weight > 0 and cfg.mrc_weight == 0 and cfg.mrfr_weight == 0:
-            raise ConfigError(f"objectives.omvm.weight={cfg.weight} but mrc_weight and mrfr_weight are both 0: nothing to train; set one > 0 or objectives.omvm.weight=0")
-
     def __init__(self, cfg: OMVMConfig, model: VLPModel, recipe: Recipe, info: DatasetInfo | None = None):
         super().__init__(cfg, model, recipe, info)
-        self.check_recipe(cfg, recipe)
+        cfg.check_recipe(recipe)
         info = self.require_info(info)
         self.num_classes, self.roi_dim = info.num_classes, info.roi_feature_dim
         self.sampling = cfg.sampling

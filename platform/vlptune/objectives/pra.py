@@ -31,7 +31,6 @@ from torch import Tensor
 
 from vlptune.objectives.base import Objective, ObjectiveOutput, StepContext
 from vlptune.objectives.itm import clean_view
-from vlptune.objectives.omvm import SIMILARITY_COLUMN
 from vlptune.objectives.pooling import object_cells, pool_phrases, pool_under_masks
 from vlptune.config import Recipe
 from vlptune.data.info import DatasetInfo
@@ -74,10 +73,6 @@ class PRA(Objective):
 
     needs = ("text_ids", "text_mask", "itm_labels", "pair_image", "obj_masks", "obj_labels", "grid_mask", "phrase_spans", "phrase_obj_sim", "phrase_obj_valid")
     metric_names = ("pra_loss", "pra_acc", "pra_chance", "pra_skipped")
-
-    @classmethod
-    def required_columns(cls, cfg: PRAConfig) -> tuple[str, ...]:
-        return (SIMILARITY_COLUMN,)
 
     def __init__(self, cfg: PRAConfig, model: VLPModel, recipe: Recipe, info: DatasetInfo | None = None):
         super().__init__(cfg, model, recipe, info)

@@ -40,28 +40,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlptune.config import ConfigError, Recipe
-from vlptune.data.grid import grid_stride
+from vlptune.config import Recipe
+from vlptune.grid import grid_stride
 from vlptune.objectives.base import Objective, ObjectiveOutput, PredictionTransform, StepContext, init_head_weights
 from vlptune.data.info import DatasetInfo
 from vlptune.model.vlp import VLPModel
-from vlptune.config.objectives import SSULConfig
+from vlptune.config.objectives import SSULConfig, patch_geometry
 from vlptune.objectives.registry import register
 
 RGB = 3
 MASK_VALUE = 0.0  # masked pixels, in normalised space: the dataset's mean colour
-
-
-def patch_geometry(patch: int, stride: int) -> tuple[int, int]:
-    """(patches per cell side, cells per patch side): one of them is 1."""
-    if stride % patch == 0:
-        return stride // patch, 1
-    if patch % stride == 0:
-        return 1, patch // stride
-    raise ConfigError(
-        f"objectives.ssul.patch_size={patch} and the grid stride {stride} (32 * model.backbone.pool) do not nest: "
-        f"choose a patch_size that divides {stride} or is a multiple of it"
-    )
 
 
 def patch_means(images: Tensor, pixel_mask: Tensor, patch: int) -> tuple[Tensor, Tensor]:
@@ -134,10 +122,6 @@ class SSUL(Objective):
 
     needs = ("images", "pixel_mask", "text_ids", "text_mask", "itm_labels", "pair_image")
     metric_names = ("ssul_loss", "ssul_baseline", "ssul_r2")
-
-    @classmethod
-    def check_recipe(cls, cfg: SSULConfig, recipe: Recipe) -> None:
-        patch_geometry(cfg.patch_size, grid_stride(recipe.model.backbone.pool))
 
     def __init__(self, cfg: SSULConfig, model: VLPModel, recipe: Recipe, info: DatasetInfo | None = None):
         super().__init__(cfg, model, recipe, info)

@@ -236,18 +236,9 @@ class VSC(Objective):
     needs = ("text_ids", "text_mask", "itm_labels", "pair_image")
     metric_names = ("vsc_loss", "vsc_acc", "vsc_chance", "vsc_temp")
 
-    @classmethod
-    def check_recipe(cls, cfg: VSCConfig, recipe: Recipe) -> None:
-        fusion = recipe.model.fusion
-        if fusion.unimodal_layers == 0:
-            raise ConfigError(
-                f"objectives.vsc.weight={cfg.weight} needs MVPTR's uni-modal stage, but model.fusion.unimodal_layers=0: "
-                f"set model.fusion.unimodal_layers between 1 and model.fusion.layers-1={fusion.layers - 1}"
-            )
-
     def __init__(self, cfg: VSCConfig, model: VLPModel, recipe: Recipe, info: DatasetInfo | None = None):
         super().__init__(cfg, model, recipe, info)
-        self.check_recipe(cfg, recipe)
+        cfg.check_recipe(recipe)
         if getattr(model, VSC_ATTR, None) is not None:
             raise ValueError(f"model.{VSC_ATTR} already exists: build one VSC objective per model")
         heads = VSCHeads(model.hidden_size, cfg)

@@ -16,6 +16,10 @@ from typing import Any
 
 from vlptune.cluster import storage
 from vlptune.cluster.storage import StorageError, check_storage
+from vlptune.config.objectives import required_columns
+from vlptune.data.info import COLUMN_MEANINGS, DatasetInfo
+from vlptune.data.prepare import ensure_data
+from vlptune.data.shards import MANIFEST_NAME
 from vlptune.config import Recipe
 from vlptune.search.layout import SearchError
 from vlptune.search.location import Location
@@ -37,29 +41,27 @@ def prepare_recipes_data(recipes: list[Recipe]) -> None:
     without them while a recipe needs them is refused here, before any trial
     starts, instead of failing in every trial that needs them.
     """
-    from vlptune.data.dataset import ensure_data, needs_phrase_similarity  # imports torch: kept lazy
-    from vlptune.data.shards import read_manifest
-    from vlptune.data.similarity import MANIFEST_KEY
-
-    by_root: dict[Path, tuple[Recipe, bool]] = {}
+    by_root: dict[Path, tuple[Recipe, frozenset[str]]] = {}
     for recipe in recipes:
         root = Path(recipe.data.root).resolve()
-        needs = needs_phrase_similarity(recipe)
-        if root not in by_root or (needs and not by_root[root][1]):
-            by_root[root] = (recipe, needs)
-    for root, (recipe, needs) in by_root.items():
-        if (root / "manifest.json").is_file():
-            if needs and MANIFEST_KEY not in read_manifest(root):
+        columns = required_columns(recipe)
+        first, wanted = by_root.get(root, (recipe, frozenset()))
+        by_root[root] = (recipe if columns - wanted else first, wanted | columns)  # the recipe that generates: one needing the most
+    for root, (recipe, columns) in by_root.items():
+        if (root / MANIFEST_NAME).is_file():
+            missing = sorted(columns - DatasetInfo.read(root).columns)
+            if missing:
+                what = ", ".join(f"{COLUMN_MEANINGS.get(c, c)} (column {c!r})" for c in missing)
                 raise SearchError(
-                    f"{root}: this dataset has no phrase-label similarities ({MANIFEST_KEY!r} missing from its manifest), "
-                    "but a trial's objectives need them (guided OMVM or PRA); delete the directory so it is generated again "
+                    f"{root}: this dataset has no {what} (its manifest does not record them), "
+                    "but a trial's objectives need them; delete the directory so it is generated again "
                     "with them, or set data.root to another directory"
                 )
             continue
         if not recipe.data.synthesize:
             continue
         log.info("preparing data in %s", root)
-        ensure_data(recipe)
+        ensure_data(recipe, columns)
 
 
 def cluster_nodes() -> list[dict[str, Any]] | int:

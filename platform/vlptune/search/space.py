@@ -51,6 +51,7 @@ from vlptune.config import (
     set_dotted,
     validate_recipe,
 )
+from vlptune.config import objectives as objective_configs
 from vlptune.errors import did_you_mean
 
 DISTRIBUTIONS = ("categorical", "int", "uniform", "loguniform")
@@ -504,18 +505,15 @@ def check_param_range(param: Param) -> list[str]:
 
 def check_objectives(recipe: Recipe) -> None:
     """Let each active objective refuse the recipe (e.g. MVM with the VD off), as the loop will."""
-    from vlptune.objectives.base import check_recipe  # the objectives' modules import torch: kept lazy
-
-    check_recipe(recipe)
+    objective_configs.check_objectives(recipe)
 
 
 def metric_problem(metric: str, recipe: Recipe) -> str | None:
     """Why a recipe would not report ``metric`` (retrieval needs ITM; val/<obj>_* needs <obj>)."""
-    from vlptune.objectives.base import active_objectives
-
-    active = active_objectives(recipe)  # also reads objectives left as plain dicts (schema default)
-    if metric.startswith("retrieval/") and "itm" not in active:
-        return "retrieval is evaluated with the ITM head, and objectives.itm.weight is 0 here"
+    active = recipe.active_objectives()
+    if metric.startswith("retrieval/") and not any(cfg.scores_pairs for cfg in active.values()):
+        scorers = objective_configs.pair_scorer_names()
+        return f"retrieval is scored by an objective that scores image-text pairs, and {' and '.join(f'objectives.{name}.weight' for name in scorers)} is 0 here"
     if metric.startswith("val/"):
         head = metric[4:].split("_", 1)[0]
         if head in recipe.objectives and head not in active:

@@ -37,16 +37,16 @@ from typing import Any, Sequence
 import torch
 
 from vlptune.config import ConfigError, Recipe, load_recipe
+from vlptune.config.objectives import caption_generator_names
 from vlptune.config.tasks import CaptionConfig
 from vlptune.data.collate import pad_images
 from vlptune.data.dataset import ShardDataset
-from vlptune.data.grid import grid_stride
+from vlptune.grid import grid_stride
 from vlptune.data.schema import DataError
 from vlptune.data.shards import read_manifest
 from vlptune.data.text import load_tokenizer
 from vlptune.io import atomic_write_text
 from vlptune.model.decoder import image_only_memory
-from vlptune.objectives import registry
 from vlptune.objectives.base import Objective, Pretrainer, build_pretrainer, prepare_dataset
 from vlptune.train.checkpoint import CHECKPOINT_DIR, STATE_FILE, CheckpointError, latest_checkpoint, load_checkpoint
 from vlptune.train.loop import Dist, resolve_device
@@ -149,8 +149,8 @@ class CaptionReport:
 
 
 def captioner_of(pretrainer: Pretrainer) -> Objective | None:
-    """The active objective that generates captions (``generates_captions``), if any."""
-    return next((objective for objective in pretrainer.objectives.values() if objective.generates_captions), None)
+    """The active objective that generates captions (its config says ``generates_captions``), if any."""
+    return next((objective for objective in pretrainer.objectives.values() if objective.cfg.generates_captions), None)
 
 
 def load_captioner(checkpoint: Path, run_dir: Path, device: torch.device) -> tuple[Recipe, Pretrainer]:
@@ -159,9 +159,8 @@ def load_captioner(checkpoint: Path, run_dir: Path, device: torch.device) -> tup
     if not recipe_path.is_file():
         raise ConfigError(f"{run_dir}: no {RUN_RECIPE} (the training loop writes the resolved recipe there)")
     recipe = load_recipe(recipe_path)
-    if not any(registry.get(name).impl.generates_captions for name in recipe.active_objectives()):
-        generators = [name for name in registry.names() if registry.get(name).impl.generates_captions]
-        raise ConfigError(f"{recipe_path}: no caption-generating objective ({', '.join(generators)}) has a weight > 0; this checkpoint has no caption decoder")
+    if not any(cfg.generates_captions for cfg in recipe.active_objectives().values()):
+        raise ConfigError(f"{recipe_path}: no caption-generating objective ({', '.join(caption_generator_names())}) has a weight > 0; this checkpoint has no caption decoder")
     pretrainer = build_pretrainer(recipe, prepare_dataset(recipe))  # heads sized from the dataset's vocabularies
     load_checkpoint(checkpoint, pretrainer, restore_rng_state=False)
     return recipe, pretrainer.to(device).eval()

@@ -19,14 +19,14 @@ if TYPE_CHECKING:
     from vlptune.config import Recipe
     from vlptune.train.tensorboard import HParamsPlan
 
+from vlptune.cliutil import add_override_arg
+
 DEFAULT_RUNS_DIR = "runs"
 EXIT_OK = 0
 EXIT_STOPPED = 1  # the run stopped early (non-finite losses)
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    from vlptune.cli import add_override_arg
-
     train = subparsers.add_parser(
         "train",
         help="train a recipe in this process (no Ray) and print zero-shot retrieval against chance",

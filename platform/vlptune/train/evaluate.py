@@ -46,7 +46,8 @@ from vlptune.model.visual_dictionary import perplexity
 from vlptune.data.collate import pad_images
 from vlptune.data.dataset import load_retrieval_set
 from vlptune.data.text import load_tokenizer, tokenize_texts
-from vlptune.objectives.base import MetricMeter, Pretrainer, pair_scorer, pair_scorer_names
+from vlptune.config.objectives import pair_scorer_names
+from vlptune.objectives.base import MetricMeter, Pretrainer, pair_scorer
 from vlptune.train.optim import autocast
 
 RECALL_AT = (1, 5, 10)

@@ -1,4 +1,4 @@
-"""Geometry of the backbone's output grid, shared by the data pipeline and the model.
+"""Geometry of the backbone's output grid, shared by the config checks, the data pipeline and the model (torch-free).
 
 ResNets downsample by 32 (every strided layer rounds up), then the projection
 is max-pooled with kernel = stride = ``pool`` in ceil mode, so an image of
