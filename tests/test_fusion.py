@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 from transformers import BertConfig, BertModel
 
 from vlptune.config import BackboneConfig, FusionConfig, ModelConfig, Recipe, VDConfig
-from vlptune.model.fusion import FusionTransformer, minilm_path, sine_table
+from vlptune.data.text import minilm_path
+from vlptune.model.fusion import FusionTransformer, sine_table
 from vlptune.grid import grid_shape, grid_stride
 from vlptune.model.vlp import VLPModel
 

@@ -14,6 +14,13 @@ import time
 
 from vlptune.cluster.storage import StorageError
 from vlptune.cluster.submit import TERMINAL, ClusterError
+from vlptune.cluster.storage import alive_node_count, check_storage, probe_storage
+from vlptune.cluster.submit import job_call
+from vlptune.cluster.submit import connect, job_call
+from vlptune.cluster.submit import format_jobs, job_call
+from vlptune.cluster.submit import connect, load_runtime_env, resolve_address, submit
+from vlptune.cluster.submit import exit_code, follow
+import logging
 
 ADDRESS_HELP = "the cluster's dashboard, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS, else http://127.0.0.1:8265)"
 
@@ -35,7 +42,6 @@ def _errors(fn):
 def _quiet_ray_client_logs() -> None:
     """Ray's per-file packaging chatter (INFO) and its notice that .git/.venv are no longer
     uploaded (our runtime env excludes them anyway) would bury the job id."""
-    import logging
 
     for name in ("ray._private.runtime_env.packaging", "ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -43,7 +49,6 @@ def _quiet_ray_client_logs() -> None:
 
 
 def _follow_to_end(client, job_id: str) -> int:
-    from vlptune.cluster.submit import exit_code, follow
 
     try:
         status = follow(client, job_id)
@@ -58,7 +63,6 @@ def _follow_to_end(client, job_id: str) -> int:
 
 @_errors
 def _submit(args: argparse.Namespace) -> int:
-    from vlptune.cluster.submit import connect, load_runtime_env, resolve_address, submit
 
     command = [a for a in args.command]
     if command and command[0] == "--":
@@ -77,7 +81,6 @@ def _submit(args: argparse.Namespace) -> int:
 
 @_errors
 def _jobs_list(args: argparse.Namespace) -> int:
-    from vlptune.cluster.submit import format_jobs, job_call
 
     jobs = job_call(args.address, lambda c: c.list_jobs())
     print(format_jobs(jobs) if jobs else "no jobs")
@@ -86,7 +89,6 @@ def _jobs_list(args: argparse.Namespace) -> int:
 
 @_errors
 def _jobs_logs(args: argparse.Namespace) -> int:
-    from vlptune.cluster.submit import connect, job_call
 
     _quiet_ray_client_logs()
     if args.follow:
@@ -98,7 +100,6 @@ def _jobs_logs(args: argparse.Namespace) -> int:
 
 @_errors
 def _jobs_status(args: argparse.Namespace) -> int:
-    from vlptune.cluster.submit import job_call
 
     info = job_call(args.address, lambda c: c.get_job_info(args.job_id))
     status = str(info.status.value)
@@ -108,7 +109,6 @@ def _jobs_status(args: argparse.Namespace) -> int:
 
 @_errors
 def _jobs_stop(args: argparse.Namespace) -> int:
-    from vlptune.cluster.submit import job_call
 
     stopped = job_call(args.address, lambda c: c.stop_job(args.job_id))
     if not stopped:
@@ -132,10 +132,9 @@ def _jobs_stop(args: argparse.Namespace) -> int:
 
 @_errors
 def _storage_check(args: argparse.Namespace) -> int:
-    from vlptune.cluster.storage import alive_node_count, check_storage, probe_storage
 
     if args.address:
-        import ray
+        import ray  # ray: heavy, only when this runs
 
         ray.init(address=args.address, logging_level="WARNING", log_to_driver=False)
     storage = check_storage(args.storage, assume_shared=args.assume_shared)

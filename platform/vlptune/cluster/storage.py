@@ -125,7 +125,7 @@ def alive_node_count(nodes: int | Sequence[dict[str, Any]] | None) -> int:
             raise ValueError(f"nodes: {nodes} is not a node count")
         return nodes
     if nodes is None:
-        import ray
+        import ray  # ray: heavy, only when this runs
 
         if not ray.is_initialized():
             return 1  # no cluster joined: the search runs on this machine only
@@ -186,7 +186,7 @@ def check_storage(
 
 def open_uri(uri: str):
     """``(filesystem, path)`` of a URI, or :class:`StorageError` with pyarrow's reason."""
-    import pyarrow.fs
+    import pyarrow.fs  # pyarrow.fs: only for URI storage
 
     try:
         return pyarrow.fs.FileSystem.from_uri(uri)
@@ -203,12 +203,12 @@ def open_uri(uri: str):
 
 def _read_marker(uri_or_path: str, marker: str) -> tuple[str, str | None]:
     """On a node: read the marker file back; returns (node ip, error or None)."""
-    import ray
+    import ray  # ray: heavy, only when this runs
 
     ip = ray.util.get_node_ip_address()
     try:
         if is_uri(uri_or_path) and not uri_or_path.startswith("file://"):
-            import pyarrow.fs
+            import pyarrow.fs  # pyarrow.fs: only for URI storage
 
             fs, base = pyarrow.fs.FileSystem.from_uri(uri_or_path)
             with fs.open_input_stream(f"{base.rstrip('/')}/{marker}") as f:
@@ -227,8 +227,8 @@ def probe_storage(storage: str, timeout_s: float = 120.0) -> list[str]:
     nodes that read it; raises :class:`StorageError` naming the nodes that did
     not and their error. The marker is removed afterwards.
     """
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    import ray  # ray: heavy, only when this runs
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # ray: heavy, only when this runs
 
     if not ray.is_initialized():
         raise StorageError("probe_storage needs a Ray cluster: call ray.init(address=...) first")

@@ -32,6 +32,7 @@ from typing import Any, Callable, Mapping, TextIO
 import yaml
 
 from vlptune.cluster.session import RAY_ENV
+import time
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 RUNTIME_ENV_FILE = Path("cluster") / "runtime_env.yaml"
@@ -127,7 +128,7 @@ def connect(address: str | None = None, env: Mapping[str, str] | None = None, ho
 
     Raises :class:`ClusterError` when the dashboard cannot be reached or refuses the token.
     """
-    from ray.job_submission import JobSubmissionClient
+    from ray.job_submission import JobSubmissionClient  # ray: heavy, only when this runs
 
     url = resolve_address(address, env)
     token = find_token(env, home)
@@ -155,8 +156,8 @@ def _client_for(client_cls: Callable[..., Any], url: str, headers: dict[str, str
 
 def _call(url: str, token: Token | None, fn: Callable[[], Any]) -> Any:
     """Run one job-API call; authentication and connection failures in plain words."""
-    import requests
-    from ray.exceptions import AuthenticationError
+    import requests  # requests: comes with ray's client, only when a job is submitted
+    from ray.exceptions import AuthenticationError  # ray: heavy, only when this runs
 
     try:
         return fn()
@@ -238,7 +239,7 @@ def load_runtime_env(path: str | os.PathLike | None = None) -> dict[str, Any]:
         data = {}
     if not isinstance(data, dict):
         raise ClusterError(f"{file}: a runtime env is a mapping of Ray runtime_env fields (working_dir, excludes, env_vars, ...), not a {type(data).__name__}")
-    from ray.runtime_env import RuntimeEnv
+    from ray.runtime_env import RuntimeEnv  # ray: heavy, only when this runs
 
     # Ray takes an unknown key for a plugin's and silently ignores it when none is installed.
     known = set(RuntimeEnv.known_fields) | set(getattr(RuntimeEnv, "extensions_fields", ()))
@@ -343,7 +344,6 @@ def follow(client, job_id: str, out: TextIO | None = None) -> str:
 
     asyncio.run(_tail())
     # The log stream closes when the job ends; the status may lag a moment behind.
-    import time
 
     deadline = time.monotonic() + 30.0
     status = str(client.get_job_status(job_id).value)

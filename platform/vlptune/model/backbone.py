@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import ResNetConfig, ResNetModel
+from transformers.utils import logging as hf_logging
 
 from vlptune.config import BackboneConfig
 from vlptune.grid import grid_shape, grid_stride
@@ -85,7 +86,6 @@ def from_pretrained_or_explain(model_cls: Any, init: str, field: str, what: str,
 @contextlib.contextmanager
 def _no_loading_bar():
     """No "Loading weights" progress bar on the console (one per worker and trial of a search)."""
-    from transformers.utils import logging as hf_logging
 
     shown = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()

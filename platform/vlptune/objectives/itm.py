@@ -42,6 +42,7 @@ from vlptune.data.info import DatasetInfo
 from vlptune.model.vlp import VLPModel
 from vlptune.config.objectives import ITMConfig
 from vlptune.objectives.registry import register
+from vlptune.objectives.vsc import itm_negative_texts
 
 ITM_CLASSES = 2  # 0: the caption does not describe the image, 1: it does
 
@@ -103,7 +104,6 @@ class ITM(Objective):
         if self.negatives == "random":
             out = clean_view(batch, ctx)
         else:
-            from vlptune.objectives.vsc import itm_negative_texts
 
             text_ids, text_mask, _ = itm_negative_texts(batch, ctx, self.negatives)
             out = ctx.view(f"itm_{self.negatives}", lambda: ctx.fuse(text_ids, text_mask, *ctx.pair_grid(None)))

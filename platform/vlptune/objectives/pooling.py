@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from vlptune.objectives.itm import clean_view
 from torch import Tensor
 
 
@@ -79,7 +80,6 @@ def visual_states(batch: dict[str, Any], ctx: Any, source: str) -> tuple[Tensor,
     one row per image (R = B), no text. L = gh*gw in row-major order.
     """
     if source == "fusion":
-        from vlptune.objectives.itm import clean_view
 
         rows = ctx.positive_rows
         out = clean_view(batch, ctx)

@@ -28,7 +28,7 @@ def logdir_of(exp_dir: str | Path) -> Path:
 
 def start(exp_dir: str | Path, port: int = 6006, reload_interval: float = 5.0) -> str:
     """Start TensorBoard in this process (background threads) on 127.0.0.1; returns its URL."""
-    from tensorboard import program
+    from tensorboard import program  # tensorboard: heavy, only when the board starts
 
     logdir = logdir_of(exp_dir)
     board = program.TensorBoard()

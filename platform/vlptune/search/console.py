@@ -199,7 +199,7 @@ def trial_line(trial_id: str, outcome: str, last: dict[str, Any], metric: str, t
 
 def progress_callback(console: ConsoleLog, progress: Progress, startup_key: str):
     """A Tune callback printing :func:`trial_line` per finished trial and the progress bar (Ray imported here)."""
-    from ray.tune import Callback
+    from ray.tune import Callback  # ray: heavy, only when this runs
 
     class ProgressCallback(Callback):
         def __init__(self, console: ConsoleLog, progress: Progress, startup_key: str) -> None:

@@ -55,10 +55,10 @@ def lean_trainer_class(base: type) -> type:
     if not _env_on(LEAN_ENV, "1"):
         return base
     try:
-        from ray.train.v2._internal.callbacks import DatasetsCallback
-        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-        from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
-        from ray.train.v2.api import data_parallel_trainer
+        from ray.train.v2._internal.callbacks import DatasetsCallback  # ray: heavy, only when this runs
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback  # ray: heavy, only when this runs
+        from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy  # ray: heavy, only when this runs
+        from ray.train.v2.api import data_parallel_trainer  # ray: heavy, only when this runs
     except ImportError:  # pragma: no cover - a future Ray
         return base
 

@@ -40,6 +40,9 @@ from typing import Callable, Iterable
 from urllib.parse import urlsplit, urlunsplit
 
 from vlptune.cluster.storage import StorageError, is_uri, open_uri
+import logging
+import shutil
+from vlptune.io import atomic_write_bytes
 
 # Default root of the local mirrors of URI experiments (the --mirror-dir flag).
 DEFAULT_MIRROR_ROOT = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vlptune" / "mirrors"
@@ -104,14 +107,13 @@ def upload_bytes(fs, path: str, data: bytes) -> None:
 
 
 def _write_local_atomic(path: Path, data: bytes) -> None:
-    from vlptune.io import atomic_write_bytes
 
     atomic_write_bytes(path, data)
 
 
 def list_files(fs, base: str) -> dict[str, tuple[int, float | None]]:
     """Relative POSIX path -> (size, mtime seconds or None) of every file under ``base`` (empty if none)."""
-    import pyarrow.fs as pafs
+    import pyarrow.fs as pafs  # pyarrow.fs: only for URI storage
 
     out: dict[str, tuple[int, float | None]] = {}
     try:
@@ -293,7 +295,6 @@ class Location:
 
     def download_view(self, keep: Callable[[str], bool]) -> Path:
         """A fresh local copy of the URI's files that ``keep`` selects; returns its directory."""
-        import shutil
 
         view = self.view
         shutil.rmtree(view, ignore_errors=True)
@@ -328,7 +329,6 @@ class DriverSync:
 
     def upload(self, strict: bool = False) -> bool:
         """Upload now; a failure raises :class:`StorageError` when ``strict``, else is logged."""
-        import logging
 
         try:
             self.location.upload_driver_files(self.names, self.study_db)
@@ -348,7 +348,7 @@ class DriverSync:
 
 
 def _driver_sync_callback_class():
-    from ray.tune import Callback
+    from ray.tune import Callback  # ray: heavy, only when this runs
 
     class DriverSyncCallback(Callback):
         def __init__(self, sync: DriverSync) -> None:

@@ -22,6 +22,7 @@ from vlptune.config import recipe_to_dict, set_dotted, validate_recipe
 from vlptune.io import finite
 from vlptune.search.layout import BASE_COPY, TB_DIR, TRIAL_RECIPE, SearchError, local_view, read_meta, study_url
 from vlptune.search.trainable import STARTUP_KEY
+from statistics import median
 
 TUNE_STATUS_WORDS = {"TERMINATED": "terminated", "ERROR": "error", "RUNNING": "running", "PENDING": "pending", "PAUSED": "paused"}
 
@@ -87,7 +88,7 @@ def _optuna_trials(meta: dict[str, Any], exp_dir: Path | None = None) -> dict[st
     none: an ablation study runs without a searcher)."""
     if not meta.get("storage_url"):
         return {}
-    import optuna
+    import optuna  # optuna: heavy, only when a study is read
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
@@ -106,7 +107,7 @@ def collect(exp_dir: str | Path, mirror_dir: str | Path | None = None) -> Experi
     exp_dir = local_view(exp_dir, mirror_dir).resolve()
     meta = read_meta(exp_dir)
     metric, mode = meta["metric"], meta["mode"]
-    from ray.tune import ExperimentAnalysis
+    from ray.tune import ExperimentAnalysis  # ray: heavy, only when this runs
 
     analysis_log = logging.getLogger("ray.tune.analysis.experiment_analysis")
     level = analysis_log.level
@@ -263,7 +264,6 @@ STARTUP_PHASES = (
 
 def format_startup(results: ExperimentResults) -> str:
     """Where a trial's start-up goes: each phase's median (min..max) over the trials, and the start-up's share of the wall time."""
-    from statistics import median
 
     rows = [r for r in results.rows if r.startup]
     if not rows:

@@ -61,7 +61,7 @@ def prune_run_storage(fs: Any, run_path: str, policy: str, metric: str | None, m
 
     A directory without a readable ``state.json`` (an upload cut short) is never kept.
     """
-    from pyarrow import fs as pafs
+    from pyarrow import fs as pafs  # pyarrow.fs: only for URI storage
 
     infos = fs.get_file_info(pafs.FileSelector(run_path, allow_not_found=True))
     dirs = [i for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith(RAY_CHECKPOINT_PREFIX)]
@@ -129,7 +129,7 @@ class CheckpointRetention(Callback):
 
     def apply(self, trial: Any, policy: str) -> None:
         """Prune ``trial``'s checkpoints (Ray's copies, and the loop's directory when local) to ``policy``."""
-        from pyarrow import fs as pafs
+        from pyarrow import fs as pafs  # pyarrow.fs: only for URI storage
 
         fs = trial.storage.storage_filesystem
         exp = trial.storage.experiment_fs_path

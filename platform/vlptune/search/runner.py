@@ -350,7 +350,7 @@ def _delete_driver_uploads(loc: Location, names: tuple[str, ...] = DRIVER_FILES)
 
 def _fit(plan: TrialPlan, exp_dir: Path, resume: bool, worker_fn: Callable | None, callbacks: list | None, verbose: int, location: Location | None = None):
     from ray import tune  # heavy dependency kept lazy
-    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback  # ray: heavy, only when this runs
 
     from vlptune.search.retention import CheckpointRetention  # imports Ray Tune and torch: kept lazy
 

@@ -276,9 +276,9 @@ def make_trainable(
     def vlptune_trial(config: dict[str, Any]) -> None:
         trial_fn_ts = time.time()  # this process (Tune's trial actor) has started and imported Ray
         import ray.train  # heavy dependency kept lazy (this runs in Tune's trial actor)
-        from ray import tune
-        from ray.train.torch import TorchTrainer
-        from ray.tune.integration.ray_train import TuneReportCallback
+        from ray import tune  # ray: heavy, only when this runs
+        from ray.train.torch import TorchTrainer  # ray: heavy, only when this runs
+        from ray.tune.integration.ray_train import TuneReportCallback  # ray: heavy, only when this runs
 
         ctx = tune.get_context()
         trial_id = ctx.get_trial_id()

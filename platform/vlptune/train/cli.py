@@ -20,6 +20,9 @@ if TYPE_CHECKING:
     from vlptune.train.tensorboard import HParamsPlan
 
 from vlptune.cliutil import add_override_arg
+from vlptune.train.reporting import LocalReporter
+from vlptune.config import load_recipe
+from vlptune.config import parse_override, recipe_to_dict
 
 DEFAULT_RUNS_DIR = "runs"
 EXIT_OK = 0
@@ -65,17 +68,14 @@ def format_results(metrics: dict[str, Any]) -> str:
 
 def overridden_hparams(recipe: Recipe, overrides: list[str]) -> HParamsPlan:
     """The run's HParams plan: the paths set with ``-o`` (the recipe's values), listed before the fixed ones."""
-    from vlptune.config import parse_override, recipe_to_dict
-    from vlptune.train.tensorboard import HParamsPlan, hparam_values
+    from vlptune.train.tensorboard import HParamsPlan, hparam_values  # tensorboard imports torch: only when this runs
 
     paths = dict.fromkeys(".".join(parse_override(text)[0]) for text in overrides)
     return HParamsPlan(hparam_values(paths, recipe_to_dict(recipe)))
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from vlptune.config import load_recipe
-    from vlptune.train.loop import STOP_MAX_STEPS, train_worker
-    from vlptune.train.reporting import LocalReporter
+    from vlptune.train.loop import STOP_MAX_STEPS, train_worker  # loop imports torch: only when this runs
 
     recipe = load_recipe(args.recipe, args.override)
     out = Path(args.out) if args.out else default_run_dir(recipe.name)
