@@ -16,6 +16,8 @@ Ray is imported inside the functions that use it (heavy dependency kept lazy).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import os
 import socket
 from typing import Any, Callable
@@ -121,10 +123,10 @@ def cluster_address(address: str | None, environ: dict[str, str] | None = None) 
     ``vlptune submit`` and ``ray job`` use) names no cluster to join and is
     ignored; else a new local cluster.
     """
-    environ = os.environ if environ is None else environ
+    env_map: Mapping[str, str] = os.environ if environ is None else environ
     if address:
         return address, "--address"
-    env = (environ.get("RAY_ADDRESS") or "").strip()
+    env = (env_map.get("RAY_ADDRESS") or "").strip()
     if not env:
         return None, "no --address and no RAY_ADDRESS"
     if env.lower().startswith(("http://", "https://")):
@@ -132,7 +134,7 @@ def cluster_address(address: str | None, environ: dict[str, str] | None = None) 
             f"no --address; RAY_ADDRESS={env} is a dashboard (job API) address, not a cluster to join, so it is "
             "ignored here; pass --address auto (or the GCS address HEAD:6379, or ray://HEAD:10001) to join a cluster"
         )
-    if environ.get(RAY_JOB_ENV_VAR):
+    if env_map.get(RAY_JOB_ENV_VAR):
         return env, "RAY_ADDRESS, set by the Ray job that runs this search"
     return env, "RAY_ADDRESS from the environment; unset it to start a local cluster on this machine instead"
 

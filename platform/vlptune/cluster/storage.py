@@ -89,7 +89,7 @@ def _unescape_mount_field(field: str) -> str:
 
 def read_mounts(mounts_file: str | os.PathLike = MOUNTS_FILE) -> list[Mount]:
     """The mount table (``/proc/mounts`` format: source, mount point, type, options, ...)."""
-    mounts = []
+    mounts: list[Mount] = []
     try:
         text = Path(mounts_file).read_text()
     except OSError:
@@ -129,7 +129,7 @@ def alive_node_count(nodes: int | Sequence[dict[str, Any]] | None) -> int:
 
         if not ray.is_initialized():
             return 1  # no cluster joined: the search runs on this machine only
-        nodes = ray.nodes()
+        return len([n for n in ray.nodes() if n.get("Alive")])
     return len([n for n in nodes if n.get("Alive")])
 
 

@@ -441,7 +441,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
-    return json.loads(recipe.model_dump_json())
+    """The recipe as plain JSON types (tuples as lists), as it is written to files."""
+    plain: dict[str, Any] = json.loads(recipe.model_dump_json())
+    return plain
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -113,7 +113,9 @@ class SOHOCollate:
             return []
         me = samples[b]
         own_id, own_text = me["image_id"], set(me["captions"])
-        in_batch, pool, loose = [], [], []
+        in_batch: list[tuple[str, list]] = []
+        pool: list[tuple[str, list]] = []
+        loose: list[tuple[str, list]] = []
         for j, s in enumerate(samples):
             if s["image_id"] == own_id:
                 continue

@@ -492,7 +492,7 @@ def collate_images(samples: Sequence[Any], stride: int | None = None) -> tuple[t
         strides = {s.get("stride") for s in samples if isinstance(s, dict)}
         if len(strides) != 1 or None in strides:
             raise ValueError("collate_images: pass stride= (grid_stride(model.backbone.pool)) or samples carrying one 'stride'")
-        stride = strides.pop()
+        stride = int(strides.pop() or 0)  # not None: checked above
     return pad_images(tensors, stride)
 
 

@@ -87,12 +87,12 @@ def render_sample(record: dict, vocabularies: dict, path: str | Path) -> Path:
     image = decode_image(record["image"], rid)
     w, h = image.size
     scale = max(1, math.ceil(PICTURE_MIN_SIDE / min(w, h)))
-    big = image.resize((w * scale, h * scale), Image.NEAREST)
+    big = image.resize((w * scale, h * scale), Image.Resampling.NEAREST)
     panels = [big]
     if record.get("segmentation") is not None:
         seg = decode_segmentation(record["segmentation"], rid)
         seg_rgb = _segmentation_rgb(seg, len(vocabularies.get("segmentation_classes", [])))
-        panels.append(Image.fromarray(seg_rgb).resize(big.size, Image.NEAREST))
+        panels.append(Image.fromarray(seg_rgb).resize(big.size, Image.Resampling.NEAREST))
     font = _font(PICTURE_FONT_SIZE)
     attributes = vocabularies.get("attributes", [])
 

@@ -219,7 +219,7 @@ class ShardWriter:
         self.vocabularies = dict(vocabularies)
         self.created_by = created_by
         self.extra = dict(extra or {})
-        self._buffers: dict[tuple[str, str], list[dict]] = {}
+        self._buffers: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
         self._shards: dict[str, dict[str, list[dict]]] = {}
         self._counts: dict[str, dict[str, int]] = {}
         self.manifest: dict | None = None
@@ -261,7 +261,7 @@ class ShardWriter:
 
     # -- shards ------------------------------------------------------------
 
-    def _to_arrow(self, table: str, records: list[dict], path: Path) -> pa.Table:
+    def _to_arrow(self, table: str, records: list[Mapping[str, Any]], path: Path) -> pa.Table:
         schema = schema_for(table)
         try:
             return pa.Table.from_pylist(records, schema=schema)
@@ -303,6 +303,7 @@ class ShardWriter:
     def close(self) -> dict:
         """Flush every buffer, write the manifest, return it."""
         if self._closed:
+            assert self.manifest is not None  # written by the close that closed it
             return self.manifest
         for table, split in sorted(self._buffers):
             self._flush(table, split)

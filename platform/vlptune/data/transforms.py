@@ -171,9 +171,9 @@ class ImageTransform:
             height, width = ch, cw
         nh, nw = resized_hw(height, width, data)
         if (nh, nw) != (height, width):
-            image = image.resize((nw, nh), Image.BILINEAR)
+            image = image.resize((nw, nh), Image.Resampling.BILINEAR)
             if seg is not None:
-                seg = np.asarray(Image.fromarray(np.ascontiguousarray(seg)).resize((nw, nh), Image.NEAREST), dtype=np.uint8)
+                seg = np.asarray(Image.fromarray(np.ascontiguousarray(seg)).resize((nw, nh), Image.Resampling.NEAREST), dtype=np.uint8)
             boxes = scale_boxes(boxes, nw / width, nh / height)
         flipped = False
         # Draw the coin even when the flip is vetoed, so the stream of random
@@ -181,7 +181,7 @@ class ImageTransform:
         coin = rng.random() if self.train else 1.0
         if self.train and coin < data.hflip_prob and not mentions_left_right(captions):
             flipped = True
-            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             if seg is not None:
                 seg = np.ascontiguousarray(seg[:, ::-1])
             boxes = hflip_boxes(boxes, nw)

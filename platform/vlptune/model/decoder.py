@@ -155,7 +155,7 @@ def get_or_create_decoder(model: nn.Module, layers: int, owner: str) -> Transfor
         if ref is not None:
             decoder.to(ref.device)
         model.add_module(DECODER_ATTR, decoder)
-        model._decoder_owners = [owner]  # type: ignore[attr-defined]
+        model._decoder_owners = [owner]
         return decoder
     if not isinstance(existing, TransformerDecoder):
         raise TypeError(f"model.{DECODER_ATTR} is a {type(existing).__name__}, not the shared TransformerDecoder")

@@ -54,6 +54,8 @@ IGNORE_INDEX = -100
 class Captioning(Objective):
     """Caption generation on positive pairs; metrics ``cap_loss``, ``cap_acc``, ``cap_chance``."""
 
+    cfg: CaptioningConfig
+
     needs = ("images", "pixel_mask", "text_ids", "text_mask", "itm_labels", "pair_image")
     metric_names = ("cap_loss", "cap_acc", "cap_chance")
 

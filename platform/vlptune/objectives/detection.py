@@ -108,6 +108,8 @@ class BoxMLP(nn.Sequential):
 class Detection(Objective):
     """DETR-style detection on the shared decoder; metrics listed in the module docstring."""
 
+    cfg: DetectionConfig
+
     needs = ("images", "pixel_mask", "obj_labels", "obj_boxes", "obj_attrs")
     metric_names = (
         "det_loss",
@@ -123,10 +125,11 @@ class Detection(Objective):
 
     def __init__(self, cfg: DetectionConfig, model: VLPModel, recipe: Recipe, info: DatasetInfo | None = None):
         super().__init__(cfg, model, recipe, info)
+        self.num_classes, self.num_attributes = cfg.num_classes, cfg.num_attributes
         if cfg.num_classes == 0 or cfg.num_attributes == 0:  # 0: sized from the dataset's vocabularies
             info = self.require_info(info, ("objectives.detection.num_classes", "objectives.detection.num_attributes"))
-        self.num_classes = cfg.num_classes or info.num_classes
-        self.num_attributes = cfg.num_attributes or info.num_attributes
+            self.num_classes = cfg.num_classes or info.num_classes
+            self.num_attributes = cfg.num_attributes or info.num_attributes
         self.ids = special_ids(recipe.data.tokenizer)
         self._model = (model,)  # not a sub-module: the model is registered once, by the Pretrainer
         get_or_create_decoder(model, cfg.decoder_layers, "detection")

@@ -226,6 +226,13 @@ class Location:
         return self.uri is not None
 
     @property
+    def remote_uri(self) -> str:
+        """The URI of a remote experiment (asking a local one is a bug)."""
+        if self.uri is None:
+            raise ValueError(f"{self.local}: a local experiment has no URI")
+        return self.uri
+
+    @property
     def name(self) -> str:
         return uri_parent(self.uri)[1] if self.uri else self.local.name
 
@@ -247,17 +254,18 @@ class Location:
         """Where results/board download a URI experiment (kept apart from the driver mirror)."""
         if not self.uri:
             return self.local
-        return self.mirror_root / "view" / mirror_key(self.uri)
+        root = self.mirror_root if self.mirror_root is not None else DEFAULT_MIRROR_ROOT
+        return root / "view" / mirror_key(self.uri)
 
     # -------------------------------------------------------------- remote state
 
     def remote_files(self) -> dict[str, tuple[int, float | None]]:
-        fs, base = _fs_and_path(self.uri)
+        fs, base = _fs_and_path(self.remote_uri)
         return list_files(fs, base)
 
     def delete_files(self, names: Iterable[str]) -> None:
         """Remove these files at the URI (those that are not there are skipped)."""
-        fs, base = _fs_and_path(self.uri)
+        fs, base = _fs_and_path(self.remote_uri)
         for name in names:
             try:
                 fs.delete_file(f"{base}/{name}")
@@ -266,7 +274,7 @@ class Location:
 
     def upload_driver_files(self, names: Iterable[str], study_db: str | None) -> None:
         """Upload the driver's experiment files, and a snapshot of the SQLite study (if it exists)."""
-        fs, base = _fs_and_path(self.uri)
+        fs, base = _fs_and_path(self.remote_uri)
         for name in names:
             path = self.local / name
             if path.is_file():
@@ -276,7 +284,7 @@ class Location:
 
     def download_driver_files(self, names: Iterable[str], study_db: str | None) -> list[str]:
         """Into the driver mirror: the experiment files, and the study unless the mirror's copy is newer."""
-        fs, base = _fs_and_path(self.uri)
+        fs, base = _fs_and_path(self.remote_uri)
         remote = list_files(fs, base)
         got = []
         for name in names:
@@ -299,7 +307,7 @@ class Location:
         view = self.view
         shutil.rmtree(view, ignore_errors=True)
         view.mkdir(parents=True, exist_ok=True)
-        download_tree(self.uri, view, keep)
+        download_tree(self.remote_uri, view, keep)
         return view
 
 
@@ -325,7 +333,7 @@ class DriverSync:
 
     @property
     def location(self) -> Location:
-        return Location(local=ACTIVE_MIRRORS.get(self.uri, self.local), uri=self.uri)
+        return Location(local=ACTIVE_MIRRORS.get(self.uri, self.local) if self.uri else self.local, uri=self.uri)
 
     def upload(self, strict: bool = False) -> bool:
         """Upload now; a failure raises :class:`StorageError` when ``strict``, else is logged."""

@@ -103,6 +103,7 @@ def grid_points(space: SearchSpace) -> list[dict[str, Any]]:
 def suggest_value(trial: optuna.Trial, p: Param) -> Any:
     if p.kind == "categorical":
         return p.decode(trial.suggest_categorical(p.path, p.optuna_choices()))
+    assert p.low is not None and p.high is not None  # load_space gives every numeric parameter its bounds
     if p.kind == "int":
         return trial.suggest_int(p.path, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
     if p.kind == "uniform":
@@ -155,10 +156,11 @@ class OptunaSearcher(Searcher):
         return self._study
 
     def _enqueue_grid(self) -> None:
-        existing = len(self._study.get_trials(deepcopy=False))
-        if existing == 0:
+        study = self._study
+        assert study is not None  # called by the study property once it exists
+        if len(study.get_trials(deepcopy=False)) == 0:
             for point in grid_points(self.space)[: self.space.num_samples]:
-                self._study.enqueue_trial(point, skip_if_exists=False)
+                study.enqueue_trial(point, skip_if_exists=False)
         self._grid_enqueued = True
 
     def _trial(self, storage_id: int) -> optuna.Trial:

@@ -64,7 +64,7 @@ class ExperimentResults:
         if not pool:
             return None
         pick = max if self.mode == "max" else min
-        return pick(pool, key=lambda r: r.metric)
+        return pick(pool, key=lambda r: r.metric if r.metric is not None else math.nan)
 
 
 
@@ -275,8 +275,8 @@ def format_startup(results: ExperimentResults) -> str:
         if values:
             lines.append(f"  {key[:-2]:<14} {median(values):7.1f}  ({min(values):.1f}..{max(values):.1f})  {what}")
     for r in rows:
-        phases = [r.startup.get(STARTUP_PREFIX + key) for key, _ in STARTUP_PHASES]
-        if all(v is not None for v in phases):
+        phases = [r.startup[STARTUP_PREFIX + key] for key, _ in STARTUP_PHASES if STARTUP_PREFIX + key in r.startup]
+        if len(phases) == len(STARTUP_PHASES):
             total.append((sum(phases), r.wall_s))
     if total:
         starts = [t for t, _ in total]

@@ -288,7 +288,7 @@ def _run_logged(plan: TrialPlan, exp_dir: Path, console, *, fresh: bool, resume:
         for key, value in RAY_ENV.items():
             os.environ.setdefault(key, value)
         if loc.remote:
-            ACTIVE_MIRRORS[loc.uri] = loc.local
+            ACTIVE_MIRRORS[loc.remote_uri] = loc.local
             sync = DriverSync(loc, plan.driver_files, OPTUNA_DB)
             callbacks = [*(callbacks or []), sync.callback()]
         if console.quiet:
@@ -310,7 +310,7 @@ def _run_logged(plan: TrialPlan, exp_dir: Path, console, *, fresh: bool, resume:
         raise
     finally:
         if loc.remote:
-            ACTIVE_MIRRORS.pop(loc.uri, None)
+            ACTIVE_MIRRORS.pop(loc.remote_uri, None)
         if local is not None:
             local.close()  # the local cluster this call started ends with it
 

@@ -269,8 +269,8 @@ def make_trainable(
     ``URI/tb/<trial_id>``.
     """
     exp_dir = Path(exp_dir).resolve()
-    remote = location is not None and location.remote
-    train_storage = location.join(TRAIN_DIR) if remote else str(exp_dir / TRAIN_DIR)
+    remote = location if location is not None and location.remote else None
+    train_storage = remote.join(TRAIN_DIR) if remote else str(exp_dir / TRAIN_DIR)
     resolve = resolve or apply_config
 
     def vlptune_trial(config: dict[str, Any]) -> None:
@@ -304,7 +304,7 @@ def make_trainable(
                 "metric": metric,
                 "hparams": hparam_values(hparams if hparams is not None else list(config), tree, config),
                 "worker_fn": worker_fn,
-                "tb_uri": location.join(TB_DIR, trial_id) if remote else None,
+                "tb_uri": remote.join(TB_DIR, trial_id) if remote else None,
                 "trial_fn_ts": trial_fn_ts,
             },
             scaling_config=ray.train.ScalingConfig(num_workers=res.workers, use_gpu=res.gpus_per_worker > 0, resources_per_worker=per_worker),
