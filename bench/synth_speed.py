@@ -32,7 +32,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from vlptune.data import synth  # noqa: E402
+from vlptune.data import phrases, scenes, synth  # noqa: E402
 from vlptune.data.shards import encode_png  # noqa: E402
 
 WARMUP_IMAGES = 16
@@ -50,7 +50,7 @@ def timed(fn):
 def reference(n: int, size: int, seed: int) -> None:
     """Draw and PNG-encode the same images (and maps) as make_world, nothing else."""
     for i in range(n):
-        image, seg = synth.render_scene(synth.sample_scene(seed, "train", i, size))
+        image, seg = scenes.render_scene(scenes.sample_scene(seed, "train", i, size))
         encode_png(image)
         encode_png(seg)
 
@@ -68,13 +68,13 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         _, warm_wall, warm_cpu = timed(lambda: synth.make_world(
             tmp / "warmup", train=WARMUP_IMAGES, val=0, image_size=min(args.sizes), seed=1))
-        load = synth.phrase_extractor().stats()["load_seconds"]
+        load = phrases.phrase_extractor().stats()["load_seconds"]
         print(f"warm-up (imports, spaCy model load {load:.2f} s, first shard): "
               f"{warm_wall:.2f} s wall, {warm_cpu:.2f} s CPU -- not counted below\n")
 
         rows = []
         for size in args.sizes:
-            synth.phrase_extractor().clear()  # a cold cache, as a fresh run has
+            phrases.phrase_extractor().clear()  # a cold cache, as a fresh run has
             summary, wall, cpu = timed(lambda: synth.make_world(
                 tmp / f"world-{size}", train=args.images, val=0, image_size=size,
                 seed=args.seed))

@@ -8,7 +8,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from vlptune.data import shards, synth
+from vlptune.data import captions, downstream, scenes, shards, synth
+from vlptune.data.phrases import PhraseExtractor
 from vlptune.data.schema import (
     TABLE_IMAGE_TEXT,
     TABLE_NLVR2,
@@ -40,27 +41,27 @@ def records(world):
 # an independent reader of the captions: what they claim about the objects
 # ---------------------------------------------------------------------------
 
-SIZE_WORDS = {w: s for s, ws in synth.SIZE_SYNONYMS.items() for w in ws}
-NOUN_SHAPE = {w: s for s, ws in synth.SHAPE_SYNONYMS.items() for w in ws}
-NOUN_SHAPE.update({synth.PLURALS[w]: s for w, s in list(NOUN_SHAPE.items())})
-NUMBERS = {w: i for i, w in enumerate(synth.NUMBER_WORDS)}
+SIZE_WORDS = {w: s for s, ws in captions.SIZE_SYNONYMS.items() for w in ws}
+NOUN_SHAPE = {w: s for s, ws in captions.SHAPE_SYNONYMS.items() for w in ws}
+NOUN_SHAPE.update({captions.PLURALS[w]: s for w, s in list(NOUN_SHAPE.items())})
+NUMBERS = {w: i for i, w in enumerate(captions.NUMBER_WORDS)}
 _alt = lambda words: "|".join(sorted(map(re.escape, words), key=len, reverse=True))  # noqa: E731
-DESC = (rf"(?:({_alt(SIZE_WORDS)}) )?(?:({_alt(synth.COLOUR_NAMES)}) )?"
+DESC = (rf"(?:({_alt(SIZE_WORDS)}) )?(?:({_alt(scenes.COLOUR_NAMES)}) )?"
         rf"({_alt(NOUN_SHAPE)})\b")
-REL_WORDS = {p: r for r, ps in synth.RELATION_PHRASES.items() for p in ps}
-POS_WORDS = {p: w for w, ps in synth.POSITION_PHRASES.items() for p in ps}
+REL_WORDS = {p: r for r, ps in captions.RELATION_PHRASES.items() for p in ps}
+POS_WORDS = {p: w for w, ps in captions.POSITION_PHRASES.items() for p in ps}
 RELATION_RE = re.compile(rf"\b(a|an|the) {DESC} (?:is )?({_alt(REL_WORDS)}) (a|an|the) {DESC}")
 POSITION_RE = re.compile(rf"\b(a|an|the) {DESC} (?:is )?({_alt(POS_WORDS)})\b")
 MENTION_RE = re.compile(rf"\b(a|an|the) {DESC}")
 COUNT_RE = re.compile(
-    rf"\b({_alt(NUMBERS)}|a single|just one|exactly one) (?:({_alt(synth.COLOUR_NAMES)}) )?"
+    rf"\b({_alt(NUMBERS)}|a single|just one|exactly one) (?:({_alt(scenes.COLOUR_NAMES)}) )?"
     rf"({_alt(list(NOUN_SHAPE) + ['objects', 'object', 'shapes', 'shape'])})\b")
 
 
 def obj_view(obj: dict, attributes: list[str]) -> dict:
     names = {attributes[a] for a in obj["attributes"]}
-    return {"shape": obj["name"], "colour": next(n for n in names if n in synth.COLOURS),
-            "size": next(n for n in names if n in synth.SIZES), "box": obj["box"]}
+    return {"shape": obj["name"], "colour": next(n for n in names if n in scenes.COLOURS),
+            "size": next(n for n in names if n in scenes.SIZES), "box": obj["box"]}
 
 
 def matches(o: dict, size_word, colour, noun) -> bool:
@@ -114,7 +115,7 @@ def check_caption(caption: str, objs: list[dict], width: int, height: int) -> li
     return false
 
 
-def scene_objs(scene: synth.Scene) -> list[dict]:
+def scene_objs(scene: scenes.Scene) -> list[dict]:
     return [{"shape": o.shape, "colour": o.colour, "size": o.size, "box": list(o.box)}
             for o in scene.objects]
 
@@ -135,7 +136,7 @@ def test_summary_counts_match_manifest_and_tables(world):
     for table in TABLES:
         for split, n in manifest["counts"][table].items():
             assert shards.read_table(root, table, split).num_rows == n
-    assert manifest["vocabularies"]["classes"] == list(synth.SHAPES)
+    assert manifest["vocabularies"]["classes"] == list(scenes.SHAPES)
     assert manifest["vocabularies"]["roi_feature_dim"] == 32
     assert shards.verify(root) == []
     assert 0 < summary["phrase_cache"]["hit_rate"] < 1
@@ -174,8 +175,8 @@ def test_captions_true_over_many_scenes_and_varied():
     kinds = Counter()
     left_right = total = 0
     for i in range(400):
-        scene = synth.sample_scene(11, "train", i, 96)
-        for cap in synth.make_captions(scene, 5):
+        scene = scenes.sample_scene(11, "train", i, 96)
+        for cap in captions.make_captions(scene, 5):
             total += 1
             left_right += bool(re.search(r"\b(left|right)\b", cap))
             assert check_caption(cap, scene_objs(scene), scene.width, scene.height) == [], cap
@@ -227,19 +228,19 @@ def test_boxes_inside_the_image_and_on_their_objects_pixels(records):
             if not others:  # its class appears nowhere outside its box
                 assert not (seg[outside] == 1 + o["label"]).any(), (rec["image_id"], o["name"])
             # the image shows the object's colour where the map shows its class
-            colour = next(synth.ATTRIBUTES[a] for a in o["attributes"]
-                          if synth.ATTRIBUTES[a] in synth.COLOURS)
+            colour = next(scenes.ATTRIBUTES[a] for a in o["attributes"]
+                          if scenes.ATTRIBUTES[a] in scenes.COLOURS)
             box_pixels = pixels[int(y0):int(np.ceil(y1)), int(x0):int(np.ceil(x1))]
             under = box_pixels[window == 1 + o["label"]]
-            error = np.abs(np.median(under, axis=0) - synth.COLOURS[colour]).max()
-            assert error <= synth.OBJECT_COLOUR_JITTER + 1, (rec["image_id"], o["name"], colour)
+            error = np.abs(np.median(under, axis=0) - scenes.COLOURS[colour]).max()
+            assert error <= scenes.OBJECT_COLOUR_JITTER + 1, (rec["image_id"], o["name"], colour)
 
 
 def test_objects_fields_and_roi_features(records):
     by_kind: dict[tuple, list[np.ndarray]] = {}
     for rec in records:
         for o in rec["objects"]:
-            assert o["name"] == synth.SHAPES[o["label"]]
+            assert o["name"] == scenes.SHAPES[o["label"]]
             assert len(o["attributes"]) == 2
             assert len(o["roi_feature"]) == 32
             key = (o["label"], tuple(o["attributes"]))
@@ -272,7 +273,7 @@ def test_noun_phrases_are_spans_of_their_caption(records):
 
 
 def test_phrase_cache_parses_each_distinct_caption_once():
-    extractor = synth.PhraseExtractor()
+    extractor = PhraseExtractor()
     first = extractor.phrases([["a red circle", "a blue square"], ["a red circle"]])
     assert extractor.stats()["misses"] == 2 and extractor.stats()["hits"] == 1
     second = extractor.phrases([["a blue square"]])
@@ -296,14 +297,14 @@ def test_vqa_answers_are_correct(world, records):
         if text == "how many objects are in the image?":
             assert int(main) == len(objs)
         elif m := re.match(r"how many (\w+) objects are in the picture\?", text):
-            colour_idx = synth.ATTRIBUTES.index(m.group(1))
+            colour_idx = scenes.ATTRIBUTES.index(m.group(1))
             assert int(main) == sum(colour_idx in o["attributes"] for o in objs)
         elif m := re.match(r"how many ([\w ]+) are there\?", text):
             noun = m.group(1)
             want = len(objs) if noun == "shapes" else sum(o["name"] == NOUN_SHAPE[noun] for o in objs)
             assert int(main) == want, text
         elif m := re.search(r"(?:is there an?|are there any) (\w+) ([\w ]+)\?", text):
-            colour_idx = synth.ATTRIBUTES.index(m.group(1))
+            colour_idx = scenes.ATTRIBUTES.index(m.group(1))
             exists = any(o["name"] == NOUN_SHAPE[m.group(2)] and colour_idx in o["attributes"]
                          for o in objs)
             assert main == ("yes" if exists else "no"), text
@@ -311,10 +312,10 @@ def test_vqa_answers_are_correct(world, records):
         elif m := re.search(r"colour (?:is|of|does) the ([\w ]+?)(?: have)?\?", text):
             target = [o for o in objs if o["name"] == NOUN_SHAPE[m.group(1)]]
             assert len(target) == 1
-            assert synth.ATTRIBUTES.index(main) in target[0]["attributes"]
+            assert scenes.ATTRIBUTES.index(main) in target[0]["attributes"]
         elif m := re.search(r"(?:the|is) (\w+)(?: object| shape)?\?", text):
-            assert m.group(1) in synth.COLOURS, text
-            colour_idx = synth.ATTRIBUTES.index(m.group(1))
+            assert m.group(1) in scenes.COLOURS, text
+            colour_idx = scenes.ATTRIBUTES.index(m.group(1))
             target = [o for o in objs if colour_idx in o["attributes"]]
             assert len(target) == 1 and target[0]["name"] == main, text
         else:
@@ -352,14 +353,14 @@ def test_nlvr2_balanced_and_pairs_valid(world, records):
     for r in rows:
         assert r["image_id_left"] != r["image_id_right"]
         assert ids[r["image_id_left"]] == ids[r["image_id_right"]] == r["split"]
-    many = [rec for i in range(300) for rec in synth.make_nlvr2(5, "train", i, 300, 96)]
+    many = [rec for i in range(300) for rec in downstream.make_nlvr2(5, "train", i, 300, 96)]
     share = sum(r["label"] for r in many) / len(many)
     assert 0.4 < share < 0.6, share
     # spot-check one statement family independently
     for r in many:
         if m := re.match(r"the two images show (\w+) shapes in total", r["statement"]):
-            left = synth.sample_scene(5, "train", int(r["image_id_left"].rsplit("-", 1)[1]), 96)
-            right = synth.sample_scene(5, "train", int(r["image_id_right"].rsplit("-", 1)[1]), 96)
+            left = scenes.sample_scene(5, "train", int(r["image_id_left"].rsplit("-", 1)[1]), 96)
+            right = scenes.sample_scene(5, "train", int(r["image_id_right"].rsplit("-", 1)[1]), 96)
             assert r["label"] == (NUMBERS[m.group(1)] == len(left.objects) + len(right.objects))
 
 
@@ -386,12 +387,12 @@ def test_make_world_refuses_a_non_empty_directory_unless_overwriting(world, tmp_
         synth.make_world(tmp_path / "tiny", train=1, val=0, image_size=16)
 
 
-def _share_true_of_other_scenes(style: str, scenes: int = 200) -> float:
+def _share_true_of_other_scenes(style: str, n_scenes: int = 200) -> float:
     """Share of the captions of scene i+1 that are true of scene i (what an in-batch ITM negative looks like)."""
     true = total = 0
-    for i in range(scenes):
-        scene, other = synth.sample_scene(5, "train", i, 96), synth.sample_scene(5, "train", i + 1, 96)
-        for cap in synth.make_captions(other, 5, style):
+    for i in range(n_scenes):
+        scene, other = scenes.sample_scene(5, "train", i, 96), scenes.sample_scene(5, "train", i + 1, 96)
+        for cap in captions.make_captions(other, 5, style):
             total += 1
             true += check_caption(cap, scene_objs(scene), scene.width, scene.height) == []
     return true / total
@@ -399,11 +400,11 @@ def _share_true_of_other_scenes(style: str, scenes: int = 200) -> float:
 
 def test_descriptive_captions_are_true_name_colours_and_rarely_fit_another_image():
     for i in range(200):
-        scene = synth.sample_scene(5, "train", i, 96)
-        for cap in synth.make_captions(scene, 5, "descriptive"):
+        scene = scenes.sample_scene(5, "train", i, 96)
+        for cap in captions.make_captions(scene, 5, "descriptive"):
             assert check_caption(cap, scene_objs(scene), scene.width, scene.height) == [], cap
-            assert any(c in cap.split() for c in synth.COLOUR_NAMES + ("violet",)), cap
+            assert any(c in cap.split() for c in scenes.COLOUR_NAMES + ("violet",)), cap
     varied, descriptive = _share_true_of_other_scenes("varied"), _share_true_of_other_scenes("descriptive")
     assert descriptive < 0.05 and varied > 3 * descriptive, (descriptive, varied)  # measured: 0.018 vs 0.109
-    with pytest.raises(synth.DataError, match="unknown caption style 'terse'"):
-        synth.make_captions(synth.sample_scene(5, "train", 0, 96), 5, "terse")
+    with pytest.raises(DataError, match="unknown caption style 'terse'"):
+        captions.make_captions(scenes.sample_scene(5, "train", 0, 96), 5, "terse")

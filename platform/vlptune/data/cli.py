@@ -11,9 +11,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vlptune.data.schema import DataError
+from vlptune.data.captions import CAPTION_STYLES, DEFAULT_CAPTION_STYLE
+from vlptune.data.schema import ROI_FEATURE_DIM_DEFAULT, DataError
 from vlptune.data.shards import DEFAULT_SHARD_SIZE
-from vlptune.data.synth import CAPTION_STYLES, DEFAULT_CAPTION_STYLE, DEFAULT_CAPTIONS_PER_IMAGE, ROI_FEATURE_DIM_DEFAULT
+from vlptune.data.synth import DEFAULT_CAPTIONS_PER_IMAGE
 from vlptune.data.shards import read_manifest, verify
 from vlptune.data.inspect import inspect_dataset
 from vlptune.data.synth import make_world

@@ -74,7 +74,7 @@ def ensure_data(recipe: Recipe, columns: Collection[str] = ()) -> Path:
         return root
     if not recipe.data.synthesize:
         raise DataError(missing_data_message(recipe, root, SIMILARITY_COLUMN in columns))
-    from vlptune.data import synth  # the generator (PIL drawing, 1,300 lines) only when a world is generated
+    from vlptune.data import synth  # the generator (PIL drawing, its modules) only when a world is generated
 
     root.parent.mkdir(parents=True, exist_ok=True)
     lock_path = root.parent / f".{root.name}.lock"
