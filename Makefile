@@ -15,7 +15,7 @@ PIP_SYNC := $(BIN)/pip install -q --require-hashes -r $(LOCK) && $(BIN)/pip inst
   && $(BIN)/python -m compileall -q -j 0 $(VENV)/lib
 DEMO_DIR ?= runs/demo
 
-.PHONY: install lock demo test test-slow clean
+.PHONY: install lock lint format demo test test-slow clean
 
 install: $(VENV)/.installed
 
@@ -35,7 +35,19 @@ lock:
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m vlptune.demo --out $(DEMO_DIR)
 
-test: install
+# Lint, format and type checks first (seconds), then the suite: `make test` is what CI runs.
+CHECKED := platform tests bench
+lint: install
+	$(BIN)/ruff check $(CHECKED)
+	$(BIN)/ruff format --check $(CHECKED)
+	$(BIN)/mypy
+
+# Rewrite the files the way `make lint` wants them (import order, formatting, safe fixes).
+format: install
+	$(BIN)/ruff check --fix $(CHECKED)
+	$(BIN)/ruff format $(CHECKED)
+
+test: install lint
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q
 
 test-slow: install

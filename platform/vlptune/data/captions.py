@@ -12,8 +12,8 @@ phrases are :mod:`vlptune.data.phrases`).
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from vlptune.data.scenes import Scene, SceneObject, rng_for, weighted_choice
 from vlptune.data.schema import DataError
@@ -222,7 +222,7 @@ def _caption_count_total(scene: Scene, rnd: random.Random,
 
 def _count_groups(scene: Scene) -> list[tuple[str | None, str | None, int]]:
     """(colour, shape, count) for every colour, shape and colour+shape present."""
-    groups = []
+    groups: list[tuple[str | None, str | None, int]] = []
     for colour in sorted({o.colour for o in scene.objects}):
         groups.append((colour, None, sum(o.colour == colour for o in scene.objects)))
     for shape in sorted({o.shape for o in scene.objects}):
@@ -305,7 +305,13 @@ def _caption_position(scene: Scene, rnd: random.Random,
     return rnd.choice((f"{ref} {phrase}", f"there is {ref} {phrase}"))
 
 
-CAPTION_MAKERS: dict[str, Callable[[Scene, random.Random], str | None]] = {
+class CaptionMaker(Protocol):
+    """One kind of caption: a sentence true of the scene, or None when the scene has nothing of that kind."""
+
+    def __call__(self, scene: Scene, rnd: random.Random, style: CaptionStyle = ..., /) -> str | None: ...
+
+
+CAPTION_MAKERS: dict[str, CaptionMaker] = {
     "object": _caption_object,
     "list": _caption_list,
     "count_total": _caption_count_total,

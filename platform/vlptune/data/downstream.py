@@ -175,8 +175,8 @@ def _ve_contradiction(scene: Scene, rnd: random.Random) -> str:
         # the descriptions also fit another pair for which the opposite is true
         return _ve_contradiction(scene, rnd)
     obj = rnd.choice(unique_shape)
-    wrong = rnd.choice([c for c in COLOUR_NAMES if c != obj.colour])
-    return f"the {rnd.choice(SHAPE_SYNONYMS[obj.shape])} is {wrong}"
+    wrong_colour = rnd.choice([c for c in COLOUR_NAMES if c != obj.colour])
+    return f"the {rnd.choice(SHAPE_SYNONYMS[obj.shape])} is {wrong_colour}"
 
 
 def _ve_neutral(scene: Scene, rnd: random.Random) -> str:

@@ -225,7 +225,8 @@ def _sample_object(rnd: random.Random, width: int, height: int, short: int,
         local = None
         ext = (-radius, -radius, radius, radius)
     jitter = [rnd.randint(-OBJECT_COLOUR_JITTER, OBJECT_COLOUR_JITTER) for _ in range(3)]
-    rgb = tuple(int(min(255, max(0, v + j))) for v, j in zip(COLOURS[colour], jitter))
+    r, g, b = (int(min(255, max(0, v + j))) for v, j in zip(COLOURS[colour], jitter))
+    rgb = (r, g, b)
     lo_x, hi_x = MARGIN_PX - ext[0], width - MARGIN_PX - ext[2]
     lo_y, hi_y = MARGIN_PX - ext[1], height - MARGIN_PX - ext[3]
     if hi_x < lo_x or hi_y < lo_y:
@@ -341,8 +342,7 @@ def _background_pixels(scene: Scene) -> np.ndarray:
         else:
             rng = np.random.default_rng(p["noise_seed"])
             noise = rng.standard_normal((h, w, 3), dtype=np.float32)
-        pixels = pixels + sigma * noise
-        pixels = np.clip(pixels, 0, 255)
+        pixels = np.clip(pixels + sigma * noise, 0, 255)
     return np.ascontiguousarray(pixels, dtype=np.uint8)
 
 

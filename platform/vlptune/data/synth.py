@@ -20,7 +20,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -275,7 +275,7 @@ def make_world(
     try:
         if workers > 1 and len(tasks) > 1:
             pool = mp.get_context(POOL_START_METHOD).Pool(min(workers, len(tasks)))
-            results = pool.imap(_generate_chunk_star, tasks)  # in order: same output
+            results: Iterable[dict] = pool.imap(_generate_chunk_star, tasks)  # in order: same output
         else:
             results = map(_generate_chunk_star, tasks)
         with writer:
@@ -300,13 +300,15 @@ def make_world(
         if pool is not None:
             pool.close()
             pool.join()
+    manifest = writer.manifest
+    assert manifest is not None  # the with block closed the writer, which wrote it
     seconds = time.perf_counter() - start_time
     images = sum(sizes.values())
     total_lookups = cache["hits"] + cache["misses"]
     cache["hit_rate"] = cache["hits"] / total_lookups if total_lookups else 0.0
     return {
         "out_dir": str(out_dir),
-        "counts": writer.manifest["counts"],
+        "counts": manifest["counts"],
         "images": images,
         "seconds": seconds,
         "images_per_second": images / seconds if seconds > 0 else float("inf"),
