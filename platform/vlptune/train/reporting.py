@@ -17,7 +17,16 @@ import math
 import sys
 from typing import Any, Protocol, TextIO, runtime_checkable
 
-DEFAULT_LINE_KEYS = ("step", "loss", "itm_acc", "mlm_acc", "mvm_acc", "val/itm_acc", "retrieval/rsum", "retrieval/tr_r1", "retrieval/ir_r1")
+LEAD_KEYS = ("step", "loss")  # first on every report line
+RETRIEVAL_LINE_KEYS = ("retrieval/rsum", "retrieval/tr_r1", "retrieval/ir_r1")  # the loop's own evaluation (train/evaluate.py)
+ACCURACY_SUFFIX = "_acc"  # every objective's accuracy, whatever the objective
+
+
+def line_keys(metrics: dict[str, Any]) -> list[str]:
+    """What a report line shows: step and loss, each objective's training and validation accuracy, retrieval."""
+    train_acc = sorted(k for k in metrics if "/" not in k and k.endswith(ACCURACY_SUFFIX))
+    val_acc = sorted(k for k in metrics if k.startswith("val/") and k.endswith(ACCURACY_SUFFIX))
+    return [k for k in (*LEAD_KEYS, *train_acc, *val_acc, *RETRIEVAL_LINE_KEYS) if k in metrics]
 
 
 @runtime_checkable
@@ -37,11 +46,11 @@ def format_value(value: Any) -> str:
 class LocalReporter:
     """Prints one line per report and keeps every report in ``history``.
 
-    ``keys``: metrics shown on the line (those present); ``stream``: where to
-    print (stdout by default); ``quiet`` keeps history without printing.
+    ``keys``: metrics shown on the line (those present; default :func:`line_keys`);
+    ``stream``: where to print (stdout by default); ``quiet`` keeps history without printing.
     """
 
-    def __init__(self, keys: tuple[str, ...] = DEFAULT_LINE_KEYS, stream: TextIO | None = None, quiet: bool = False):
+    def __init__(self, keys: tuple[str, ...] | None = None, stream: TextIO | None = None, quiet: bool = False):
         self.keys = keys
         self.stream = stream
         self.quiet = quiet
@@ -53,7 +62,8 @@ class LocalReporter:
         self.checkpoints.append(checkpoint_dir)
         if self.quiet:
             return
-        parts = [f"{key}={format_value(metrics[key])}" for key in self.keys if key in metrics]
+        keys = self.keys if self.keys is not None else line_keys(metrics)
+        parts = [f"{key}={format_value(metrics[key])}" for key in keys if key in metrics]
         if checkpoint_dir:
             parts.append(f"checkpoint={checkpoint_dir}")
         print("[report] " + " ".join(parts), file=self.stream or sys.stdout, flush=True)
