@@ -35,14 +35,17 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Annotated, Iterable, Literal
+from typing import Any, Iterable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vlptune.config import (
     ConfigError,
     Recipe,
+    describe_field,
+    field_adapter,
     field_at,
+    field_bounds,
     format_validation_error,
     load_raw_with_sources,
     parse_override,
@@ -298,36 +301,6 @@ def parse_param(path: str, spec: Any) -> Param:
 # ------------------------------------------------------------------ range checks
 
 
-def _bounds(meta: list[Any]) -> dict[str, float]:
-    out = {}
-    for m in meta:
-        for attr in ("ge", "gt", "le", "lt"):
-            value = getattr(m, attr, None)
-            if value is not None:
-                out[attr] = value
-    return out
-
-
-def describe_field(model: type[BaseModel], name: str) -> str:
-    """What a recipe field allows, in words."""
-    info = model.model_fields[name]
-    ann = info.annotation
-    if typing.get_origin(ann) is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(ann))
-    sym = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
-    bounds = " and ".join(f"{sym[k]} {v}" for k, v in _bounds(info.metadata).items())
-    type_name = getattr(ann, "__name__", str(ann))
-    text = f"{type_name}" + (f" {bounds}" if bounds else "")
-    if info.description:
-        text += f" ({info.description})"
-    return text
-
-
-def _field_adapter(model: type[BaseModel], name: str) -> TypeAdapter:
-    info = model.model_fields[name]
-    return TypeAdapter(Annotated[info.annotation, *info.metadata]) if info.metadata else TypeAdapter(info.annotation)
-
-
 def check_param_range(param: Param) -> list[str]:
     """Problems of ``param`` against its recipe field (type, bounds, Literal choices)."""
     model, name = field_at(param.path)
@@ -339,11 +312,11 @@ def check_param_range(param: Param) -> list[str]:
         return [f"{param.path} is a section, not a value; search one of its fields: {sorted(ann.model_fields)}"]
     if param.has_otherwise:
         try:
-            _field_adapter(model, name).validate_python(param.otherwise)
+            field_adapter(model, name).validate_python(param.otherwise)
         except ValidationError as exc:
             problems.append(f"else: {param.otherwise!r} is not allowed ({exc.errors()[0]['msg']}); allowed: {allowed}")
     if param.kind == "categorical":
-        adapter = _field_adapter(model, name)
+        adapter = field_adapter(model, name)
         for choice in param.choices or []:
             try:
                 adapter.validate_python(choice)
@@ -359,7 +332,7 @@ def check_param_range(param: Param) -> list[str]:
     if param.kind in ("uniform", "loguniform") and ann is not float:
         hint = "use int" if ann is int else "use categorical"
         return [f"{param.kind} distribution on a {getattr(ann, '__name__', ann)} field; {hint} (allowed: {allowed})"]
-    b = _bounds(info.metadata)
+    b = field_bounds(info)
     low, high = param.low, param.high
     if "ge" in b and low < b["ge"]:
         problems.append(f"low {low} is below the field's minimum; allowed: {allowed}")
@@ -683,23 +656,6 @@ def resolve_base(
         problems.append(f"  {lines[0]}")
         problems += [f"  {line}" for line in lines[1:]]
     return ResolvedBase(base_file, raw, applied, recipe, problems)
-
-
-def check_field_value(path: str, value: Any) -> str | None:
-    """Why ``value`` is not allowed at the recipe field ``path`` (None: allowed).
-
-    Whole sections (``data.synth``) are not checked here; they are when the
-    recipe they end up in is validated.
-    """
-    model, name = field_at(path)
-    ann = model.model_fields[name].annotation
-    if isinstance(ann, type) and issubclass(ann, BaseModel):
-        return None
-    try:
-        _field_adapter(model, name).validate_python(value)
-    except ValidationError as exc:
-        return f"{value!r} is not allowed ({exc.errors()[0]['msg']}); allowed: {describe_field(model, name)}"
-    return None
 
 
 # ------------------------------------------------------------------ loading

@@ -42,7 +42,7 @@ from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from vlptune.config import ConfigError, Recipe, field_at, format_validation_error, parse_override, read_yaml_mapping, set_dotted, validate_recipe
+from vlptune.config import ConfigError, Recipe, check_field_value, field_at, format_validation_error, parse_override, read_yaml_mapping, set_dotted, validate_recipe
 from vlptune.io import atomic_write_text, finite
 from vlptune.search import layout
 from vlptune.search import results as search_results
@@ -55,7 +55,6 @@ from vlptune.search.space import (
     FIDELITY_PATH,
     TIME_ATTR,
     FailuresSpec,
-    check_field_value,
     check_objectives,
     describe_failures,
     describe_fixed,
