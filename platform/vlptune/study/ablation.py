@@ -51,10 +51,10 @@ from vlptune.search.location import DirUploader, Location
 from vlptune.search.results import read_results
 from vlptune.search.runner import TrialPlan, run_experiment
 from vlptune.search.trainable import apply_config
+from vlptune.search.params import FailuresSpec
 from vlptune.search.space import (
     FIDELITY_PATH,
     TIME_ATTR,
-    FailuresSpec,
     check_objectives,
     describe_failures,
     describe_fixed,
