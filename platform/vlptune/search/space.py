@@ -413,52 +413,65 @@ def read_space_document(path: str | Path, overrides: list[str] | None = None) ->
     return data
 
 
-def load_space(path: str | Path, overrides: list[str] | None = None, base_raw: dict[str, Any] | None = None) -> SearchSpace:
-    """Read, check and resolve a search-space file.
+def _read_space_file(path: Path, space_overrides: list[str]) -> tuple[SpaceFile, dict[str, Any], list[str]]:
+    """Step 1: the file (with its own ``-o`` overrides) validated as a :class:`SpaceFile`.
 
-    ``overrides``: ``key=value`` texts; keys starting with one of
-    :data:`SPACE_OVERRIDE_KEYS` change the space (``num_samples=3``,
-    ``scheduler.grace_period=10``), any other is a recipe field applied on top
-    of ``fixed``. ``base_raw``: an already resolved base recipe (used on
-    resume, from the copy saved in the experiment directory) instead of the
-    file's ``base:``.
+    Returns the spec, the document and the schema problems. A bad top-level
+    key is reported and replaced by a placeholder (or dropped to its default)
+    so that the rest of the file is still checked and every problem is listed
+    at once; without a usable ``base`` or ``parameters`` it raises at once.
     """
-    path = Path(path)
     src = str(path)
-    space_overrides, recipe_overrides = split_overrides(overrides, SPACE_OVERRIDE_KEYS)
     doc = read_space_document(path, space_overrides)
-    problems: list[str] = []
+    try:
+        return SpaceFile.model_validate(doc), doc, []
+    except ValidationError as exc:
+        problems = format_validation_error(exc, src, SpaceFile).splitlines()[1:]
+        bad = {str(err["loc"][0]) for err in exc.errors() if err["loc"]}
+    if "base" in bad or "parameters" in bad:
+        raise ConfigError("\n".join([f"{src}: invalid search space:", *problems]))
+    placeholders = {"metric": "metric", "mode": "max"}
+    doc = {k: v for k, v in doc.items() if k not in bad}
+    doc.update({k: placeholders[k] for k in bad if k in placeholders})
     try:
         spec = SpaceFile.model_validate(doc)
-    except ValidationError as exc:
-        # Report these, then go on with the rest of the file (placeholders for
-        # the bad top-level keys) so that every problem is listed at once.
-        problems += format_validation_error(exc, src, SpaceFile).splitlines()[1:]
-        bad = {str(err["loc"][0]) for err in exc.errors() if err["loc"]}
-        if "base" in bad or "parameters" in bad:
-            raise ConfigError("\n".join([f"{src}: invalid search space:", *problems])) from None
-        placeholders = {"metric": "metric", "mode": "max"}
-        doc = {k: v for k, v in doc.items() if k not in bad}
-        doc.update({k: placeholders[k] for k in bad if k in placeholders})
-        try:
-            spec = SpaceFile.model_validate(doc)
-        except ValidationError:
-            raise ConfigError("\n".join([f"{src}: invalid search space:", *problems])) from None
-    # scheduler / searcher settings that do not apply to the chosen type
+    except ValidationError:
+        raise ConfigError("\n".join([f"{src}: invalid search space:", *problems])) from None
+    return spec, doc, problems
+
+
+def _settings_problems(spec: SpaceFile, doc: dict[str, Any]) -> list[str]:
+    """Step 2: scheduler / searcher settings that do not apply to the chosen type."""
+    problems = []
     for section, settings, allowed_by_type in (("scheduler", doc.get("scheduler"), SCHEDULER_SETTINGS), ("searcher", doc.get("searcher"), SEARCHER_SETTINGS)):
         if isinstance(settings, dict):
             kind = getattr(spec, section).type
             extra = sorted(set(settings) - {"type"} - set(allowed_by_type[kind]))
             if extra:
                 problems.append(f"  {section}: {', '.join(extra)} do(es) not apply to {section} type {kind!r}; it takes: {', '.join(allowed_by_type[kind]) or 'no settings'}")
+    return problems
 
-    # the base recipe, with resources, fixed and command-line overrides
-    base = resolve_base(src, path.parent, spec.base, spec.resources, spec.fixed, recipe_overrides, base_raw)
-    base_file, raw, fixed, base_recipe = base.file, base.raw, base.fixed, base.recipe
-    problems += base.problems
 
-    # parameters
+def _when_problems(label: str, param: Param, earlier: set[str], later: set[str]) -> list[str]:
+    """The names a parameter's ``when:`` reads must be earlier parameters or recipe fields."""
+    problems = []
+    for name in param.when_names:
+        if name == param.path:
+            problems.append(f"{label}: when: {param.when!r} refers to the parameter itself")
+        elif name in later:
+            problems.append(f"{label}: when: {param.when!r} refers to {name}, which is defined after it; parameters are sampled in file order, move {name} above")
+        elif name not in earlier:
+            try:
+                field_at(name)
+            except ConfigError as exc:
+                problems.append(f"{label}: when: {param.when!r}: {name!r} is neither an earlier parameter nor a recipe field ({exc})")
+    return problems
+
+
+def _parse_parameters(spec: SpaceFile, fixed: dict[str, Any]) -> tuple[list[Param], list[str]]:
+    """Step 4: each ``parameters:`` entry as a :class:`Param`, checked against its recipe field; with the problems."""
     params: list[Param] = []
+    problems: list[str] = []
     if not spec.parameters:
         problems.append("  parameters: empty; give at least one dotted recipe path with a distribution")
     for dotted, pspec in spec.parameters.items():
@@ -486,20 +499,17 @@ def load_space(path: str | Path, overrides: list[str] | None = None, base_raw: d
             problems.append(f"{label}: {problem}")
         earlier = {p.path for p in params}
         later = set(spec.parameters) - earlier - {dotted}
-        for name in param.when_names:
-            if name == dotted:
-                problems.append(f"{label}: when: {param.when!r} refers to the parameter itself")
-            elif name in later:
-                problems.append(f"{label}: when: {param.when!r} refers to {name}, which is defined after it; parameters are sampled in file order, move {name} above")
-            elif name not in earlier:
-                try:
-                    field_at(name)
-                except ConfigError as exc:
-                    problems.append(f"{label}: when: {param.when!r}: {name!r} is neither an earlier parameter nor a recipe field ({exc})")
+        problems += _when_problems(label, param, earlier, later)
         params.append(param)
+    return params, problems
+
+
+def _searcher_problems(spec: SpaceFile, params: list[Param], base_recipe: Recipe | None) -> list[str]:
+    """Step 5: what the searcher and the scheduler need (cmaes installed, a finite grid, a grace period within the fidelity)."""
+    problems = []
     if spec.searcher.type == "cmaes":
         try:
-            import cmaes  # noqa: F401
+            import cmaes  # noqa: F401  # optional package: only checked for, when the cmaes searcher is asked for
         except ImportError:
             problems.append("  searcher.type: cmaes needs the `cmaes` package (pip install cmaes); or use tpe or random")
     if spec.searcher.type == "grid":
@@ -508,15 +518,68 @@ def load_space(path: str | Path, overrides: list[str] | None = None, base_raw: d
                 problems.append(f"  parameters.{p.path}: the grid searcher needs a finite set of values; use categorical, int, or uniform with step")
     if base_recipe is not None and spec.scheduler.grace_period is not None and spec.scheduler.grace_period > base_recipe.train.max_steps:
         problems.append(f"  scheduler.grace_period: {spec.scheduler.grace_period} is beyond train.max_steps = {base_recipe.train.max_steps}")
+    return problems
+
+
+def _corner_problems(space: SearchSpace) -> list[str]:
+    """Step 7: the corners of the space (:meth:`SearchSpace.corner_values`) must give valid recipes that report the metric."""
+    try:
+        corners = space.corner_values()
+    except WhenError as exc:
+        raise ConfigError(f"{space.file}: invalid search space:\n  when: {exc}") from None
+    problems: list[str] = []
+    for values in corners:
+        try:
+            recipe = validate_recipe(space.resolve(values), "corner")
+            check_objectives(recipe)
+        except ConfigError as exc:
+            lines = [line.strip() for line in str(exc).splitlines()]
+            detail = "; ".join(lines[1:]) if len(lines) > 1 and lines[0].endswith("invalid configuration:") else "; ".join(lines)
+            problems.append(f"  corner {values}: {detail}")
+            continue
+        problem = metric_problem(space.metric, recipe)
+        if problem:
+            problems.append(f"  corner {values}: metric {space.metric!r}: {problem}")
+    return problems
+
+
+def load_space(path: str | Path, overrides: list[str] | None = None, base_raw: dict[str, Any] | None = None) -> SearchSpace:
+    """Read, check and resolve a search-space file.
+
+    ``overrides``: ``key=value`` texts; keys starting with one of
+    :data:`SPACE_OVERRIDE_KEYS` change the space (``num_samples=3``,
+    ``scheduler.grace_period=10``), any other is a recipe field applied on top
+    of ``fixed``. ``base_raw``: an already resolved base recipe (used on
+    resume, from the copy saved in the experiment directory) instead of the
+    file's ``base:``.
+
+    The steps: read the file against its schema, check the scheduler/searcher
+    settings, resolve the base recipe (:func:`resolve_base`), parse the
+    parameters, check what the searcher needs, build the
+    :class:`SearchSpace`, check its corners. All problems of the first five
+    steps are reported together, then those of the corners.
+    """
+    path = Path(path)
+    src = str(path)
+    space_overrides, recipe_overrides = split_overrides(overrides, SPACE_OVERRIDE_KEYS)
+    spec, doc, problems = _read_space_file(path, space_overrides)
+    problems += _settings_problems(spec, doc)
+    # Step 3: the base recipe, with resources, fixed and command-line overrides
+    base = resolve_base(src, path.parent, spec.base, spec.resources, spec.fixed, recipe_overrides, base_raw)
+    problems += base.problems
+    params, param_problems = _parse_parameters(spec, base.fixed)
+    problems += param_problems
+    problems += _searcher_problems(spec, params, base.recipe)
     if problems:
         raise ConfigError("\n".join([f"{src}: invalid search space:", *problems]))
 
+    # Step 6: the space
     space = SearchSpace(
         file=src,
         name=spec.name or path.stem,
         description=spec.description,
-        base_file=base_file,
-        base_raw=raw,
+        base_file=base.file,
+        base_raw=base.raw,
         metric=spec.metric,
         mode=spec.mode,
         num_samples=spec.num_samples,
@@ -532,24 +595,7 @@ def load_space(path: str | Path, overrides: list[str] | None = None, base_raw: d
     if spec.searcher.type == "grid" and "num_samples" not in doc:
         space.num_samples = space.grid_size()
 
-    # corners of the space must give valid recipes
-    corner_problems: list[str] = []
-    try:
-        corners = space.corner_values()
-    except WhenError as exc:
-        raise ConfigError(f"{src}: invalid search space:\n  when: {exc}") from None
-    for values in corners:
-        try:
-            recipe = validate_recipe(space.resolve(values), "corner")
-            check_objectives(recipe)
-        except ConfigError as exc:
-            lines = [line.strip() for line in str(exc).splitlines()]
-            detail = "; ".join(lines[1:]) if len(lines) > 1 and lines[0].endswith("invalid configuration:") else "; ".join(lines)
-            corner_problems.append(f"  corner {values}: {detail}")
-            continue
-        problem = metric_problem(space.metric, recipe)
-        if problem:
-            corner_problems.append(f"  corner {values}: metric {space.metric!r}: {problem}")
+    corner_problems = _corner_problems(space)
     if corner_problems:
         raise ConfigError("\n".join([f"{src}: invalid search space: these combinations of values give an invalid recipe:", *corner_problems]))
     return space
