@@ -52,17 +52,8 @@ from vlptune.search.results import read_results
 from vlptune.search.runner import TrialPlan, run_experiment
 from vlptune.search.trainable import apply_config
 from vlptune.search.params import FailuresSpec
-from vlptune.search.space import (
-    FIDELITY_PATH,
-    TIME_ATTR,
-    check_objectives,
-    describe_failures,
-    describe_fixed,
-    describe_header,
-    metric_problem,
-    resolve_base,
-    split_overrides,
-)
+from vlptune.search.plan_file import describe_failures, describe_fixed, describe_header, resolve_base, split_overrides
+from vlptune.search.space import FIDELITY_PATH, TIME_ATTR, check_objectives, metric_problem
 from vlptune.study import stats
 
 log = logging.getLogger(__name__)
