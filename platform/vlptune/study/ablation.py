@@ -357,8 +357,8 @@ def write_experiment_files(spec: StudySpec, exp_dir: Path, address: str | None, 
 
 def _study_settings(spec: StudySpec) -> dict[str, Any]:
     """Every (variant, seed) once, to the full fidelity: Tune's grid, no searcher, FIFO."""
-    from ray import tune  # heavy dependency kept lazy
-    from ray.tune.schedulers import FIFOScheduler
+    from ray import tune  # ray: heavy, only when a study runs
+    from ray.tune.schedulers import FIFOScheduler  # ray: as above
 
     return {
         "param_space": {VARIANT_KEY: tune.grid_search(spec.variant_names), SEED_KEY: tune.grid_search(spec.seed_values)},
@@ -536,7 +536,7 @@ def write_study_outputs(exp_dir: str | Path, results: StudyResults | None = None
     markdown = format_markdown(results, rows)
     atomic_write_text(exp_dir / TABLE_MD, markdown)
     atomic_write_text(exp_dir / TABLE_CSV, format_csv(rows))
-    from torch.utils.tensorboard import SummaryWriter  # heavy dependency kept lazy
+    from torch.utils.tensorboard import SummaryWriter  # torch, tensorboard: heavy, only when the table is written
 
     writer = SummaryWriter(log_dir=str(exp_dir / TB_DIR / TB_RUN))
     try:
