@@ -23,13 +23,12 @@ from vlptune.study.ablation import (
     StudyResults,
     StudyTrial,
     collect_study,
-    format_markdown,
     load_study,
     run_study,
     study_from_dict,
-    study_table,
     write_study_outputs,
 )
+from vlptune.study.ablation_table import format_markdown, study_table
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_LIGHT = REPO / "trials" / "demo-light.yaml"

@@ -9,12 +9,8 @@ from pathlib import Path
 import pytest
 
 from vlptune.config import ConfigError
-from vlptune.search.space import (
-    WhenError,
-    eval_when,
-    load_space,
-    parse_when,
-)
+from vlptune.search.space import load_space
+from vlptune.search.when import WhenError, eval_when, parse_when
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "search_spaces" / "demo.yaml"

@@ -24,16 +24,27 @@ demo-only logic.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from vlptune.config.objectives import required_columns
-from vlptune.data.prepare import ensure_data
 from vlptune.config import load_recipe
+from vlptune.config.objectives import required_columns
+from vlptune.data.dataset import build_loader
+from vlptune.data.inspect import inspect_dataset
+from vlptune.data.prepare import ensure_data
+from vlptune.search import results as res
 from vlptune.search.console import format_duration
+from vlptune.search.layout import read_meta
+from vlptune.search.runner import run_search
+from vlptune.study import importance as imp
+from vlptune.study import promote as pr
+from vlptune.study import promote_report as rep
+from vlptune.study.promote import MIN_RUN_CONFIGS
+from vlptune.study.promote_cli import ranged
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_RECIPE = REPO / "trials" / "demo-light.yaml"
@@ -95,16 +106,12 @@ def stage_world(recipe_path: Path, out: Path, overrides: list[str]) -> Path:
 
 
 def stage_inspect(root: Path, out: Path) -> None:
-    from vlptune.data.inspect import inspect_dataset
-
     _banner("2. inspect")
     picture = out / "sample.png"
     inspect_dataset(root, split="train", index=0, image_path=picture)
 
 
 def stage_batch(recipe_path: Path, root: Path, overrides: list[str]) -> None:
-    from vlptune.data.dataset import build_loader
-
     recipe = load_recipe(recipe_path, [*overrides, f"data.root={root}"])
     _banner(f"3. one training batch of {recipe_path.name}")
     loader = build_loader(recipe, train=True)
@@ -127,9 +134,7 @@ def disk_usage(path: Path) -> str:
 
 def _best_chance(trial_dir: str | None, metric: str) -> float | None:
     """The chance level of ``metric`` in a trial's last report that has one."""
-    import json
-
-    from vlptune.train.tensorboard import chance_keys
+    from vlptune.train.tensorboard import chance_keys  # tensorboard: heavy, only when a search has run
 
     result_file = Path(trial_dir) / "result.json" if trial_dir else None
     if result_file is None or not result_file.is_file():
@@ -140,9 +145,6 @@ def _best_chance(trial_dir: str | None, metric: str) -> float | None:
 
 
 def stage_search(space_path: Path, root: Path, out: Path) -> int:
-    from vlptune.search import results as res
-    from vlptune.search.runner import run_search
-
     exp_dir = (out / "search").resolve()
     _banner(f"4. search {space_path.name} on a local Ray cluster -> {exp_dir}")
     if exp_dir.exists() and any(exp_dir.iterdir()):
@@ -164,9 +166,6 @@ def stage_search(space_path: Path, root: Path, out: Path) -> int:
 
 
 def stage_promote(search_dir: Path, root: Path, out: Path, steps: int, top_k: int) -> int:
-    from vlptune.study import promote as pr
-    from vlptune.study import promote_report as rep
-
     run_dir = (out / "promoted").resolve()
     _banner(f"5. promote the best {top_k} demo trials to {DEMO_TARGET.name} and run them -> {run_dir}")
     if run_dir.exists() and any(run_dir.iterdir()):
@@ -192,7 +191,7 @@ def stage_promote(search_dir: Path, root: Path, out: Path, steps: int, top_k: in
             return 1
         print(pr.run_note(promotion, fixed))
         print(f"(the demo shortens the runs so it fits its time budget: --promoted-steps {steps}; the promoted files keep demo-full's own length)")
-        from vlptune.study.ablation import StudyError
+        from vlptune.study.ablation import StudyError  # scipy (via study.stats): heavy, only when promoted runs start
 
         try:
             pr.run_promotion(promotion, spec, exp_dir=run_dir)
@@ -207,9 +206,6 @@ def stage_promote(search_dir: Path, root: Path, out: Path, steps: int, top_k: in
 
 
 def stage_importance(search_dir: Path) -> int:
-    from vlptune.search.layout import read_meta
-    from vlptune.study import importance as imp
-
     _banner(f"6. hyperparameter importance of the demo search ({', '.join(imp.EVALUATORS)})")
     try:
         results = imp.importances(search_dir, "both")
@@ -224,9 +220,6 @@ def stage_importance(search_dir: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vlptune.study.promote import MIN_RUN_CONFIGS
-    from vlptune.study.promote_cli import ranged
-
     parser = argparse.ArgumentParser(prog="python -m vlptune.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/demo", help="directory for everything the demo writes")
     parser.add_argument("--recipe", default=str(DEMO_RECIPE), help="recipe of the demo")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import json
-import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,7 +30,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from vlptune.config import objectives as objective_configs
 from vlptune.config.base import ConfigError, Section
-from vlptune.errors import did_you_mean
+from vlptune.config.fields import describe_allowed, unknown_field_hint
 
 RECIPE_SUFFIXES = (".yaml", ".yml")
 
@@ -317,58 +316,6 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
     return out
 
 
-def _describe_allowed(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> str:
-    """What the schema allows at ``loc``: the field's description and bounds."""
-    if model is None:
-        return ""
-    field = None
-    current: Any = model
-    for part in loc:
-        if isinstance(current, type) and issubclass(current, BaseModel) and isinstance(part, str):
-            field = current.model_fields.get(part)
-            if field is None:
-                return ""
-            current = field.annotation
-        else:
-            return ""
-    if field is None:
-        return ""
-    bits = []
-    for meta in field.metadata:
-        for attr, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
-            if hasattr(meta, attr) and getattr(meta, attr) is not None:
-                bits.append(f"{sym} {getattr(meta, attr)}")
-    text = f"allowed: {' and '.join(bits)}" if bits else ""
-    if field.description:
-        text = f"{text}; " if text else ""
-        text += f"field: {field.description}"
-    return text
-
-
-def _section_model(annotation: Any) -> type[BaseModel] | None:
-    """The section model a field holds (``X`` or ``X | None``); None for a plain value."""
-    for candidate in (annotation, *typing.get_args(annotation)):
-        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-            return candidate
-    return None
-
-
-def _section_at(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The section model that the field path ``loc`` leads to from ``model`` (None: not a section)."""
-    for part in loc:
-        if model is None or not isinstance(part, str) or part not in model.model_fields:
-            return None
-        model = _section_model(model.model_fields[part].annotation)
-    return model
-
-
-def _unknown_field_hint(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> str:
-    """``did you mean 'x'?`` for an unknown key at ``loc``, else a pointer to the schema."""
-    section = _section_at(model, loc[:-1])
-    hint = did_you_mean(str(loc[-1]), section.model_fields, aside=False) if section is not None and loc else ""
-    return hint or "check the spelling against `vlptune config schema`"
-
-
 def format_validation_error(exc: ValidationError, source: str, model: type[BaseModel] | None = None, prefix: str = "") -> str:
     lines = [f"{source}: invalid configuration:"]
     for err in exc.errors():
@@ -377,9 +324,9 @@ def format_validation_error(exc: ValidationError, source: str, model: type[BaseM
         if prefix:
             dotted = f"{prefix}.{dotted}" if dotted else prefix
         if err["type"] == "extra_forbidden":
-            lines.append(f"  {dotted}: unknown field (value {err.get('input')!r}); {_unknown_field_hint(model, loc)}")
+            lines.append(f"  {dotted}: unknown field (value {err.get('input')!r}); {unknown_field_hint(model, loc)}")
             continue
-        allowed = _describe_allowed(model, loc)
+        allowed = describe_allowed(model, loc)
         line = f"  {dotted}: {err['msg']}; got {err.get('input')!r}"
         if allowed:
             line += f" ({allowed})"
@@ -468,29 +415,3 @@ def json_schema() -> dict[str, Any]:
     }
     schema["properties"]["base"] = {"type": "string", "description": "path of a recipe this one extends (relative to this file)"}
     return schema
-
-
-def field_at(path: str) -> tuple[type[BaseModel], str]:
-    """Resolve a dotted recipe path to (section model, field name); ConfigError if absent."""
-    parts = path.split(".")
-    model: type[BaseModel] = Recipe
-    for i, part in enumerate(parts):
-        if model is Recipe and part == "objectives":
-            if i + 2 >= len(parts):
-                raise ConfigError(f"{path}: name an objective and its field, e.g. objectives.mvm.weight")
-            model = objective_configs.config_class(parts[i + 1])
-            rest = parts[i + 2 :]
-            if len(rest) != 1 or rest[0] not in model.model_fields:
-                hint = did_you_mean(rest[0], model.model_fields) if len(rest) == 1 else ""
-                raise ConfigError(f"{path}: objective {parts[i + 1]!r} has no field {'.'.join(rest)!r}{hint}; fields: {sorted(model.model_fields)}")
-            return model, rest[0]
-        if part not in model.model_fields:
-            hint = did_you_mean(part, model.model_fields)
-            raise ConfigError(f"{path}: no field {part!r} in {'.'.join(parts[:i]) or 'the recipe'}{hint}; fields: {sorted(model.model_fields)}")
-        if i == len(parts) - 1:
-            return model, part
-        annotation = model.model_fields[part].annotation
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            raise ConfigError(f"{path}: {'.'.join(parts[: i + 1])} is a value, not a section")
-        model = annotation
-    raise ConfigError(f"{path}: empty path")

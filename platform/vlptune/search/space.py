@@ -20,7 +20,11 @@ parameter path exists in the recipe schema, every range is legal for its field
 (bounds, integer or float, Literal choices), every ``when:`` expression is a
 small safe comparison of earlier parameters, and the recipes at the corners of
 the space validate. Each problem is reported at once with the file, the
-parameter and what is allowed (:class:`~vlptune.config.ConfigError`).
+parameter and what is allowed (:class:`~vlptune.config.ConfigError`). The file
+schema and the parameter types are in :mod:`vlptune.search.params`, the
+``when:`` language in :mod:`vlptune.search.when`, what a space file shares
+with an ablation-study file (the base recipe, ``-o`` overrides) in
+:mod:`vlptune.search.plan_file`.
 
 The fidelity of a trial is its training step: ``train.max_steps`` of the
 resolved base recipe is the maximum fidelity; the loop reports ``step`` with
@@ -29,475 +33,45 @@ its metrics at every evaluation, which is what the schedulers act on.
 
 from __future__ import annotations
 
-import ast
 import copy
-import json
 import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Annotated, Iterable, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from vlptune.config import (
     ConfigError,
     Recipe,
     field_at,
     format_validation_error,
-    load_raw_with_sources,
     parse_override,
     read_yaml_mapping,
     set_dotted,
     validate_recipe,
 )
 from vlptune.config import objectives as objective_configs
-from vlptune.errors import did_you_mean
+from vlptune.search.params import (
+    SCHEDULER_SETTINGS,
+    SEARCHER_SETTINGS,
+    FailuresSpec,
+    Param,
+    SchedulerSpec,
+    SearcherSpec,
+    SpaceFile,
+    check_param_range,
+    parse_param,
+)
+from vlptune.search.plan_file import describe_failures, describe_fixed, describe_header, resolve_base, split_overrides
+from vlptune.search.when import WhenError
 
-DISTRIBUTIONS = ("categorical", "int", "uniform", "loguniform")
-SCHEDULERS = ("asha", "hyperband", "median", "fifo")
-SEARCHERS = ("tpe", "random", "grid", "cmaes")
 FIDELITY_PATH = "train.max_steps"
 TIME_ATTR = "step"  # the loop reports this with every evaluation
 
 # Space-level keys that `-o key=value` may override; any other override is a recipe field.
 SPACE_OVERRIDE_KEYS = ("num_samples", "max_concurrent", "metric", "mode", "scheduler", "searcher", "failures", "storage")
-
-# Settings each scheduler accepts (besides `type`).
-SCHEDULER_SETTINGS: dict[str, tuple[str, ...]] = {
-    "asha": ("grace_period", "reduction_factor", "brackets"),
-    "hyperband": ("reduction_factor",),
-    "median": ("grace_period", "min_samples_required", "min_time_slice", "hard_stop"),
-    "fifo": (),
-}
-SEARCHER_SETTINGS: dict[str, tuple[str, ...]] = {
-    "tpe": ("seed", "multivariate", "constant_liar", "group", "n_startup_trials"),
-    "random": ("seed",),
-    "grid": ("seed",),
-    "cmaes": ("seed", "sigma0", "n_startup_trials", "restart_strategy", "popsize"),
-}
-
-
-# ------------------------------------------------------------------ file schema
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class SchedulerSpec(_Strict):
-    """Early stopping of trials on the fidelity axis (training steps)."""
-
-    type: Literal["asha", "hyperband", "median", "fifo"] = Field("asha", description="asha (default), hyperband, median (median stopping rule) or fifo (no early stopping)")
-    grace_period: int | None = Field(None, ge=1, description="asha/median: steps before a trial can be stopped; default train.eval_every (the first report)")
-    reduction_factor: float = Field(2.0, gt=1.0, le=100.0, description="asha/hyperband: 1/reduction_factor of the trials go on at each rung")
-    brackets: int = Field(1, ge=1, le=16, description="asha: number of brackets (1 = plain ASHA, more = asynchronous hyperband)")
-    min_samples_required: int = Field(3, ge=1, le=10_000, description="median: completed results needed before stopping anyone")
-    min_time_slice: int = Field(0, ge=0, description="median: minimum steps between two stopping decisions of a trial")
-    hard_stop: bool = Field(True, description="median: stop (true) or pause (false) a trial below the median")
-
-
-class SearcherSpec(_Strict):
-    """The Optuna sampler behind the searcher."""
-
-    type: Literal["tpe", "random", "grid", "cmaes"] = Field("tpe", description="tpe (default), random, grid or cmaes (all Optuna samplers)")
-    seed: int | None = Field(0, ge=0, le=2**31 - 1, description="sampler seed (null: not seeded)")
-    multivariate: bool = Field(True, description="tpe: model the parameters jointly")
-    constant_liar: bool = Field(True, description="tpe: treat running trials as bad so parallel trials spread out")
-    group: bool | None = Field(None, description="tpe: split conditional parameters into groups (default: on when multivariate and a parameter has when:)")
-    n_startup_trials: int | None = Field(None, ge=0, le=100_000, description="tpe/cmaes: random trials before the model is used (default: tpe min(10, num_samples // 2), cmaes 1)")
-    sigma0: float | None = Field(None, gt=0.0, description="cmaes: initial step size")
-    restart_strategy: Literal["ipop", "bipop"] | None = Field(None, description="cmaes: restart strategy")
-    popsize: int | None = Field(None, ge=2, description="cmaes: population size")
-
-
-class FailuresSpec(_Strict):
-    """Fault tolerance."""
-
-    max_failures: int = Field(2, ge=-1, le=1000, description="worker-group restarts of one trial, each from its last checkpoint (Ray Train FailureConfig); -1 = unlimited")
-    trial_max_failures: int = Field(0, ge=-1, le=1000, description="Tune-level restarts of a failed trial (its trainer resumes from the last checkpoint); -1 = unlimited")
-
-
-class SpaceFile(_Strict):
-    """The top level of a search-space file."""
-
-    name: str | None = Field(None, min_length=1, description="experiment name prefix (default: the file name)")
-    description: str = Field("", description="free text, shown by `vlptune space check`")
-    base: str = Field(..., min_length=1, description="the recipe every trial starts from (path relative to this file)")
-    metric: str = Field(..., min_length=1, description="metric the searcher optimises and the scheduler compares, as reported by the loop")
-    mode: Literal["min", "max"] = Field(..., description="minimise or maximise the metric")
-    num_samples: int = Field(8, ge=1, le=1_000_000, description="trials to run (grid: at most the grid size; default for grid: the grid size)")
-    max_concurrent: int = Field(2, ge=1, le=10_000, description="trials running at once (also bounded by the cluster's CPUs/GPUs)")
-    resources: dict[str, Any] = Field(default_factory=dict, description="recipe.resources for each trial: workers, cpus_per_worker, gpus_per_worker, torch_threads")
-    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
-    searcher: SearcherSpec = Field(default_factory=SearcherSpec)
-    failures: FailuresSpec = Field(default_factory=FailuresSpec)
-    storage: str | None = Field(None, min_length=1, description="Optuna storage URL (default: sqlite:///EXP_DIR/optuna.db)")
-    fixed: dict[str, Any] = Field(default_factory=dict, description="dotted recipe path -> value, applied to every trial")
-    parameters: dict[str, Any] = Field(..., description="dotted recipe path -> distribution, in sampling order")
-
-
-# ------------------------------------------------------------------ when: expressions
-
-_CMP = {
-    ast.Eq: lambda a, b: a == b,
-    ast.NotEq: lambda a, b: a != b,
-    ast.Lt: lambda a, b: a < b,
-    ast.LtE: lambda a, b: a <= b,
-    ast.Gt: lambda a, b: a > b,
-    ast.GtE: lambda a, b: a >= b,
-    ast.In: lambda a, b: a in b,
-    ast.NotIn: lambda a, b: a not in b,
-}
-_CONST_NAMES = {"true": True, "True": True, "false": False, "False": False, "null": None, "None": None}
-
-
-class WhenError(ValueError):
-    pass
-
-
-def _dotted(node: ast.AST) -> str | None:
-    """``a.b.c`` (Name/Attribute chain) -> "a.b.c"; anything else -> None."""
-    parts = []
-    while isinstance(node, ast.Attribute):
-        parts.append(node.attr)
-        node = node.value
-    if isinstance(node, ast.Name):
-        parts.append(node.id)
-        return ".".join(reversed(parts))
-    return None
-
-
-def _check_when_node(node: ast.AST, names: list[str]) -> None:
-    """Allow only comparisons, boolean operators, dotted names and constants."""
-    if isinstance(node, ast.Expression):
-        _check_when_node(node.body, names)
-    elif isinstance(node, ast.BoolOp):
-        for value in node.values:
-            _check_when_node(value, names)
-    elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
-        _check_when_node(node.operand, names)
-    elif isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)) and isinstance(node.operand, ast.Constant) and isinstance(node.operand.value, (int, float)):
-        pass
-    elif isinstance(node, ast.Compare):
-        if not all(type(op) in _CMP for op in node.ops):
-            raise WhenError("only ==, !=, <, <=, >, >=, in and not in compare values")
-        _check_when_node(node.left, names)
-        for comp in node.comparators:
-            _check_when_node(comp, names)
-    elif isinstance(node, (ast.Name, ast.Attribute)):
-        dotted = _dotted(node)
-        if dotted is None:
-            raise WhenError(f"{ast.unparse(node)!r} is not a dotted parameter path")
-        if dotted not in _CONST_NAMES:
-            names.append(dotted)
-    elif isinstance(node, ast.Constant):
-        if not isinstance(node.value, (int, float, str, bool, type(None))):
-            raise WhenError(f"constant {node.value!r} is not a number, string, boolean or null")
-    elif isinstance(node, (ast.Tuple, ast.List, ast.Set)):
-        for elt in node.elts:
-            _check_when_node(elt, names)
-    else:
-        raise WhenError(f"{type(node).__name__} ({ast.unparse(node)!r}) is not allowed; use comparisons (== != < <= > >= in), and/or/not, parameter paths and constants")
-
-
-def parse_when(text: str) -> tuple[ast.Expression, list[str]]:
-    """Parse a ``when:`` expression; returns the tree and the dotted names it reads.
-
-    Only comparisons, ``and``/``or``/``not``, dotted names, constants and
-    tuples/lists of constants are accepted; nothing is ever passed to eval.
-    """
-    if not isinstance(text, str) or not text.strip():
-        raise WhenError("expected a non-empty expression string, e.g. 'model.vd.size > 0'")
-    try:
-        tree = ast.parse(text.strip(), mode="eval")
-    except SyntaxError as exc:
-        raise WhenError(f"not a valid expression: {exc.msg}") from exc
-    names: list[str] = []
-    _check_when_node(tree, names)
-    return tree, list(dict.fromkeys(names))
-
-
-def eval_when(tree: ast.AST, lookup: typing.Callable[[str], Any]) -> Any:
-    """Evaluate a tree accepted by :func:`parse_when`; ``lookup(path)`` gives a name's value."""
-    if isinstance(tree, ast.Expression):
-        return eval_when(tree.body, lookup)
-    if isinstance(tree, ast.BoolOp):
-        if isinstance(tree.op, ast.And):
-            result: Any = True
-            for value in tree.values:
-                result = eval_when(value, lookup)
-                if not result:
-                    return result
-            return result
-        result = False
-        for value in tree.values:
-            result = eval_when(value, lookup)
-            if result:
-                return result
-        return result
-    if isinstance(tree, ast.UnaryOp):
-        operand = eval_when(tree.operand, lookup)
-        if isinstance(tree.op, ast.Not):
-            return not operand
-        return -operand if isinstance(tree.op, ast.USub) else +operand
-    if isinstance(tree, ast.Compare):
-        left = eval_when(tree.left, lookup)
-        for op, comp in zip(tree.ops, tree.comparators):
-            right = eval_when(comp, lookup)
-            try:
-                ok = _CMP[type(op)](left, right)
-            except TypeError as exc:
-                raise WhenError(f"cannot compare {left!r} with {right!r}: {exc}") from exc
-            if not ok:
-                return False
-            left = right
-        return True
-    if isinstance(tree, (ast.Name, ast.Attribute)):
-        dotted = _dotted(tree)
-        if dotted in _CONST_NAMES:
-            return _CONST_NAMES[dotted]
-        return lookup(dotted)
-    if isinstance(tree, ast.Constant):
-        return tree.value
-    if isinstance(tree, (ast.Tuple, ast.List, ast.Set)):
-        return tuple(eval_when(elt, lookup) for elt in tree.elts)
-    raise WhenError(f"unsupported expression {ast.unparse(tree)!r}")
-
-
-# ------------------------------------------------------------------ parameters
-
-
-@dataclass
-class Param:
-    """One searched recipe field."""
-
-    path: str
-    kind: str  # categorical | int | uniform | loguniform
-    low: float | int | None = None
-    high: float | int | None = None
-    choices: list[Any] | None = None
-    step: float | int | None = None
-    log: bool = False
-    when: str | None = None
-    when_names: list[str] = field(default_factory=list)
-    otherwise: Any = None  # `else:` value set when `when` is false (None: keep the base recipe's value)
-    has_otherwise: bool = False
-
-    def __post_init__(self) -> None:
-        self._tree = parse_when(self.when)[0] if self.when else None
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state.pop("_tree", None)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._tree = parse_when(self.when)[0] if self.when else None
-
-    def active(self, lookup: typing.Callable[[str], Any]) -> bool:
-        return True if self._tree is None else bool(eval_when(self._tree, lookup))
-
-    @property
-    def encoded_choices(self) -> bool:
-        """Optuna categoricals hold None/bool/int/float/str only: others travel as JSON strings."""
-        return self.kind == "categorical" and any(not isinstance(c, (type(None), bool, int, float, str)) for c in self.choices or [])
-
-    def optuna_choices(self) -> list[Any]:
-        return [json.dumps(c) for c in self.choices] if self.encoded_choices else list(self.choices or [])
-
-    def decode(self, value: Any) -> Any:
-        return json.loads(value) if self.encoded_choices else value
-
-    def grid_values(self) -> list[Any]:
-        """Every value of the parameter, for the grid searcher."""
-        if self.kind == "categorical":
-            return self.optuna_choices()
-        if self.kind == "int":
-            return list(range(int(self.low), int(self.high) + 1, int(self.step or 1)))
-        if self.kind == "uniform" and self.step:
-            n = int(round((self.high - self.low) / self.step))
-            return [float(round(self.low + i * self.step, 12)) for i in range(n + 1)]
-        raise ConfigError(f"parameters.{self.path}: the grid searcher needs a finite set of values (categorical, int, or uniform with step)")
-
-    def corners(self) -> list[Any]:
-        """Extreme values (every choice of a categorical)."""
-        if self.kind == "categorical":
-            return list(self.choices or [])
-        return [self.low, self.high]
-
-    def describe(self) -> str:
-        if self.kind == "categorical":
-            text = f"categorical {self.choices}"
-        else:
-            text = f"{self.kind} [{self.low}, {self.high}]"
-            if self.step:
-                text += f" step {self.step}"
-            if self.log and self.kind == "int":
-                text += " log"
-        if self.when:
-            text += f"  when {self.when}"
-            if self.has_otherwise:
-                text += f", else {self.otherwise!r}"
-        return text
-
-
-def _number(value: Any, what: str, integer: bool = False) -> float | int:
-    """YAML numbers (PyYAML reads 1e-4 as a string: accept it)."""
-    if isinstance(value, bool):
-        raise ValueError(f"{what}: expected a number, got {value!r}")
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise ValueError(f"{what}: expected a number, got {value!r}") from None
-    if not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{what}: expected a finite number, got {value!r}")
-    if integer:
-        if isinstance(value, float) and not value.is_integer():
-            raise ValueError(f"{what}: expected an integer, got {value!r}")
-        return int(value)
-    return float(value)
-
-
-def parse_param(path: str, spec: Any) -> Param:
-    """A ``parameters:`` entry -> :class:`Param` (shape only; ranges are checked against the schema later)."""
-    if not isinstance(spec, dict):
-        raise ValueError(f"expected a mapping with one of {', '.join(DISTRIBUTIONS)}, e.g. {{uniform: [0.0, 1.0]}}; got {spec!r}")
-    kinds = [k for k in DISTRIBUTIONS if k in spec]
-    if len(kinds) != 1:
-        raise ValueError(f"give exactly one distribution of {', '.join(DISTRIBUTIONS)}; got {sorted(spec) or 'none'}")
-    kind = kinds[0]
-    unknown = sorted(set(spec) - {kind, "step", "log", "when", "else"})
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown}; allowed: {kind}, step, log (int), when, else")
-    when = spec.get("when")
-    if "else" in spec and when is None:
-        raise ValueError("else: only with when: (the value used when the condition is false)")
-    otherwise = {"otherwise": spec["else"], "has_otherwise": True} if "else" in spec else {}
-    when_names: list[str] = []
-    if when is not None:
-        try:
-            _, when_names = parse_when(when)
-        except WhenError as exc:
-            raise ValueError(f"when: {when!r}: {exc}") from None
-    args = spec[kind]
-    if kind == "categorical":
-        if "step" in spec or "log" in spec:
-            raise ValueError("categorical takes no step or log")
-        if not isinstance(args, list) or not args:
-            raise ValueError(f"categorical: expected a non-empty list of choices, got {args!r}")
-        keys = [json.dumps(c, sort_keys=True, default=str) for c in args]
-        if len(set(keys)) != len(keys):
-            raise ValueError(f"categorical: duplicate choices in {args!r}")
-        return Param(path, kind, choices=list(args), when=when, when_names=when_names, **otherwise)
-    if not isinstance(args, list) or len(args) != 2:
-        raise ValueError(f"{kind}: expected [low, high], got {args!r}")
-    integer = kind == "int"
-    low = _number(args[0], f"{kind} low", integer)
-    high = _number(args[1], f"{kind} high", integer)
-    if not low < high:
-        raise ValueError(f"{kind}: low ({low}) must be below high ({high})")
-    step = spec.get("step")
-    log = spec.get("log", False)
-    if not isinstance(log, bool):
-        raise ValueError(f"log: expected true or false, got {log!r}")
-    if log and kind != "int":
-        raise ValueError("log: only for int (use loguniform for floats)")
-    if step is not None:
-        if kind == "loguniform":
-            raise ValueError("loguniform takes no step")
-        step = _number(step, "step", integer)
-        if step <= 0:
-            raise ValueError(f"step: must be positive, got {step}")
-        if log and step != 1:
-            raise ValueError("int with log: step must be 1 (Optuna)")
-        n = (high - low) / step
-        if abs(n - round(n)) > 1e-9:
-            raise ValueError(f"step {step} does not divide [{low}, {high}]: high must be low + k*step")
-    if kind == "loguniform" and low <= 0:
-        raise ValueError(f"loguniform: low must be positive, got {low}")
-    if log and low <= 0:
-        raise ValueError(f"int with log: low must be positive, got {low}")
-    return Param(path, kind, low=low, high=high, step=step, log=log, when=when, when_names=when_names, **otherwise)
-
-
-# ------------------------------------------------------------------ range checks
-
-
-def _bounds(meta: list[Any]) -> dict[str, float]:
-    out = {}
-    for m in meta:
-        for attr in ("ge", "gt", "le", "lt"):
-            value = getattr(m, attr, None)
-            if value is not None:
-                out[attr] = value
-    return out
-
-
-def describe_field(model: type[BaseModel], name: str) -> str:
-    """What a recipe field allows, in words."""
-    info = model.model_fields[name]
-    ann = info.annotation
-    if typing.get_origin(ann) is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(ann))
-    sym = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
-    bounds = " and ".join(f"{sym[k]} {v}" for k, v in _bounds(info.metadata).items())
-    type_name = getattr(ann, "__name__", str(ann))
-    text = f"{type_name}" + (f" {bounds}" if bounds else "")
-    if info.description:
-        text += f" ({info.description})"
-    return text
-
-
-def _field_adapter(model: type[BaseModel], name: str) -> TypeAdapter:
-    info = model.model_fields[name]
-    return TypeAdapter(Annotated[info.annotation, *info.metadata]) if info.metadata else TypeAdapter(info.annotation)
-
-
-def check_param_range(param: Param) -> list[str]:
-    """Problems of ``param`` against its recipe field (type, bounds, Literal choices)."""
-    model, name = field_at(param.path)
-    info = model.model_fields[name]
-    ann = info.annotation
-    allowed = describe_field(model, name)
-    problems = []
-    if isinstance(ann, type) and issubclass(ann, BaseModel):
-        return [f"{param.path} is a section, not a value; search one of its fields: {sorted(ann.model_fields)}"]
-    if param.has_otherwise:
-        try:
-            _field_adapter(model, name).validate_python(param.otherwise)
-        except ValidationError as exc:
-            problems.append(f"else: {param.otherwise!r} is not allowed ({exc.errors()[0]['msg']}); allowed: {allowed}")
-    if param.kind == "categorical":
-        adapter = _field_adapter(model, name)
-        for choice in param.choices or []:
-            try:
-                adapter.validate_python(choice)
-            except ValidationError as exc:
-                msg = exc.errors()[0]["msg"]
-                problems.append(f"choice {choice!r} is not allowed ({msg}); allowed: {allowed}")
-        return problems
-    if typing.get_origin(ann) is Literal:
-        return [f"{param.kind} cannot search a field with fixed choices; use categorical with some of: {allowed}"]
-    if param.kind == "int" and ann is not int:
-        hint = "use uniform or loguniform" if ann is float else "use categorical"
-        return [f"int distribution on a {getattr(ann, '__name__', ann)} field; {hint} (allowed: {allowed})"]
-    if param.kind in ("uniform", "loguniform") and ann is not float:
-        hint = "use int" if ann is int else "use categorical"
-        return [f"{param.kind} distribution on a {getattr(ann, '__name__', ann)} field; {hint} (allowed: {allowed})"]
-    b = _bounds(info.metadata)
-    low, high = param.low, param.high
-    if "ge" in b and low < b["ge"]:
-        problems.append(f"low {low} is below the field's minimum; allowed: {allowed}")
-    if "gt" in b and low <= b["gt"]:
-        problems.append(f"low {low} must be above {b['gt']}; allowed: {allowed}")
-    if "le" in b and high > b["le"]:
-        problems.append(f"high {high} is above the field's maximum; allowed: {allowed}")
-    if "lt" in b and high >= b["lt"]:
-        problems.append(f"high {high} must be below {b['lt']}; allowed: {allowed}")
-    return problems
 
 
 # ------------------------------------------------------------------ recipe-level checks
@@ -555,29 +129,6 @@ def find_recipe_value(data: dict[str, Any], path: str, default: Any = None) -> A
 
 
 _ABSENT = object()  # find_recipe_value's answer for a path that names no field
-
-
-def describe_header(kind: str, plan: Any, base: Recipe) -> list[str]:
-    """First lines of a plan file's ``describe()`` (a search space or a study): file, description, name, base recipe (``base``, validated)."""
-    lines = [f"{kind} {plan.file}"]
-    if plan.description:
-        lines.append(f"  {plan.description.strip()}")
-    lines += [f"  experiment name: {plan.name}", f"  base recipe: {plan.base_file} (name {base.name!r})"]
-    return lines
-
-
-def describe_failures(failures: "FailuresSpec") -> str:
-    return f"  failures: {failures.max_failures} worker-group restart(s) per trial from its last checkpoint, {failures.trial_max_failures} trial restart(s)"
-
-
-def describe_fixed(plan: Any) -> list[str]:
-    """The ``fixed:`` block of a plan's ``describe()``: file-level fixed paths, then command-line overrides."""
-    if not (plan.fixed or plan.overrides):
-        return []
-    lines = ["  fixed:"]
-    lines += [f"    {path} = {value!r}" for path, value in plan.fixed.items()]
-    lines += [f"    {text}   (command line)" for text in plan.overrides]
-    return lines
 
 
 @dataclass
@@ -741,112 +292,7 @@ class SearchSpace:
         return max(1, min(10, self.num_samples // 2))
 
 
-# ------------------------------------------------------------------ the base recipe of a file
-
-
-@dataclass
-class ResolvedBase:
-    """The base recipe of a search space or an ablation study, with resources/fixed/overrides applied."""
-
-    file: str  # the recipe file (absolute), or the label given with an already resolved base
-    raw: dict[str, Any]
-    fixed: dict[str, Any]  # dotted path -> value: resources.*, fixed:, then command-line overrides
-    recipe: Recipe | None  # None when it does not validate (then ``problems`` says why)
-    problems: list[str]
-
-
-def resolve_base(
-    src: str,
-    base_dir: Path,
-    base: str,
-    resources: dict[str, Any],
-    fixed: dict[str, Any],
-    recipe_overrides: list[str],
-    base_raw: dict[str, Any] | None = None,
-) -> ResolvedBase:
-    """Read ``base`` (relative to ``base_dir``) and apply ``resources``, ``fixed`` and overrides.
-
-    Problems (unknown paths, a recipe that does not validate) are returned as
-    indented lines, so the caller can report them with its own; a missing or
-    unreadable base file raises :class:`ConfigError` naming ``src``.
-    ``base_raw``: an already resolved base (resume) used as is.
-    """
-    problems: list[str] = []
-    if base_raw is None:
-        base_path = (Path(base_dir) / base).resolve()
-        if not base_path.is_file():
-            raise ConfigError(f"{src}: base: recipe file not found: {base_path} (the path is relative to {src})")
-        base_file = str(base_path)
-        try:
-            raw, _ = load_raw_with_sources(base_path)
-        except ConfigError as exc:
-            raise ConfigError(f"{src}: base: {exc}") from None
-    else:
-        base_file = base
-        raw = copy.deepcopy(base_raw)
-    if base_raw is None and "objectives" not in raw:
-        # Setting objectives.X.* on a base that lists none must not drop the default
-        # objectives (a partial dict would replace the schema default entirely).
-        raw["objectives"] = copy.deepcopy(Recipe.model_fields["objectives"].default_factory())
-    entries: list[tuple[str, str, Any]] = [(f"resources.{key}", f"resources.{key}", value) for key, value in resources.items()]
-    entries += [(f"fixed.{dotted}", dotted, value) for dotted, value in fixed.items()]
-    for text in recipe_overrides:
-        parts, value = parse_override(text)
-        entries.append((f"override {text!r}", ".".join(parts), value))
-    applied: dict[str, Any] = {}
-    for label, dotted, value in entries:
-        try:
-            field_at(dotted)
-        except ConfigError as exc:
-            problems.append(f"  {label}: {exc}")
-            continue
-        applied[dotted] = value
-        if base_raw is None:
-            set_dotted(raw, dotted.split("."), value, f"{src}: {label}")
-    recipe: Recipe | None = None
-    try:
-        recipe = validate_recipe(raw, f"base recipe {base_file} with resources/fixed/overrides")
-    except ConfigError as exc:
-        lines = str(exc).splitlines()
-        problems.append(f"  {lines[0]}")
-        problems += [f"  {line}" for line in lines[1:]]
-    return ResolvedBase(base_file, raw, applied, recipe, problems)
-
-
-def check_field_value(path: str, value: Any) -> str | None:
-    """Why ``value`` is not allowed at the recipe field ``path`` (None: allowed).
-
-    Whole sections (``data.synth``) are not checked here; they are when the
-    recipe they end up in is validated.
-    """
-    model, name = field_at(path)
-    ann = model.model_fields[name].annotation
-    if isinstance(ann, type) and issubclass(ann, BaseModel):
-        return None
-    try:
-        _field_adapter(model, name).validate_python(value)
-    except ValidationError as exc:
-        return f"{value!r} is not allowed ({exc.errors()[0]['msg']}); allowed: {describe_field(model, name)}"
-    return None
-
-
 # ------------------------------------------------------------------ loading
-
-
-def split_overrides(overrides: list[str] | None, own_keys: Iterable[str]) -> tuple[list[str], list[str]]:
-    """``-o`` overrides split into those of the file itself (top-level key in ``own_keys``) and the recipe's.
-
-    A key that is neither is refused here, with the closest of both as the suggestion.
-    """
-    keys = set(own_keys)
-    own, recipe = [], []
-    for text in overrides or []:
-        parts, _ = parse_override(text)
-        if parts[0] not in keys and parts[0] not in Recipe.model_fields:
-            hint = did_you_mean(parts[0], [*keys, *Recipe.model_fields])
-            raise ConfigError(f"override {text!r}: {parts[0]!r} is neither a setting of this file ({', '.join(sorted(keys))}) nor a recipe section{hint}")
-        (own if parts[0] in keys else recipe).append(text)
-    return own, recipe
 
 
 def read_space_document(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -857,52 +303,65 @@ def read_space_document(path: str | Path, overrides: list[str] | None = None) ->
     return data
 
 
-def load_space(path: str | Path, overrides: list[str] | None = None, base_raw: dict[str, Any] | None = None) -> SearchSpace:
-    """Read, check and resolve a search-space file.
+def _read_space_file(path: Path, space_overrides: list[str]) -> tuple[SpaceFile, dict[str, Any], list[str]]:
+    """Step 1: the file (with its own ``-o`` overrides) validated as a :class:`SpaceFile`.
 
-    ``overrides``: ``key=value`` texts; keys starting with one of
-    :data:`SPACE_OVERRIDE_KEYS` change the space (``num_samples=3``,
-    ``scheduler.grace_period=10``), any other is a recipe field applied on top
-    of ``fixed``. ``base_raw``: an already resolved base recipe (used on
-    resume, from the copy saved in the experiment directory) instead of the
-    file's ``base:``.
+    Returns the spec, the document and the schema problems. A bad top-level
+    key is reported and replaced by a placeholder (or dropped to its default)
+    so that the rest of the file is still checked and every problem is listed
+    at once; without a usable ``base`` or ``parameters`` it raises at once.
     """
-    path = Path(path)
     src = str(path)
-    space_overrides, recipe_overrides = split_overrides(overrides, SPACE_OVERRIDE_KEYS)
     doc = read_space_document(path, space_overrides)
-    problems: list[str] = []
+    try:
+        return SpaceFile.model_validate(doc), doc, []
+    except ValidationError as exc:
+        problems = format_validation_error(exc, src, SpaceFile).splitlines()[1:]
+        bad = {str(err["loc"][0]) for err in exc.errors() if err["loc"]}
+    if "base" in bad or "parameters" in bad:
+        raise ConfigError("\n".join([f"{src}: invalid search space:", *problems]))
+    placeholders = {"metric": "metric", "mode": "max"}
+    doc = {k: v for k, v in doc.items() if k not in bad}
+    doc.update({k: placeholders[k] for k in bad if k in placeholders})
     try:
         spec = SpaceFile.model_validate(doc)
-    except ValidationError as exc:
-        # Report these, then go on with the rest of the file (placeholders for
-        # the bad top-level keys) so that every problem is listed at once.
-        problems += format_validation_error(exc, src, SpaceFile).splitlines()[1:]
-        bad = {str(err["loc"][0]) for err in exc.errors() if err["loc"]}
-        if "base" in bad or "parameters" in bad:
-            raise ConfigError("\n".join([f"{src}: invalid search space:", *problems])) from None
-        placeholders = {"metric": "metric", "mode": "max"}
-        doc = {k: v for k, v in doc.items() if k not in bad}
-        doc.update({k: placeholders[k] for k in bad if k in placeholders})
-        try:
-            spec = SpaceFile.model_validate(doc)
-        except ValidationError:
-            raise ConfigError("\n".join([f"{src}: invalid search space:", *problems])) from None
-    # scheduler / searcher settings that do not apply to the chosen type
+    except ValidationError:
+        raise ConfigError("\n".join([f"{src}: invalid search space:", *problems])) from None
+    return spec, doc, problems
+
+
+def _settings_problems(spec: SpaceFile, doc: dict[str, Any]) -> list[str]:
+    """Step 2: scheduler / searcher settings that do not apply to the chosen type."""
+    problems = []
     for section, settings, allowed_by_type in (("scheduler", doc.get("scheduler"), SCHEDULER_SETTINGS), ("searcher", doc.get("searcher"), SEARCHER_SETTINGS)):
         if isinstance(settings, dict):
             kind = getattr(spec, section).type
             extra = sorted(set(settings) - {"type"} - set(allowed_by_type[kind]))
             if extra:
                 problems.append(f"  {section}: {', '.join(extra)} do(es) not apply to {section} type {kind!r}; it takes: {', '.join(allowed_by_type[kind]) or 'no settings'}")
+    return problems
 
-    # the base recipe, with resources, fixed and command-line overrides
-    base = resolve_base(src, path.parent, spec.base, spec.resources, spec.fixed, recipe_overrides, base_raw)
-    base_file, raw, fixed, base_recipe = base.file, base.raw, base.fixed, base.recipe
-    problems += base.problems
 
-    # parameters
+def _when_problems(label: str, param: Param, earlier: set[str], later: set[str]) -> list[str]:
+    """The names a parameter's ``when:`` reads must be earlier parameters or recipe fields."""
+    problems = []
+    for name in param.when_names:
+        if name == param.path:
+            problems.append(f"{label}: when: {param.when!r} refers to the parameter itself")
+        elif name in later:
+            problems.append(f"{label}: when: {param.when!r} refers to {name}, which is defined after it; parameters are sampled in file order, move {name} above")
+        elif name not in earlier:
+            try:
+                field_at(name)
+            except ConfigError as exc:
+                problems.append(f"{label}: when: {param.when!r}: {name!r} is neither an earlier parameter nor a recipe field ({exc})")
+    return problems
+
+
+def _parse_parameters(spec: SpaceFile, fixed: dict[str, Any]) -> tuple[list[Param], list[str]]:
+    """Step 4: each ``parameters:`` entry as a :class:`Param`, checked against its recipe field; with the problems."""
     params: list[Param] = []
+    problems: list[str] = []
     if not spec.parameters:
         problems.append("  parameters: empty; give at least one dotted recipe path with a distribution")
     for dotted, pspec in spec.parameters.items():
@@ -930,20 +389,17 @@ def load_space(path: str | Path, overrides: list[str] | None = None, base_raw: d
             problems.append(f"{label}: {problem}")
         earlier = {p.path for p in params}
         later = set(spec.parameters) - earlier - {dotted}
-        for name in param.when_names:
-            if name == dotted:
-                problems.append(f"{label}: when: {param.when!r} refers to the parameter itself")
-            elif name in later:
-                problems.append(f"{label}: when: {param.when!r} refers to {name}, which is defined after it; parameters are sampled in file order, move {name} above")
-            elif name not in earlier:
-                try:
-                    field_at(name)
-                except ConfigError as exc:
-                    problems.append(f"{label}: when: {param.when!r}: {name!r} is neither an earlier parameter nor a recipe field ({exc})")
+        problems += _when_problems(label, param, earlier, later)
         params.append(param)
+    return params, problems
+
+
+def _searcher_problems(spec: SpaceFile, params: list[Param], base_recipe: Recipe | None) -> list[str]:
+    """Step 5: what the searcher and the scheduler need (cmaes installed, a finite grid, a grace period within the fidelity)."""
+    problems = []
     if spec.searcher.type == "cmaes":
         try:
-            import cmaes  # noqa: F401
+            import cmaes  # noqa: F401  # optional package: only checked for, when the cmaes searcher is asked for
         except ImportError:
             problems.append("  searcher.type: cmaes needs the `cmaes` package (pip install cmaes); or use tpe or random")
     if spec.searcher.type == "grid":
@@ -952,15 +408,68 @@ def load_space(path: str | Path, overrides: list[str] | None = None, base_raw: d
                 problems.append(f"  parameters.{p.path}: the grid searcher needs a finite set of values; use categorical, int, or uniform with step")
     if base_recipe is not None and spec.scheduler.grace_period is not None and spec.scheduler.grace_period > base_recipe.train.max_steps:
         problems.append(f"  scheduler.grace_period: {spec.scheduler.grace_period} is beyond train.max_steps = {base_recipe.train.max_steps}")
+    return problems
+
+
+def _corner_problems(space: SearchSpace) -> list[str]:
+    """Step 7: the corners of the space (:meth:`SearchSpace.corner_values`) must give valid recipes that report the metric."""
+    try:
+        corners = space.corner_values()
+    except WhenError as exc:
+        raise ConfigError(f"{space.file}: invalid search space:\n  when: {exc}") from None
+    problems: list[str] = []
+    for values in corners:
+        try:
+            recipe = validate_recipe(space.resolve(values), "corner")
+            check_objectives(recipe)
+        except ConfigError as exc:
+            lines = [line.strip() for line in str(exc).splitlines()]
+            detail = "; ".join(lines[1:]) if len(lines) > 1 and lines[0].endswith("invalid configuration:") else "; ".join(lines)
+            problems.append(f"  corner {values}: {detail}")
+            continue
+        problem = metric_problem(space.metric, recipe)
+        if problem:
+            problems.append(f"  corner {values}: metric {space.metric!r}: {problem}")
+    return problems
+
+
+def load_space(path: str | Path, overrides: list[str] | None = None, base_raw: dict[str, Any] | None = None) -> SearchSpace:
+    """Read, check and resolve a search-space file.
+
+    ``overrides``: ``key=value`` texts; keys starting with one of
+    :data:`SPACE_OVERRIDE_KEYS` change the space (``num_samples=3``,
+    ``scheduler.grace_period=10``), any other is a recipe field applied on top
+    of ``fixed``. ``base_raw``: an already resolved base recipe (used on
+    resume, from the copy saved in the experiment directory) instead of the
+    file's ``base:``.
+
+    The steps: read the file against its schema, check the scheduler/searcher
+    settings, resolve the base recipe (:func:`resolve_base`), parse the
+    parameters, check what the searcher needs, build the
+    :class:`SearchSpace`, check its corners. All problems of the first five
+    steps are reported together, then those of the corners.
+    """
+    path = Path(path)
+    src = str(path)
+    space_overrides, recipe_overrides = split_overrides(overrides, SPACE_OVERRIDE_KEYS)
+    spec, doc, problems = _read_space_file(path, space_overrides)
+    problems += _settings_problems(spec, doc)
+    # Step 3: the base recipe, with resources, fixed and command-line overrides
+    base = resolve_base(src, path.parent, spec.base, spec.resources, spec.fixed, recipe_overrides, base_raw)
+    problems += base.problems
+    params, param_problems = _parse_parameters(spec, base.fixed)
+    problems += param_problems
+    problems += _searcher_problems(spec, params, base.recipe)
     if problems:
         raise ConfigError("\n".join([f"{src}: invalid search space:", *problems]))
 
+    # Step 6: the space
     space = SearchSpace(
         file=src,
         name=spec.name or path.stem,
         description=spec.description,
-        base_file=base_file,
-        base_raw=raw,
+        base_file=base.file,
+        base_raw=base.raw,
         metric=spec.metric,
         mode=spec.mode,
         num_samples=spec.num_samples,
@@ -976,24 +485,7 @@ def load_space(path: str | Path, overrides: list[str] | None = None, base_raw: d
     if spec.searcher.type == "grid" and "num_samples" not in doc:
         space.num_samples = space.grid_size()
 
-    # corners of the space must give valid recipes
-    corner_problems: list[str] = []
-    try:
-        corners = space.corner_values()
-    except WhenError as exc:
-        raise ConfigError(f"{src}: invalid search space:\n  when: {exc}") from None
-    for values in corners:
-        try:
-            recipe = validate_recipe(space.resolve(values), "corner")
-            check_objectives(recipe)
-        except ConfigError as exc:
-            lines = [line.strip() for line in str(exc).splitlines()]
-            detail = "; ".join(lines[1:]) if len(lines) > 1 and lines[0].endswith("invalid configuration:") else "; ".join(lines)
-            corner_problems.append(f"  corner {values}: {detail}")
-            continue
-        problem = metric_problem(space.metric, recipe)
-        if problem:
-            corner_problems.append(f"  corner {values}: metric {space.metric!r}: {problem}")
+    corner_problems = _corner_problems(space)
     if corner_problems:
         raise ConfigError("\n".join([f"{src}: invalid search space: these combinations of values give an invalid recipe:", *corner_problems]))
     return space

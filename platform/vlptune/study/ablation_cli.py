@@ -13,7 +13,7 @@ from pathlib import Path
 
 
 def _ablate(args: argparse.Namespace) -> int:
-    from vlptune.study.ablation import collect_study, default_exp_dir, load_study, run_study, write_study_outputs
+    from vlptune.study.ablation import collect_study, default_exp_dir, load_study, run_study, write_study_outputs  # scipy (via study.stats): heavy, only when the command runs
 
     if args.table:
         if args.file or args.resume or args.override:

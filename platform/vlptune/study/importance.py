@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,7 +73,7 @@ class StudyCounts:
 
 def open_study(exp_dir: str | Path):
     """The Optuna study of a search experiment (its storage URL and name are in the experiment's meta)."""
-    import optuna  # heavy dependency kept lazy
+    import optuna  # optuna: heavy, only when a study is opened
 
     try:
         meta = read_meta(exp_dir)
@@ -93,7 +94,7 @@ def open_study(exp_dir: str | Path):
 
 
 def count_trials(study: Any) -> StudyCounts:
-    from optuna.trial import TrialState
+    from optuna.trial import TrialState  # optuna: heavy, only when a study is read
 
     trials = study.get_trials(deepcopy=False)
     by = {s: sum(1 for t in trials if t.state == s) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
@@ -101,11 +102,11 @@ def count_trials(study: Any) -> StudyCounts:
 
 
 def _evaluator(name: str, seed: int, n_trees: int, target_quantile: float):
-    from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvaluator
+    from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvaluator  # optuna: heavy, only when importances are computed
 
     if name == "fanova":
         try:
-            import sklearn  # noqa: F401
+            import sklearn  # noqa: F401  # fANOVA's forest: only checked for when fANOVA is asked for
         except ImportError:  # pragma: no cover - scikit-learn is a dependency
             raise ImportanceError("fANOVA needs scikit-learn (pip install scikit-learn); or use --evaluator ped-anova") from None
         return FanovaImportanceEvaluator(n_trees=n_trees, seed=seed)
@@ -126,10 +127,8 @@ def compute(
     source: str = "study",
 ) -> Importance:
     """Importances of one evaluator over the study's completed trials."""
-    import math
-
-    import optuna
-    from optuna.trial import TrialState
+    import optuna  # optuna: heavy, only when importances are computed
+    from optuna.trial import TrialState  # optuna: as above
 
     if min_trials < MIN_TRIALS_FLOOR:
         raise ImportanceError(f"--min-trials: expected at least {MIN_TRIALS_FLOOR} (below that both evaluators return equal importances), got {min_trials}")
@@ -229,7 +228,7 @@ def format_csv(results: list[Importance]) -> str:
 
 def write_outputs(exp_dir: str | Path, results: list[Importance], metric: str | None = None) -> list[Path]:
     """importance.md, importance.csv and TensorBoard text (run ``tb/importance``) in the experiment directory."""
-    from torch.utils.tensorboard import SummaryWriter  # heavy dependency kept lazy
+    from torch.utils.tensorboard import SummaryWriter  # torch, tensorboard: heavy, only when the outputs are written
 
     exp_dir = Path(exp_dir)
     text = format_markdown(results, metric)

@@ -323,7 +323,7 @@ def promotion_study(
     """An ablation ``StudySpec``: the target recipe as base, one variant per promoted trial
     (its mapped overrides, the same that its promoted file holds), ``seeds`` seeds each,
     the best light trial as the baseline."""
-    from vlptune.study.ablation import study_from_dict
+    from vlptune.study.ablation import study_from_dict  # scipy (via study.stats): heavy, only when a study runs or is read
 
     if seeds < 1:
         raise PromotionError(f"--seeds: expected at least 1, got {seeds}")
@@ -391,7 +391,7 @@ def run_promotion(
     directory when the run ends, however it ends (an interrupted run resumed with
     ``vlptune ablate --resume`` keeps it), so ``vlptune promote --report`` can pair it.
     """
-    from vlptune.study.ablation import default_exp_dir, run_study
+    from vlptune.study.ablation import default_exp_dir, run_study  # scipy (via study.stats): heavy, only when a study runs or is read
 
     exp_dir = Path(exp_dir).resolve() if exp_dir is not None else default_exp_dir(spec, storage, name)
     run = {"seeds": spec.seeds, "fixed": dict(spec.fixed), "study": spec.name, "address": address, "exp_dir": str(exp_dir)}

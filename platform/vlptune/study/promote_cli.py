@@ -13,6 +13,12 @@ import argparse
 import sys
 from typing import Any, Callable
 
+from vlptune.config import parse_override
+from vlptune.search.layout import read_meta
+from vlptune.study import importance as imp
+from vlptune.study import promote as pr
+from vlptune.study import promote_report as rep
+
 DEFAULT_TOP_K = 3
 DEFAULT_SEEDS = 1
 DEFAULT_MAX_CONCURRENT = 2
@@ -37,8 +43,6 @@ def ranged(kind: Callable[[str], Any], low: float | None = None, high: float | N
 
 
 def _fixed(texts: list[str]) -> dict[str, Any]:
-    from vlptune.config import parse_override
-
     out: dict[str, Any] = {}
     for text in texts:
         parts, value = parse_override(text)
@@ -47,9 +51,6 @@ def _fixed(texts: list[str]) -> dict[str, Any]:
 
 
 def _promote(args: argparse.Namespace) -> int:
-    from vlptune.study import promote as pr
-    from vlptune.study import promote_report as rep
-
     if args.report:
         if args.exp_dir or args.run or args.to:
             print("error: --report PROMOTED_EXP reads a promoted run; give no EXP_DIR, --to or --run with it", file=sys.stderr)
@@ -75,7 +76,7 @@ def _promote(args: argparse.Namespace) -> int:
     spec = pr.promotion_study(promotion, seeds=args.seeds, fixed=fixed, resources=resources, max_concurrent=args.max_concurrent, name=args.name)
     print(spec.describe())
     print(pr.run_note(promotion, fixed))
-    from vlptune.study.ablation import default_exp_dir
+    from vlptune.study.ablation import default_exp_dir  # scipy (via study.stats): heavy, only when a study runs or is read
 
     exp_dir = default_exp_dir(spec, args.storage, args.name)
     print(f"experiment directory: {exp_dir}", flush=True)
@@ -88,9 +89,6 @@ def _promote(args: argparse.Namespace) -> int:
 
 
 def _importance(args: argparse.Namespace) -> int:
-    from vlptune.search.layout import read_meta
-    from vlptune.study import importance as imp
-
     results = imp.importances(
         args.exp_dir, args.evaluator, min_trials=args.min_trials, seed=args.seed, n_trees=args.n_trees, target_quantile=args.target_quantile,
     )
@@ -102,10 +100,6 @@ def _importance(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    from vlptune.study import importance as imp
-    from vlptune.study import promote as pr
-    from vlptune.study import promote_report as rep
-
     p = sub.add_parser("promote", help="promote the best completed trials of a search onto a full recipe (fidelity map, provenance), run them, report light vs full")
     p.add_argument("exp_dir", nargs="?", help="search experiment directory (printed by `vlptune search`)")
     p.add_argument("--top-k", type=ranged(int, 1, what="a number of trials"), default=DEFAULT_TOP_K, help=f"promote the best K trials that completed the final fidelity (default {DEFAULT_TOP_K}, at least 1)")

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
-from vlptune.io import finite
+from vlptune.io import atomic_write_text, finite
+from vlptune.study.promote import read_promotion_record
 
 DEFAULT_MIN_CORRELATION = 0.0  # Spearman's rho at or below this: the light ranking did not predict the full one
 MIN_CONFIGS_FOR_CORRELATION = 2  # pairs below which a rank correlation is undefined
@@ -82,7 +84,7 @@ def rank_report(
     min_correlation: float = DEFAULT_MIN_CORRELATION,
 ) -> RankReport:
     """Compare light and full values of the same configs (same order in the three sequences)."""
-    from scipy import stats
+    from scipy import stats  # scipy: heavy, only when a report is computed
 
     if mode not in ("max", "min"):
         raise ValueError(f"mode: expected 'max' or 'min', got {mode!r}")
@@ -174,8 +176,7 @@ def full_means(study_results: Any, metric: str, names: Sequence[str]) -> dict[st
 
 def collect_report(promoted_exp: Any, *, min_correlation: float = DEFAULT_MIN_CORRELATION) -> tuple[RankReport, Any]:
     """Pair light and full results of a promoted run's experiment directory."""
-    from vlptune.study.ablation import collect_study
-    from vlptune.study.promote import read_promotion_record
+    from vlptune.study.ablation import collect_study  # scipy (via study.stats): heavy, only when a study runs or is read
 
     promotion, _ = read_promotion_record(promoted_exp)
     study_results = collect_study(promoted_exp)
@@ -200,10 +201,6 @@ def report_header(promotion: Any, promoted_exp: Any) -> str:
 
 def write_report(promoted_exp: Any, promotion: Any, report: RankReport) -> Any:
     """``promotion_report.md`` in the promoted run's experiment directory."""
-    from pathlib import Path
-
-    from vlptune.io import atomic_write_text
-
     path = Path(promoted_exp) / REPORT_FILE
     atomic_write_text(path, f"# Promotion report\n\n{report_header(promotion, promoted_exp)}\n\n{format_report(report)}\n")
     return path
