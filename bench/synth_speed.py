@@ -62,45 +62,45 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    print(f"synth speed: {args.images} train images per size, 1 process, "
-          f"python {platform.python_version()}, {os.cpu_count()} CPUs visible")
+    print(f"synth speed: {args.images} train images per size, 1 process, python {platform.python_version()}, {os.cpu_count()} CPUs visible")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        _, warm_wall, warm_cpu = timed(lambda: synth.make_world(
-            tmp / "warmup", train=WARMUP_IMAGES, val=0, image_size=min(args.sizes), seed=1))
+        _, warm_wall, warm_cpu = timed(lambda: synth.make_world(tmp / "warmup", train=WARMUP_IMAGES, val=0, image_size=min(args.sizes), seed=1))
         load = phrases.phrase_extractor().stats()["load_seconds"]
-        print(f"warm-up (imports, spaCy model load {load:.2f} s, first shard): "
-              f"{warm_wall:.2f} s wall, {warm_cpu:.2f} s CPU -- not counted below\n")
+        print(f"warm-up (imports, spaCy model load {load:.2f} s, first shard): {warm_wall:.2f} s wall, {warm_cpu:.2f} s CPU -- not counted below\n")
 
         rows = []
         for size in args.sizes:
             phrases.phrase_extractor().clear()  # a cold cache, as a fresh run has
-            summary, wall, cpu = timed(lambda: synth.make_world(
-                tmp / f"world-{size}", train=args.images, val=0, image_size=size,
-                seed=args.seed))
-            _, ref_wall, ref_cpu = timed(lambda: reference(args.images, size, args.seed))
+            summary, wall, cpu = timed(lambda size=size: synth.make_world(tmp / f"world-{size}", train=args.images, val=0, image_size=size, seed=args.seed))
+            _, ref_wall, ref_cpu = timed(lambda size=size: reference(args.images, size, args.seed))
             cache = summary["phrase_cache"]
             rows.append((size, summary, wall, cpu, ref_wall, ref_cpu, cache))
 
     n = args.images
-    print(f"{'S':>4} {'img/s/core':>11} {'img/s wall':>11} {'spaCy CPU s':>11} {'spaCy %':>8} "
-          f"{'parsed':>7} {'hit rate':>9} {'ref img/s/core':>15} {'full/ref':>9}")
-    for size, summary, wall, cpu, ref_wall, ref_cpu, cache in rows:
+    print(
+        f"{'S':>4} {'img/s/core':>11} {'img/s wall':>11} {'spaCy CPU s':>11} {'spaCy %':>8} "
+        f"{'parsed':>7} {'hit rate':>9} {'ref img/s/core':>15} {'full/ref':>9}"
+    )
+    for size, _summary, wall, cpu, _ref_wall, ref_cpu, cache in rows:
         spacy_cpu = cache["parse_cpu_seconds"]
-        print(f"{size:>4} {n / cpu:>11.0f} {n / wall:>11.0f} {spacy_cpu:>11.2f} "
-              f"{100 * spacy_cpu / cpu:>7.0f}% {cache['misses']:>7} "
-              f"{cache['hit_rate']:>8.0%} {n / ref_cpu:>15.0f} {cpu / ref_cpu:>8.1f}x")
+        print(
+            f"{size:>4} {n / cpu:>11.0f} {n / wall:>11.0f} {spacy_cpu:>11.2f} "
+            f"{100 * spacy_cpu / cpu:>7.0f}% {cache['misses']:>7} "
+            f"{cache['hit_rate']:>8.0%} {n / ref_cpu:>15.0f} {cpu / ref_cpu:>8.1f}x"
+        )
     print("\nCPU seconds per stage:")
     for size, summary, *_ in rows:
         stages = ", ".join(f"{k} {v:.2f}" for k, v in summary["stage_cpu_seconds"].items())
         print(f"  S={size}: {stages}")
-    print("\nimg/s/core: images per CPU-second of the whole make_world run; ref: draw + PNG "
-          "encode only (image and segmentation map) of the same images; full/ref: how much "
-          "the text, records and writing cost on top of the pixels.")
+    print(
+        "\nimg/s/core: images per CPU-second of the whole make_world run; ref: draw + PNG "
+        "encode only (image and segmentation map) of the same images; full/ref: how much "
+        "the text, records and writing cost on top of the pixels."
+    )
     first = rows[0]
     if first[0] == 96 and n / first[3] < TARGET_IMAGES_PER_CORE:
-        print(f"\nbelow the target of {TARGET_IMAGES_PER_CORE} images/s per core at S=96",
-              file=sys.stderr)
+        print(f"\nbelow the target of {TARGET_IMAGES_PER_CORE} images/s per core at S=96", file=sys.stderr)
         return 1
     return 0
 

@@ -160,10 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     batch = synthetic_batch(recipe, batch_images, vocab, gen)
     pairs = batch["text_ids"].shape[0]
     objective_gen = torch.Generator().manual_seed(1)
-    ours = timed(lambda: train_step(pretrainer, pretrainer, optimizers, [batch], device, precision, recipe.optim.grad_clip, objective_gen), args.steps, args.warmup, device)
+    ours = timed(
+        lambda: train_step(pretrainer, pretrainer, optimizers, [batch], device, precision, recipe.optim.grad_clip, objective_gen),
+        args.steps,
+        args.warmup,
+        device,
+    )
     cfg = pretrainer.model.fusion.config
     hidden, heads, ffn = pretrainer.model.hidden_size, cfg.num_attention_heads, cfg.intermediate_size
-    del pretrainer, optimizers
+    pretrainer = optimizers = None  # freed before the reference is built
 
     # reference: plain PyTorch, same shapes
     ref = Reference(recipe, hidden, heads, ffn, vocab).to(device).train()
@@ -183,8 +188,10 @@ def main(argv: list[str] | None = None) -> int:
 
     h, w = image_hw(recipe)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
-    print(f"recipe {recipe.name}: {batch_images} images {h}x{w}, {pairs} pairs, text {recipe.data.max_text_len} tokens, "
-          f"{recipe.model.fusion.layers} layers x {hidden}, precision {precision}, device {name}")
+    print(
+        f"recipe {recipe.name}: {batch_images} images {h}x{w}, {pairs} pairs, text {recipe.data.max_text_len} tokens, "
+        f"{recipe.model.fusion.layers} layers x {hidden}, precision {precision}, device {name}"
+    )
     print(f"{'':<10} {'s/step':>8} {'images/s':>10} {'pairs/s':>10}")
     for label, sec in (("vlptune", ours), ("reference", theirs)):
         print(f"{label:<10} {sec:>8.3f} {batch_images / sec:>10.1f} {pairs / sec:>10.1f}")

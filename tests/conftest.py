@@ -6,8 +6,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-import pytest  # noqa: E402  (after the environment is set)
-import torch  # noqa: E402
+import pytest
+import torch
 
 
 @pytest.fixture

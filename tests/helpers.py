@@ -32,7 +32,17 @@ def small_recipe(name: str, root: Path | str, objectives: dict[str, Any], pool: 
     return validate_recipe(
         {
             "name": name,
-            "data": {"root": str(root), "synthesize": False, "image_size": size, "max_long_side": size * 3 // 2, "itm_positives": 2, "itm_negatives": 1, "batch_images": 4, "max_text_len": 24, **data},
+            "data": {
+                "root": str(root),
+                "synthesize": False,
+                "image_size": size,
+                "max_long_side": size * 3 // 2,
+                "itm_positives": 2,
+                "itm_negatives": 1,
+                "batch_images": 4,
+                "max_text_len": 24,
+                **data,
+            },
             "model": {"backbone": {"width_mult": 0.125, "pool": pool}, "vd": {"size": 32}, "fusion": {"layers": 1}},
             "objectives": objectives,
         },
@@ -133,6 +143,7 @@ def stop_process(proc, timeout_s: float) -> None:
 def build_with_data(recipe: Recipe) -> Pretrainer:
     """``build_pretrainer`` handed the dataset's info, as the training loop builds it (heads sized from the vocabularies)."""
     return build_pretrainer(recipe, prepare_dataset(recipe))
+
 
 # ------------------------------------------------------------------ TensorBoard's HParams data API (moved from vlptune.search.board: only tests use it)
 

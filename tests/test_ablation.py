@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import tiny_loop_fixed
 from scipy import stats as scipy_stats
 
+from helpers import tiny_loop_fixed
 from vlptune.config import ConfigError
 from vlptune.study import stats
 from vlptune.study.ablation import (
@@ -51,7 +51,16 @@ def by_hand(a: list[float], b: list[float], confidence: float = 0.95) -> dict[st
     df = (va / na + vb / nb) ** 2 / ((va / na) ** 2 / (na - 1) + (vb / nb) ** 2 / (nb - 1))
     tq = scipy_stats.t.ppf(1 - (1 - confidence) / 2, df)
     t = (ma - mb) / se
-    return {"diff": ma - mb, "se": se, "df": df, "low": ma - mb - tq * se, "high": ma - mb + tq * se, "t": t, "p": 2 * scipy_stats.t.sf(abs(t), df), "std_a": math.sqrt(va)}
+    return {
+        "diff": ma - mb,
+        "se": se,
+        "df": df,
+        "low": ma - mb - tq * se,
+        "high": ma - mb + tq * se,
+        "t": t,
+        "p": 2 * scipy_stats.t.sf(abs(t), df),
+        "std_a": math.sqrt(va),
+    }
 
 
 def study_doc(**changes) -> dict:

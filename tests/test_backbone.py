@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import ResNetModel
 
-from vlptune.model.backbone import GridProjection, ResNetBackbone, grid_mask_from_pixels, resnet_config
 from vlptune.grid import grid_shape, grid_stride
+from vlptune.model.backbone import GridProjection, ResNetBackbone, grid_mask_from_pixels, resnet_config
 
-TINY = dict(depth=18, width_mult=0.125)
+TINY = {"depth": 18, "width_mult": 0.125}
 
 
 @pytest.fixture(autouse=True)
@@ -133,4 +133,3 @@ def test_hub_name_offline_error_is_clear(monkeypatch):
         ResNetBackbone(depth=18, init="microsoft/resnet-18")
     msg = str(info.value)
     assert "model.backbone.init" in msg and "could not be loaded" in msg and "local directory" in msg
-

@@ -44,7 +44,13 @@ def _trained(seed: int):
 
 
 def test_tree_round_trip_without_pickle():
-    tree = {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(2, 2)}, "groups": [{"betas": (0.9, 0.999), "params": [0, 1]}], "np": np.arange(4), "none": None, 1.5: "x"}
+    tree = {
+        0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(2, 2)},
+        "groups": [{"betas": (0.9, 0.999), "params": [0, 1]}],
+        "np": np.arange(4),
+        "none": None,
+        1.5: "x",
+    }
     tensors: dict[str, torch.Tensor] = {}
     encoded = ckpt.encode_tree(tree, tensors, "s")
     json.dumps(encoded)  # plain JSON

@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 from vlptune import cli
-from vlptune.objectives.base import prepare_dataset
 from vlptune.data.schema import DataError
 from vlptune.errors import EXIT_USER_ERROR, did_you_mean
+from vlptune.objectives.base import prepare_dataset
 from vlptune.search import layout as experiments
 from vlptune.search.layout import META_FILE
 

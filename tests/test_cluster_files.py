@@ -213,9 +213,18 @@ def test_runtime_env_ships_the_package_but_not_data(tmp_path):
     assert Path(env["working_dir"]) == ROOT
     # A small copy of the repository's shape, so the test zips kilobytes, not the checkout.
     repo = tmp_path / "repo"
-    for rel in ("pyproject.toml", "platform/vlptune/__init__.py", "platform/vlptune/data/synth.py", "trials/demo-light.yaml",
-                "data/synth-demo/manifest.json", "runs/demo/sample.png", "results/x.csv", ".venv/bin/python",
-                "platform/vlptune/__pycache__/x.cpython-311.pyc", "data/shard-0.parquet"):
+    for rel in (
+        "pyproject.toml",
+        "platform/vlptune/__init__.py",
+        "platform/vlptune/data/synth.py",
+        "trials/demo-light.yaml",
+        "data/synth-demo/manifest.json",
+        "runs/demo/sample.png",
+        "results/x.csv",
+        ".venv/bin/python",
+        "platform/vlptune/__pycache__/x.cpython-311.pyc",
+        "data/shard-0.parquet",
+    ):
         (repo / rel).parent.mkdir(parents=True, exist_ok=True)
         (repo / rel).write_text("x")
     (repo / "cluster").mkdir()

@@ -19,11 +19,11 @@ from vlptune.data.text import IGNORE_INDEX, MLMMasker, char_to_token_spans, enco
 from vlptune.grid import grid_shape, grid_stride
 
 ROOT = Path(__file__).resolve().parents[1]
-WORLD = dict(train=24, val=8, image_size=64, seed=0, shard_size=10)  # same world as test_dataset
+WORLD = {"train": 24, "val": 8, "image_size": 64, "seed": 0, "shard_size": 10}  # same world as test_dataset
 
 
 def recipe_for(root: Path, **data) -> Recipe:
-    base = dict(root=str(root), image_size=64, max_long_side=128, batch_images=4, synth=WORLD)
+    base = {"root": str(root), "image_size": 64, "max_long_side": 128, "batch_images": 4, "synth": WORLD}
     base.update(data)
     return Recipe(data=base, train={"seed": 3}, model={"backbone": {"pool": 1}})
 
@@ -138,7 +138,7 @@ def test_positives_and_negatives(collate, samples, recipe):
     expected_labels = ([1] * P + [0] * N) * len(samples)
     assert batch["itm_labels"].tolist() == expected_labels
     assert batch["pair_image"].tolist() == [b for b in range(len(samples)) for _ in range(P + N)]
-    for r, (b, label, text) in enumerate(zip(batch["pair_image"].tolist(), batch["itm_labels"].tolist(), batch["captions"])):
+    for _r, (b, label, text) in enumerate(zip(batch["pair_image"].tolist(), batch["itm_labels"].tolist(), batch["captions"])):
         if label == 1:
             assert text in own[b]
         else:
@@ -290,7 +290,7 @@ def test_char_to_token_spans_handles_subwords_and_truncation(tokenizer):
     assert spans[0] == (2, 5)  # the surviving tokens of "bluish-green heart"
     assert spans[1] == (-1, -1)  # truncated away
     full = encode(tokenizer, [text], 40)
-    (s, e), = char_to_token_spans(full.offsets[0], full.special[0].tolist(), [(2, 20)])
+    ((s, e),) = char_to_token_spans(full.offsets[0], full.special[0].tolist(), [(2, 20)])
     assert tokenizer.decode(full.ids[0, s:e]) == "bluish - green heart"
 
 

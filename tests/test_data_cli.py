@@ -27,17 +27,35 @@ def run(argv: list[str]) -> int:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli") / "world"
-    rc = run(["data", "synth", "--out", str(root), "--train", "12", "--val", "6", "--test", "4",
-              "--image-size", "64", "--seed", "1", "--shard-size", "5", "--quiet"])
+    rc = run(
+        ["data", "synth", "--out", str(root), "--train", "12", "--val", "6", "--test", "4", "--image-size", "64", "--seed", "1", "--shard-size", "5", "--quiet"]
+    )
     assert rc == 0
     return root
 
 
 def test_synth_prints_counts_and_speed(tmp_path, capsys):
     out = tmp_path / "w"
-    rc = run(["data", "synth", "--out", str(out), "--train", "5", "--val", "3",
-              "--image-size", "48", "--seed", "2", "--captions-per-image", "3",
-              "--roi-feature-dim", "8"])
+    rc = run(
+        [
+            "data",
+            "synth",
+            "--out",
+            str(out),
+            "--train",
+            "5",
+            "--val",
+            "3",
+            "--image-size",
+            "48",
+            "--seed",
+            "2",
+            "--captions-per-image",
+            "3",
+            "--roi-feature-dim",
+            "8",
+        ]
+    )
     assert rc == 0
     captured = capsys.readouterr()
     text = captured.out

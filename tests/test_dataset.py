@@ -29,11 +29,11 @@ from vlptune.data.transforms import (
     resized_hw,
 )
 
-WORLD = dict(train=24, val=8, image_size=64, seed=0, shard_size=10)
+WORLD = {"train": 24, "val": 8, "image_size": 64, "seed": 0, "shard_size": 10}
 
 
 def recipe_for(root: Path, **data) -> Recipe:
-    base = dict(root=str(root), image_size=64, max_long_side=128, batch_images=4, synth=WORLD)
+    base = {"root": str(root), "image_size": 64, "max_long_side": 128, "batch_images": 4, "synth": WORLD}
     base.update(data)
     return Recipe(data=base, train={"seed": 3})
 
@@ -90,7 +90,7 @@ def test_two_ranks_read_disjoint_halves_of_the_split(world, tokenizer):
     # the loaders have the same number of steps
     loaders = [build_loader(recipe, "train", rank=r, world_size=2, tokenizer=tokenizer) for r in range(2)]
     assert len(loaders[0]) == len(loaders[1]) == (WORLD["train"] // 2) // recipe.data.batch_images
-    seen = [set(i for b in loader for i in b["image_ids"]) for loader in loaders]
+    seen = [{i for b in loader for i in b["image_ids"]} for loader in loaders]
     assert not seen[0] & seen[1]
     # five ranks: 24 is not divisible; still equal and disjoint
     five = [ShardDataset(recipe, "train", rank=r, world_size=5, train=True, epoch=2, root=world).image_ids for r in range(5)]
@@ -149,7 +149,7 @@ def test_corrupt_records_are_skipped_and_counted(world, tokenizer, tmp_path, num
 
 def test_split_where_everything_is_corrupt_fails_clearly(world, tokenizer, tmp_path):
     root = tmp_path / "all-bad"
-    write_corrupt_copy(world, root, {i: "image" for i in range(4)}, n=4)
+    write_corrupt_copy(world, root, dict.fromkeys(range(4), "image"), n=4)
     recipe = recipe_for(root, synthesize=False)
     ds = ShardDataset(recipe, "train", root=root)
     marker = ds[0]

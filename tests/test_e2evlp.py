@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_recipe
 
+from helpers import tiny_recipe
 from vlptune.config import ConfigError, validate_recipe
 from vlptune.model.decoder import (
     DecoderSpec,
@@ -368,7 +368,9 @@ def test_caption_command_on_a_trained_checkpoint(tmp_path, capsys):
     assert {"mention_accuracy", "reference_mention_accuracy", "shuffled_mention_accuracy"} <= set(report.metrics)
     assert report.metrics["reference_mention_accuracy"] >= 0.5
     assert "mention_accuracy" in format_report(report)
-    args = argparse.Namespace(checkpoint=result["checkpoint"], beam=1, split="val", limit=2, max_len=5, length_penalty=1.0, device="cpu", show=1, out=str(tmp_path / "caps.jsonl"))
+    args = argparse.Namespace(
+        checkpoint=result["checkpoint"], beam=1, split="val", limit=2, max_len=5, length_penalty=1.0, device="cpu", show=1, out=str(tmp_path / "caps.jsonl")
+    )
     assert run_caption(args) == 0
     assert len((tmp_path / "caps.jsonl").read_text().splitlines()) == 2
     with pytest.raises(ConfigError, match="neither a checkpoint"):
@@ -409,7 +411,7 @@ def test_e2e_vlp_learns_on_the_synthetic_world(tmp_path):
     meter = MetricMeter(pre.metric_names)
     pre.eval()
     with torch.no_grad():
-        for i, batch in enumerate(build_loader(recipe, train=True)):
+        for _i, batch in enumerate(build_loader(recipe, train=True)):
             meter.add(pre(batch, torch.Generator().manual_seed(1))[1])
     last = meter.means()
     print({k: round(v, 3) for k, v in first.items()}, {k: round(v, 3) for k, v in last.items()})

@@ -9,8 +9,8 @@ from transformers import BertConfig, BertModel
 
 from vlptune.config import BackboneConfig, FusionConfig, ModelConfig, Recipe, VDConfig
 from vlptune.data.text import minilm_path
-from vlptune.model.fusion import FusionTransformer, sine_table
 from vlptune.grid import grid_shape, grid_stride
+from vlptune.model.fusion import FusionTransformer, sine_table
 from vlptune.model.vlp import VLPModel
 
 
@@ -132,7 +132,6 @@ def test_sine_positions_distinct():
     assert torch.cdist(table, table).add(torch.eye(16) * 10).min() > 0.1
 
 
-
 def test_grid_norm_init_text_copies_the_checkpoint_layernorm_and_matches_the_text_scale():
     unit = FusionTransformer(FusionConfig(init="minilm", layers=1, max_grid=8)).eval()
     text = FusionTransformer(FusionConfig(init="minilm", layers=1, max_grid=8, grid_norm_init="text")).eval()
@@ -150,6 +149,7 @@ def test_grid_norm_init_text_copies_the_checkpoint_layernorm_and_matches_the_tex
     # MiniLM's embedding LayerNorm has weights of mean |w| ~0.6: unit-weight grid tokens start ~2x larger than
     # words (measured 2.3 here, 2.0 on demo-light batches), copied ones near the words' scale (1.4 here, 1.2 there)
     assert unit_ratio > 1.8 and 0.7 < text_ratio < 1.6 and text_ratio < 0.7 * unit_ratio, (unit_ratio, text_ratio)
+
 
 # --------------------------------------------------------------------- VLPModel
 

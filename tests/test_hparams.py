@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import stop_process
 
+from helpers import stop_process
 from vlptune.config import Recipe, recipe_to_dict
 from vlptune.train.tensorboard import (
     FIXED_HPARAMS,
@@ -56,7 +56,7 @@ def test_searched_hparams_come_first_in_their_order_then_the_fixed_ones_they_do_
     selection = select_hparams(tree, plan)
     names = list(selection.values)
     assert names[: len(SEARCHED)] == list(SEARCHED)
-    assert names[len(SEARCHED):] == [n for n in FIXED_HPARAMS if n not in SEARCHED]  # model.vd.size once
+    assert names[len(SEARCHED) :] == [n for n in FIXED_HPARAMS if n not in SEARCHED]  # model.vd.size once
     assert selection.searched == frozenset(SEARCHED) and selection.metric == METRIC
     assert len(names) < len(hparam_values(["data", "model", "optim", "train"], tree))  # not the whole recipe
 
@@ -170,7 +170,9 @@ def board(tmp_path):
     write_run(exp_dir / "tb" / "trial_b", {"model.vd.size": 32, "optim.backbone.lr": 0.002, "data.mlm_prob": 0.25}, 0.4)
     port = _free_port()
     code = "import sys; from vlptune.search.cli import main; sys.exit(main(sys.argv[1:]))"
-    proc = subprocess.Popen([sys.executable, "-c", code, "board", str(exp_dir), "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "board", str(exp_dir), "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO
+    )
     try:
         yield f"http://127.0.0.1:{port}/", proc
     finally:

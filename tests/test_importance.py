@@ -23,7 +23,9 @@ def make_search_dir(root: Path, n_trials: int = N_TRIALS, name: str = "exp", pru
     exp.mkdir(parents=True)
     url = f"sqlite:///{exp / OPTUNA_DB}"
     params = ["model.vd.size", "data.mlm_prob"]
-    (exp / META_FILE).write_text(json.dumps({"metric": "retrieval/rsum", "mode": "max", "parameters": params, "storage_url": url, "study_name": name, "max_fidelity": 40}))
+    (exp / META_FILE).write_text(
+        json.dumps({"metric": "retrieval/rsum", "mode": "max", "parameters": params, "storage_url": url, "study_name": name, "max_fidelity": 40})
+    )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(storage=url, study_name=name, direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
 
@@ -94,7 +96,9 @@ def test_conditional_parameters_are_left_out_of_fanova_only(tmp_path):
     exp = tmp_path / "cond"
     exp.mkdir()
     url = f"sqlite:///{exp / OPTUNA_DB}"
-    (exp / META_FILE).write_text(json.dumps({"metric": "m", "mode": "min", "parameters": ["a", "b"], "storage_url": url, "study_name": "cond", "max_fidelity": 1}))
+    (exp / META_FILE).write_text(
+        json.dumps({"metric": "m", "mode": "min", "parameters": ["a", "b"], "storage_url": url, "study_name": "cond", "max_fidelity": 1})
+    )
     study = optuna.create_study(storage=url, study_name="cond", sampler=optuna.samplers.RandomSampler(seed=1))
 
     def objective(trial: optuna.Trial) -> float:

@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import build_with_data, similarity_world, small_recipe
 
+from helpers import build_with_data, similarity_world, small_recipe
 from vlptune.config import ConfigError
 from vlptune.data.collate import SOHOCollate
 from vlptune.data.dataset import ShardDataset, build_loader, decode_record

@@ -97,7 +97,8 @@ def test_demo_light_learns_mlm_and_mvm_on_cpu(demo_world, tmp_path):
 
 def test_demo_light_itm_learns_matching_and_zero_shot_retrieval(demo_world, tmp_path):
     result = train_demo(
-        demo_world, tmp_path / "itm",
+        demo_world,
+        tmp_path / "itm",
         ["objectives.mlm.weight=0", "objectives.mvm.weight=0", "train.max_steps=300", "train.eval_every=300", "eval.max_images=50"],
     )
     assert result["val/itm_acc"] > ITM_ACC_MIN, result["val/itm_acc"]  # chance: 0.5 (2 positives, 2 negatives per image)
@@ -110,7 +111,8 @@ def test_demo_light_itm_learns_matching_and_zero_shot_retrieval(demo_world, tmp_
 def test_demo_light_itm_alone_passes_80_percent_with_retrieval_several_times_chance(demo_world, tmp_path):
     # measured (about 7 minutes on 2 cores): val ITM 0.81, RSUM 190 vs chance 64, R@1 8 / 6 vs 2 at step 1000
     result = train_demo(
-        demo_world, tmp_path / "itm-long",
+        demo_world,
+        tmp_path / "itm-long",
         ["objectives.mlm.weight=0", "objectives.mvm.weight=0", "train.max_steps=1000", "train.eval_every=500", "eval.max_images=50"],
     )
     assert result["val/itm_acc"] > 0.75, result["val/itm_acc"]

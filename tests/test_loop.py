@@ -7,9 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlptune.config import ConfigError, recipe_to_dict, validate_recipe
+from vlptune.config import ConfigError, ObjectiveConfig, recipe_to_dict, validate_recipe
 from vlptune.objectives.base import Objective, ObjectiveOutput
-from vlptune.config import ObjectiveConfig
 from vlptune.objectives.registry import register
 from vlptune.train.loop import BatchStream, backbone_frozen_at, train_worker
 from vlptune.train.reporting import LocalReporter, Reporter
@@ -71,7 +70,9 @@ def test_local_reporter_is_a_reporter(capsys):
 def test_freeze_schedule_in_steps_and_epochs(world):
     steps = loop_recipe(world, model={"backbone": {"width_mult": 0.0625, "pool": 1, "freeze_for": 3}, "vd": {"size": 16}, "fusion": {"layers": 1}})
     assert [backbone_frozen_at(s, steps, steps_per_epoch=10) for s in range(5)] == [True, True, True, False, False]
-    epochs = loop_recipe(world, model={"backbone": {"width_mult": 0.0625, "pool": 1, "freeze_for": 2, "freeze_unit": "epochs"}, "vd": {"size": 16}, "fusion": {"layers": 1}})
+    epochs = loop_recipe(
+        world, model={"backbone": {"width_mult": 0.0625, "pool": 1, "freeze_for": 2, "freeze_unit": "epochs"}, "vd": {"size": 16}, "fusion": {"layers": 1}}
+    )
     assert backbone_frozen_at(7, epochs, steps_per_epoch=4) and not backbone_frozen_at(8, epochs, steps_per_epoch=4)
     assert not backbone_frozen_at(0, loop_recipe(world), steps_per_epoch=4)
 
@@ -140,10 +141,29 @@ def test_tensorboard_run_has_scalars_hparams_and_vd_picture_in_one_directory(tra
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     for tag in (
-        "train/loss", "train/mlm_loss", "train/mlm_acc", "train/itm_loss", "train/itm_acc", "train/mvm_loss", "train/mvm_acc",
-        "train/grad_norm", "lr/backbone", "lr/transformer", "vd/perplexity", "vd/codes_used", "vd/dead_codes",
-        "throughput/images_per_s", "throughput/pairs_per_s", "val/loss", "val/itm_acc", "val/mlm_acc", "val/mvm_acc",
-        "retrieval/tr_r1", "retrieval/ir_r1", "retrieval/rsum", "retrieval/chance_rsum",
+        "train/loss",
+        "train/mlm_loss",
+        "train/mlm_acc",
+        "train/itm_loss",
+        "train/itm_acc",
+        "train/mvm_loss",
+        "train/mvm_acc",
+        "train/grad_norm",
+        "lr/backbone",
+        "lr/transformer",
+        "vd/perplexity",
+        "vd/codes_used",
+        "vd/dead_codes",
+        "throughput/images_per_s",
+        "throughput/pairs_per_s",
+        "val/loss",
+        "val/itm_acc",
+        "val/mlm_acc",
+        "val/mvm_acc",
+        "retrieval/tr_r1",
+        "retrieval/ir_r1",
+        "retrieval/rsum",
+        "retrieval/chance_rsum",
     ):
         assert tag in tags, tag
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
@@ -163,7 +183,9 @@ def test_tensorboard_run_has_scalars_hparams_and_vd_picture_in_one_directory(tra
 
 
 def test_non_finite_losses_stop_the_run_with_a_reason(world, tmp_path):
-    recipe = loop_recipe(world, objectives={"itm": {"weight": 1.0}, "nan_probe": {"weight": 1.0}}, train={"max_steps": 10, "eval_every": 5, "log_every": 1, "nan_patience": 3})
+    recipe = loop_recipe(
+        world, objectives={"itm": {"weight": 1.0}, "nan_probe": {"weight": 1.0}}, train={"max_steps": 10, "eval_every": 5, "log_every": 1, "nan_patience": 3}
+    )
     reporter = LocalReporter(quiet=True)
     result = train_worker(recipe, reporter, tmp_path / "nan", resume=False)
     assert result["step"] == 3
@@ -203,7 +225,9 @@ def _ddp_worker(rank: int, world_size: int, init_file: str, root: str, out: str,
         result = loop.train_worker(recipe, LocalReporter(quiet=True), out, resume=False)
         checksum = float(sum(p.detach().double().sum() for p in built["module"].parameters()))
         codes = float(built["module"].model.vd.codes.double().sum())
-        Path(result_dir, f"{rank}.json").write_text(json.dumps({"result": {k: v for k, v in result.items() if v is None or isinstance(v, (int, float, str))}, "checksum": checksum, "codes": codes}))
+        Path(result_dir, f"{rank}.json").write_text(
+            json.dumps({"result": {k: v for k, v in result.items() if v is None or isinstance(v, (int, float, str))}, "checksum": checksum, "codes": codes})
+        )
     finally:
         dist.destroy_process_group()
 
@@ -216,9 +240,7 @@ def test_two_workers_with_ddp_stay_in_sync(world, tmp_path):
 
     results = tmp_path / "results"
     results.mkdir()
-    mp.start_processes(
-        _ddp_worker, args=(2, str(tmp_path / "init"), str(world), str(tmp_path / "run"), str(results)), nprocs=2, start_method="spawn"
-    )
+    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "init"), str(world), str(tmp_path / "run"), str(results)), nprocs=2, start_method="spawn")
     rank0, rank1 = (json.loads((results / f"{r}.json").read_text()) for r in (0, 1))
     assert rank0["checksum"] == pytest.approx(rank1["checksum"], rel=1e-9)  # DDP kept the weights identical
     assert rank0["codes"] == pytest.approx(rank1["codes"], rel=1e-9)  # and the VD (all-reduced statistics)

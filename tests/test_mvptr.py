@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
-from helpers import tiny_recipe
 
+from helpers import tiny_recipe
 from vlptune.config import ConfigError, FusionConfig, validate_recipe
 from vlptune.model.fusion import FusionTransformer
 from vlptune.objectives.base import Pretrainer, StepContext, build_pretrainer
@@ -297,7 +296,14 @@ def test_mvptr_learns_on_the_synthetic_world(tmp_path):
     recipe = validate_recipe(
         {
             "name": "mvptr-world",
-            "data": {"root": str(tmp_path / "world"), "synth": {"train": 48, "val": 8, "image_size": 64}, "image_size": 64, "max_long_side": 96, "batch_images": 8, "hflip_prob": 0.0},
+            "data": {
+                "root": str(tmp_path / "world"),
+                "synth": {"train": 48, "val": 8, "image_size": 64},
+                "image_size": 64,
+                "max_long_side": 96,
+                "batch_images": 8,
+                "hflip_prob": 0.0,
+            },
             "model": {"backbone": {"width_mult": 0.0625, "pool": 1}, "vd": {"size": 32}, "fusion": {"layers": 2, "unimodal_layers": 1}},
             "objectives": {"vsc": {"text_pooling": "mean"}, "wpg": {}},
             "optim": {"warmup_steps": 5, "schedule": "constant", "transformer": {"lr": 5e-4}},

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import tiny_recipe as shared_tiny_recipe
 
+from helpers import tiny_recipe as shared_tiny_recipe
 from vlptune.config import ConfigError
 from vlptune.objectives.base import Pretrainer, StepContext, build_objectives, build_pretrainer
 from vlptune.objectives.mlm import IGNORE_INDEX

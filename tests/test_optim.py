@@ -40,7 +40,7 @@ class Toy(nn.Module):
 def test_groups_sides_and_no_decay():
     toy = Toy()
     split = split_parameters(toy, toy.backbone)
-    ids = lambda ps: {id(p) for p in ps}  # noqa: E731
+    ids = lambda ps: {id(p) for p in ps}
     assert ids(split["backbone"]["decay"]) == {id(toy.backbone[2].weight)}
     assert ids(split["backbone"]["no_decay"]) == {id(toy.backbone[1].weight), id(toy.backbone[1].bias), id(toy.backbone[2].bias)}
     assert ids(split["transformer"]["decay"]) == {id(toy.rest[0].weight), id(toy.rest[2].weight)}
@@ -124,7 +124,7 @@ def _capture_grads(opts):
     grads = {}
 
     def step():
-        for side, opt in opts.optimizers.items():
+        for _side, opt in opts.optimizers.items():
             for group in opt.param_groups:
                 for p in group["params"]:
                     if p.grad is not None:

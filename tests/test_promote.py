@@ -100,10 +100,22 @@ def make_experiment(root: Path, name: str = "light-exp") -> Path:
     exp.mkdir(parents=True)
     storage_url = f"sqlite:///{exp / OPTUNA_DB}"
     meta = {
-        "name": name, "space_file": str(exp / "space.yaml"), "base_file": str(exp / "light.yaml"), "overrides": [],
-        "metric": METRIC, "mode": "max", "max_fidelity": MAX_STEPS, "time_attr": "step", "parameters": PARAMS,
-        "storage_url": storage_url, "study_name": name, "scheduler": "asha", "searcher": "tpe", "num_samples": len(TRIALS),
-        "address": None, "created": "2025-01-01T00:00:00",
+        "name": name,
+        "space_file": str(exp / "space.yaml"),
+        "base_file": str(exp / "light.yaml"),
+        "overrides": [],
+        "metric": METRIC,
+        "mode": "max",
+        "max_fidelity": MAX_STEPS,
+        "time_attr": "step",
+        "parameters": PARAMS,
+        "storage_url": storage_url,
+        "study_name": name,
+        "scheduler": "asha",
+        "searcher": "tpe",
+        "num_samples": len(TRIALS),
+        "address": None,
+        "created": "2025-01-01T00:00:00",
     }
     (exp / META_FILE).write_text(json.dumps(meta))
     (exp / BASE_COPY).write_text(yaml.safe_dump(BASE))
@@ -115,14 +127,18 @@ def make_experiment(root: Path, name: str = "light-exp") -> Path:
         last_step, last_value = history[-1]
         study.add_trial(
             optuna.trial.create_trial(
-                params=params, distributions=DISTRIBUTIONS, state=states.get(outcome, TrialState.FAIL),
+                params=params,
+                distributions=DISTRIBUTIONS,
+                state=states.get(outcome, TrialState.FAIL),
                 value=last_value if outcome == "completed" else None,
                 intermediate_values={s: v for s, v in history if math.isfinite(v)},
                 user_attrs={"ray_trial_id": tid, "outcome": outcome, "fidelity": last_step},
             )
         )
         ctx = StorageContext(storage_path=str(exp.parent), experiment_dir_name=exp.name, trial_dir_name=f"vlptune_trial_{tid}")
-        trial = Trial("vlptune_trial", config=params, trial_id=tid, stub=True, storage=ctx, placement_group_factory=PlacementGroupFactory([{"CPU": 0, "memory": 2**20}]))
+        trial = Trial(
+            "vlptune_trial", config=params, trial_id=tid, stub=True, storage=ctx, placement_group_factory=PlacementGroupFactory([{"CPU": 0, "memory": 2**20}])
+        )
         trial.create_placement_group_factory()
         trial.status = tune_status
         trial_dir = Path(trial.storage.trial_fs_path)
@@ -161,7 +177,14 @@ def fmap(tmp_path) -> Path:
 def test_collect_reads_the_fake_experiment(experiment):
     collected = res.collect(experiment)
     status = {r.trial_id: r.status for r in collected.rows}
-    assert status == {"abc_00000": "completed", "abc_00001": "completed", "abc_00002": "completed", "abc_00003": "pruned", "abc_00004": "nan", "abc_00005": "error"}
+    assert status == {
+        "abc_00000": "completed",
+        "abc_00001": "completed",
+        "abc_00002": "completed",
+        "abc_00003": "pruned",
+        "abc_00004": "nan",
+        "abc_00005": "error",
+    }
 
 
 def test_selection_takes_only_trials_that_completed_the_final_fidelity(experiment):
@@ -169,7 +192,7 @@ def test_selection_takes_only_trials_that_completed_the_final_fidelity(experimen
     sel = pr.select_trials(collected, top_k=2)
     assert [r.trial_id for r in sel.picked] == ["abc_00000", "abc_00001"]
     assert sel.eligible == 3
-    reasons = dict((r.trial_id, why) for r, why in sel.skipped)
+    reasons = {r.trial_id: why for r, why in sel.skipped}
     assert set(reasons) == {"abc_00003", "abc_00004", "abc_00005"}
     assert "stopped early" in reasons["abc_00003"] and "step 20" in reasons["abc_00003"]
     # asking for more than completed gives the completed ones, never the pruned one with the best value
@@ -207,7 +230,13 @@ def test_promote_writes_mapped_recipes_with_provenance(experiment, target, fmap,
     path = out / experiment.name / "abc_00000.yaml"
     assert Path(first.file) == path.resolve() and path.is_file()
     # hand-computed: lr_sqrt 1e-4 * sqrt(32/8) = 2e-4; lr_linear 1e-2 * 32/8 = 4e-2; steps 5 * 400/40 = 50
-    assert first.overrides == {"model.vd.size": 32, "objectives.mvm.weight": 1.5, "optim.transformer.lr": pytest.approx(2e-4), "optim.backbone.lr": pytest.approx(4e-2), "optim.warmup_steps": 50}
+    assert first.overrides == {
+        "model.vd.size": 32,
+        "objectives.mvm.weight": 1.5,
+        "optim.transformer.lr": pytest.approx(2e-4),
+        "optim.backbone.lr": pytest.approx(4e-2),
+        "optim.warmup_steps": 50,
+    }
     recipe = load_recipe(path)
     assert recipe.model.vd.size == 32
     assert recipe.objectives["mvm"].weight == 1.5
@@ -369,14 +398,14 @@ def test_rank_report_two_configs_is_only_a_sign_and_missing_full_is_left_out():
 # ------------------------------------------------------------------ --run, end to end (Ray)
 
 STANDIN = textwrap.dedent(
-    '''
+    """
     def worker(recipe, reporter, out_dir, resume=True):
         # the full metric falls with the MVM weight: the reverse of the light order
         value = 100.0 - 10.0 * recipe.objectives["mvm"].weight + recipe.train.seed
         for step in range(recipe.train.eval_every, recipe.train.max_steps + 1, recipe.train.eval_every):
             reporter.report({"step": step, "retrieval/rsum": value}, None)
         return {"step": recipe.train.max_steps, "stop_reason": "max_steps"}
-    '''
+    """
 )
 
 
@@ -398,7 +427,9 @@ def test_run_and_report_end_to_end(experiment, target, fmap, tmp_path):
     ray.cloudpickle.register_pickle_by_value(module)
 
     promotion = pr.promote(experiment, top_k=3, target=target, fidelity_map=fmap, promoted_dir=tmp_path / "p")
-    spec = pr.promotion_study(promotion, seeds=2, fixed={"train.max_steps": 4, "train.eval_every": 2}, resources={"workers": 1, "cpus_per_worker": 1}, max_concurrent=2)
+    spec = pr.promotion_study(
+        promotion, seeds=2, fixed={"train.max_steps": 4, "train.eval_every": 2}, resources={"workers": 1, "cpus_per_worker": 1}, max_concurrent=2
+    )
     exp_dir = pr.run_promotion(promotion, spec, exp_dir=tmp_path / "run", worker_fn=module.worker, verbose=0)
     again, run = pr.read_promotion_record(exp_dir)
     assert again == promotion and run["seeds"] == 2 and run["fixed"] == {"train.max_steps": 4, "train.eval_every": 2}

@@ -152,7 +152,7 @@ def test_ray_reporter_confirms_only_a_copy_ray_has_recorded(tmp_path, monkeypatc
 # step 3, when Ray's copy of step 2 is the only one); each attempt records the step it starts from
 # and its local checkpoints: what _materialize_ray_checkpoint put into the run directory.
 CRASHING = textwrap.dedent(
-    '''
+    """
     import json, os
     from pathlib import Path
 
@@ -185,15 +185,15 @@ CRASHING = textwrap.dedent(
         with open(out / "attempts.jsonl", "a") as f:
             f.write(json.dumps({"start": start, "local": local}) + "\\n")
         return train_worker(recipe, Crashing(reporter, out), out_dir, resume)
-    '''
+    """
 )
 
 
 @pytest.mark.slow  # one trial of the real loop, started twice: ~1-2 min on a shared 2-core machine
 def test_a_worker_restarts_from_rays_copy_after_the_local_one_was_dropped(tmp_path):
     import yaml
-    from helpers import import_by_value, tiny_loop_fixed
 
+    from helpers import import_by_value, tiny_loop_fixed
     from vlptune.search.runner import run_search
 
     repo = Path(__file__).resolve().parents[1]

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from helpers import hparams_experiment, hparams_sessions, import_by_value, stop_process, tiny_loop_fixed
 from helpers import standin_space as make_standin_space
-
 from vlptune.train.tensorboard import FIXED_HPARAMS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -203,7 +203,10 @@ def test_board_serves_every_trial_in_hparams(tiny_experiment):
     code = "import sys; from vlptune.search.cli import main; sys.exit(main(sys.argv[1:]))"
     proc = subprocess.Popen(
         [sys.executable, "-c", code, "board", str(exp_dir), "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
     )
     try:
         line = ""
@@ -275,7 +278,7 @@ def test_search_refuses_an_existing_experiment_and_bad_resume(tiny_experiment, t
 # compute, and is steered by a control file in the recipe's data.root:
 #   {"sleep": s per step, "crash_at": step (first attempt only), "nan_at": step}
 STANDIN = textwrap.dedent(
-    '''
+    """
     import json, os, time
     from pathlib import Path
 
@@ -317,7 +320,7 @@ STANDIN = textwrap.dedent(
                     written = str(ck)
                 reporter.report({"step": step, "retrieval/rsum": w * step, "world": float(t.item())}, written)
         return {"step": recipe.train.max_steps, "stop_reason": "max_steps"}
-    '''
+    """
 )
 
 
@@ -380,7 +383,7 @@ def test_early_stopped_trials_reach_optuna_as_pruned(tmp_path):
     assert pruned, "ASHA stopped no trial"
     for row in collected.rows:
         t = studied[row.trial_id]
-        reported = {step: v for step, v in row.history}
+        reported = dict(row.history)
         if row.fidelity < 40:
             assert t.state.name == "PRUNED" and row.status == "pruned"
             # every value the trial reported, the stopping one included, never a COMPLETE
@@ -530,7 +533,7 @@ def test_resume_after_the_driver_is_killed(tmp_path):
                 continue
             try:
                 trials = optuna_trials(exp_dir)
-            except Exception:  # noqa: BLE001 - the study may not exist yet
+            except Exception:
                 continue
             done = [t for t in trials.values() if t.state.name == "COMPLETE"]
             running = [t for t in trials.values() if t.state.name == "RUNNING" and t.intermediate_values]

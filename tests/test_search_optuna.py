@@ -28,20 +28,28 @@ def make_space(tmp_path: Path, extra: str = "", params: str | None = None):
             """
         )
     )
-    params = params or """
+    params = (
+        params
+        or """
           model.vd.size: {categorical: [0, 32, 64]}
           objectives.mvm.weight: {uniform: [0.5, 1.5], when: model.vd.size > 0, else: 0.0}
           data.mlm_prob: {uniform: [0.1, 0.3], step: 0.05}
           optim.transformer.lr: {loguniform: [1.0e-5, 1.0e-3]}
         """
-    text = textwrap.dedent(
-        f"""
+    )
+    text = (
+        textwrap.dedent(
+            f"""
         base: base.yaml
         metric: {METRIC}
         mode: max
         num_samples: 6
         """
-    ) + textwrap.dedent(extra) + "parameters:" + textwrap.indent(textwrap.dedent(params), "  ")
+        )
+        + textwrap.dedent(extra)
+        + "parameters:"
+        + textwrap.indent(textwrap.dedent(params), "  ")
+    )
     (tmp_path / "space.yaml").write_text(text)
     return load_space(tmp_path / "space.yaml")
 

@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import import_by_value, standin_space
 
-from vlptune.search.location import DirUploader, Location, join_uri, mirror_key, uri_parent
+from helpers import import_by_value, standin_space
 from vlptune.cluster.session import cluster_address
 from vlptune.search.layout import SearchError
+from vlptune.search.location import DirUploader, Location, join_uri, mirror_key, uri_parent
 from vlptune.search.preflight import check_experiment_storage
 
 MOUNTS = """\
@@ -71,7 +71,7 @@ def test_local_directory_refused_on_two_nodes_shared_mount_accepted(tmp_path):
 
 
 STANDIN = textwrap.dedent(
-    '''
+    """
     import json, time
     from pathlib import Path
 
@@ -95,7 +95,7 @@ STANDIN = textwrap.dedent(
                 (ck / "state.json").write_text(json.dumps({"step": step}))
                 reporter.report({"step": step, "retrieval/rsum": w * step}, str(ck))
         return {"step": recipe.train.max_steps, "stop_reason": "max_steps"}
-    '''
+    """
 )
 
 
@@ -171,7 +171,8 @@ def test_uri_storage_end_to_end_with_results_and_resume(tmp_path, capsys, monkey
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     module, space = standin(
-        tmp_path, {"sleep": 0.0},
+        tmp_path,
+        {"sleep": 0.0},
         "num_samples: 2\nmax_concurrent: 1\nscheduler: {type: fifo}\nsearcher: {type: random, seed: 0}\n"
         "parameters:\n  objectives.mvm.weight: {uniform: [0.5, 1.5]}\n",
     )

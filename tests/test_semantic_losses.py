@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import WORLD_SIZE, build_with_data, similarity_world, small_recipe
 
+from helpers import WORLD_SIZE, build_with_data, similarity_world, small_recipe
 from vlptune.config import ConfigError
+from vlptune.config.objectives import patch_geometry
 from vlptune.data.collate import SEG_IGNORE, SOHOCollate, seg_to_grid
 from vlptune.data.dataset import ShardDataset, build_loader, decode_record
 from vlptune.data.shards import read_manifest, read_shard
 from vlptune.data.synth import make_world
-from vlptune.config.objectives import patch_geometry
 from vlptune.data.text import load_tokenizer
 from vlptune.data.transforms import ImageTransform
 from vlptune.objectives.base import StepContext
@@ -275,7 +275,9 @@ def test_description_aware_flip_carries_segmentation_and_boxes(world, recipe):
     sided = decode_record(dict(plain_row, captions=["a star on the left"]), ImageTransform(flip_data, True), vocab, 8, 0)
     assert not sided["flipped"]
 
-    collate = SOHOCollate(recipe.model_copy(update={"data": recipe.data.model_copy(update={"itm_negatives": 0})}), load_tokenizer("minilm"), manifest=read_manifest(world))
+    collate = SOHOCollate(
+        recipe.model_copy(update={"data": recipe.data.model_copy(update={"itm_negatives": 0})}), load_tokenizer("minilm"), manifest=read_manifest(world)
+    )
     a, b = collate([flipped]), collate([straight])
     assert torch.equal(a["seg"], b["seg"].flip(-1))  # 96 px = 3 whole cells: the grid mirrors exactly
     assert torch.equal(a["obj_masks"], b["obj_masks"].flip(-1))

@@ -50,19 +50,21 @@ def image_record(i: int, split: str = "train") -> dict:
             [{"text": "a circle", "start": 0, "end": 8, "tok_start": 0, "tok_end": 2}],
         ],
         "objects": [
-            {"box": [3.0, 2.0, 9.0, 6.0], "label": 0, "name": "circle", "attributes": [0, 3],
-             "roi_feature": [0.5, -1.0, 0.25, float(i)]},
-            {"box": [0.5, 0.5, 2.5, 2.5], "label": 1, "name": "square", "attributes": [1],
-             "roi_feature": None},
+            {"box": [3.0, 2.0, 9.0, 6.0], "label": 0, "name": "circle", "attributes": [0, 3], "roi_feature": [0.5, -1.0, 0.25, float(i)]},
+            {"box": [0.5, 0.5, 2.5, 2.5], "label": 1, "name": "square", "attributes": [1], "roi_feature": None},
         ],
         "segmentation": shards.encode_png(seg) if i % 2 == 0 else None,
     }
 
 
 def vqa_record(i: int, split: str = "train") -> dict:
-    return {"question_id": f"q{i}", "split": split, "image_id": f"img-{split}-{i}",
-            "question": "what colour is the circle?",
-            "answers": [{"answer": "red", "score": 1.0}, {"answer": "crimson", "score": 0.3}]}
+    return {
+        "question_id": f"q{i}",
+        "split": split,
+        "image_id": f"img-{split}-{i}",
+        "question": "what colour is the circle?",
+        "answers": [{"answer": "red", "score": 1.0}, {"answer": "crimson", "score": 0.3}],
+    }
 
 
 def write_small(out, n_train=7, n_val=3, shard_size=3):
@@ -83,13 +85,11 @@ def test_round_trip_preserves_every_field(tmp_path):
     assert len(got) == 7
     for i, rec in enumerate(got):
         want = image_record(i)
-        for key in ("image_id", "split", "image", "width", "height", "captions", "phrases",
-                    "segmentation"):
+        for key in ("image_id", "split", "image", "width", "height", "captions", "phrases", "segmentation"):
             assert rec[key] == want[key], key
         for o_got, o_want in zip(rec["objects"], want["objects"], strict=True):
             assert o_got["box"] == pytest.approx(o_want["box"])
-            assert (o_got["label"], o_got["name"], o_got["attributes"]) == (
-                o_want["label"], o_want["name"], o_want["attributes"])
+            assert (o_got["label"], o_got["name"], o_got["attributes"]) == (o_want["label"], o_want["name"], o_want["attributes"])
             if o_want["roi_feature"] is None:
                 assert o_got["roi_feature"] is None
             else:
@@ -107,8 +107,7 @@ def test_round_trip_preserves_every_field(tmp_path):
 def test_list_shards_in_order_and_unknown_table(tmp_path):
     write_small(tmp_path)
     paths = shards.list_shards(tmp_path, TABLE_IMAGE_TEXT, "train")
-    assert [p.name for p in paths] == ["train-00000.parquet", "train-00001.parquet",
-                                       "train-00002.parquet"]
+    assert [p.name for p in paths] == ["train-00000.parquet", "train-00001.parquet", "train-00002.parquet"]
     assert all(p.is_file() for p in paths)
     assert shards.list_shards(tmp_path, TABLE_IMAGE_TEXT, "test") == []
     assert shards.read_table(tmp_path, TABLE_VQA, "val").num_rows == 0
@@ -124,8 +123,7 @@ def test_wrong_schema_refused_naming_file_and_field(tmp_path):
     write_small(tmp_path)
     path = shards.list_shards(tmp_path, TABLE_IMAGE_TEXT, "train")[1]
     good = shards.read_shard(path, TABLE_IMAGE_TEXT)
-    bad = good.set_column(good.schema.get_field_index("width"), "width",
-                          pa.array([str(v) for v in good.column("width").to_pylist()]))
+    bad = good.set_column(good.schema.get_field_index("width"), "width", pa.array([str(v) for v in good.column("width").to_pylist()]))
     replace_shard_with(path, bad)
     with pytest.raises(DataError) as err:
         shards.read_table(tmp_path, TABLE_IMAGE_TEXT, "train")
@@ -137,17 +135,19 @@ def test_wrong_schema_refused_naming_file_and_field(tmp_path):
 def test_nested_field_mismatch_and_missing_column_named(tmp_path):
     path = tmp_path / "x.parquet"
     records = [image_record(0)]
-    objects_type = pa.list_(pa.struct([
-        pa.field("box", pa.list_(pa.float64())),  # variable-length doubles, not 4 x float32
-        pa.field("label", pa.int32()), pa.field("name", pa.string()),
-        pa.field("attributes", pa.list_(pa.int32())),
-        pa.field("roi_feature", pa.list_(pa.float32())),
-    ]))
-    fields = [f if f.name != "objects" else pa.field("objects", objects_type)
-              for f in IMAGE_TEXT_SCHEMA if f.name != "segmentation"]
-    table = pa.Table.from_pylist(
-        [{k: v for k, v in r.items() if k != "segmentation"} for r in records],
-        schema=pa.schema(fields))
+    objects_type = pa.list_(
+        pa.struct(
+            [
+                pa.field("box", pa.list_(pa.float64())),  # variable-length doubles, not 4 x float32
+                pa.field("label", pa.int32()),
+                pa.field("name", pa.string()),
+                pa.field("attributes", pa.list_(pa.int32())),
+                pa.field("roi_feature", pa.list_(pa.float32())),
+            ]
+        )
+    )
+    fields = [f if f.name != "objects" else pa.field("objects", objects_type) for f in IMAGE_TEXT_SCHEMA if f.name != "segmentation"]
+    table = pa.Table.from_pylist([{k: v for k, v in r.items() if k != "segmentation"} for r in records], schema=pa.schema(fields))
     pq.write_table(table, path)
     with pytest.raises(DataError) as err:
         shards.read_shard(path, TABLE_IMAGE_TEXT)
@@ -167,9 +167,9 @@ def test_validate_schema_accepts_foreign_list_item_names_and_extra_columns():
     fields.append(pa.field("source", pa.string()))
     validate_schema(TABLE_VQA, pa.schema(fields), "foreign.parquet")  # no error
     with pytest.raises(DataError, match=r"foreign.parquet.*answers\[\]\.score: missing struct field"):
-        broken = pa.schema([f if f.name != "answers" else pa.field(
-            "answers", pa.list_(pa.struct([pa.field("answer", pa.string())])))
-            for f in SCHEMAS[TABLE_VQA]])
+        broken = pa.schema(
+            [f if f.name != "answers" else pa.field("answers", pa.list_(pa.struct([pa.field("answer", pa.string())]))) for f in SCHEMAS[TABLE_VQA]]
+        )
         validate_schema(TABLE_VQA, broken, "foreign.parquet")
 
 
@@ -195,8 +195,7 @@ def test_verify_reports_bad_manifest_and_record_count(tmp_path):
     manifest["counts"]["image_text"]["train"] = 8
     shards.write_manifest(tmp_path, manifest)
     problems = shards.verify(tmp_path)
-    assert problems == [f"{tmp_path / 'manifest.json'}: counts.image_text.train is 8, "
-                        "its shards list 7 records"]
+    assert problems == [f"{tmp_path / 'manifest.json'}: counts.image_text.train is 8, its shards list 7 records"]
 
 
 def test_atomic_writes_leave_no_tmp_and_failures_no_partial_files(tmp_path):

@@ -140,8 +140,15 @@ def test_jobs_table_lists_newest_first():
     from ray.job_submission import JobStatus
 
     def job(i, status, start, end):
-        return SimpleNamespace(submission_id=f"raysubmit_{i}", job_id=None, status=status, start_time=start, end_time=end,
-                               entrypoint=f"python -m vlptune.cli x{i}", metadata={"vlptune_command": f"vlptune search s{i}.yaml"})
+        return SimpleNamespace(
+            submission_id=f"raysubmit_{i}",
+            job_id=None,
+            status=status,
+            start_time=start,
+            end_time=end,
+            entrypoint=f"python -m vlptune.cli x{i}",
+            metadata={"vlptune_command": f"vlptune search s{i}.yaml"},
+        )
 
     text = format_jobs([job(1, JobStatus.SUCCEEDED, 1_000_000, 1_065_000), job(2, JobStatus.FAILED, 2_000_000, 2_003_000)])
     lines = text.splitlines()
@@ -279,18 +286,34 @@ class LoopbackHead:
     def start(self, timeout_s: float = 180.0) -> None:
         import requests
 
-        ports = {name: _free_port() for name in ("node-manager-port", "object-manager-port", "dashboard-agent-grpc-port",
-                                                  "dashboard-agent-listen-port", "metrics-export-port",
-                                                  "runtime-env-agent-port", "ray-client-server-port")}
+        ports = {
+            name: _free_port()
+            for name in (
+                "node-manager-port",
+                "object-manager-port",
+                "dashboard-agent-grpc-port",
+                "dashboard-agent-listen-port",
+                "metrics-export-port",
+                "runtime-env-agent-port",
+                "ray-client-server-port",
+            )
+        }
         cmd = [
-            str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--disable-usage-stats",
-            "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-            f"--port={self.gcs_port}", f"--dashboard-port={self.dashboard_port}",
-            f"--temp-dir={self.temp_dir}", "--num-cpus=2", "--num-gpus=0",
+            str(Path(sys.executable).parent / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--disable-usage-stats",
+            "--node-ip-address=127.0.0.1",
+            "--dashboard-host=127.0.0.1",
+            f"--port={self.gcs_port}",
+            f"--dashboard-port={self.dashboard_port}",
+            f"--temp-dir={self.temp_dir}",
+            "--num-cpus=2",
+            "--num-gpus=0",
             *(f"--{name}={port}" for name, port in ports.items()),
         ]
-        self.proc = subprocess.Popen(cmd, env=self.env(), stdout=self.log.open("w"), stderr=subprocess.STDOUT,
-                                     start_new_session=True, cwd=self.temp_dir)
+        self.proc = subprocess.Popen(cmd, env=self.env(), stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, cwd=self.temp_dir)
         deadline = time.monotonic() + timeout_s
         headers = {"Authorization": f"Bearer {self.token}"}
         while time.monotonic() < deadline:
@@ -444,8 +467,9 @@ def test_unreachable_dashboard_is_explained(monkeypatch, capsys, tmp_path):
 def test_storage_check_probes_every_node_of_the_cluster(client_env, capsys, tmp_path):
     head = client_env
     store = tmp_path / "store"
-    rc = run_cli(["submit", "--address", head.url, "--follow", "--",
-                  "python", "-m", "vlptune.cluster.cli", "storage", "check", str(store), "--address", "auto"])
+    rc = run_cli(
+        ["submit", "--address", head.url, "--follow", "--", "python", "-m", "vlptune.cluster.cli", "storage", "check", str(store), "--address", "auto"]
+    )
     out, err = capsys.readouterr()
     assert rc == 0, (out + err)[-3000:]
     assert f"storage {store}: usable by a search on 1 node(s)" in out
@@ -465,8 +489,20 @@ def _search_command() -> list[str]:
 def test_submit_a_tiny_search_and_find_its_results_in_storage(client_env, capsys, tmp_path):
     head = client_env
     storage, data = tmp_path / "storage", tmp_path / "data"
-    command = [*_search_command(), str(TINY_SEARCH.relative_to(ROOT)), "--address", "auto", "--storage", str(storage),
-               "--name", "tiny-job", "--verbose", "0", "-o", f"data.root={data}"]
+    command = [
+        *_search_command(),
+        str(TINY_SEARCH.relative_to(ROOT)),
+        "--address",
+        "auto",
+        "--storage",
+        str(storage),
+        "--name",
+        "tiny-job",
+        "--verbose",
+        "0",
+        "-o",
+        f"data.root={data}",
+    ]
     rc = run_cli(["submit", "--address", head.url, "--follow", "--", *command])
     out, err = capsys.readouterr()
     assert rc == 0, (out + err)[-4000:]

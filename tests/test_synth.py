@@ -27,8 +27,7 @@ N_TRAIN, N_VAL, N_TEST = 70, 24, 16  # 70 > CHUNK_IMAGES: two chunks, so two wor
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth") / "w"
-    summary = synth.make_world(root, train=N_TRAIN, val=N_VAL, test=N_TEST, image_size=SIZE,
-                               seed=3, shard_size=32)
+    summary = synth.make_world(root, train=N_TRAIN, val=N_VAL, test=N_TEST, image_size=SIZE, seed=3, shard_size=32)
     return root, summary
 
 
@@ -45,9 +44,11 @@ SIZE_WORDS = {w: s for s, ws in captions.SIZE_SYNONYMS.items() for w in ws}
 NOUN_SHAPE = {w: s for s, ws in captions.SHAPE_SYNONYMS.items() for w in ws}
 NOUN_SHAPE.update({captions.PLURALS[w]: s for w, s in list(NOUN_SHAPE.items())})
 NUMBERS = {w: i for i, w in enumerate(captions.NUMBER_WORDS)}
-_alt = lambda words: "|".join(sorted(map(re.escape, words), key=len, reverse=True))  # noqa: E731
-DESC = (rf"(?:({_alt(SIZE_WORDS)}) )?(?:({_alt(scenes.COLOUR_NAMES)}) )?"
-        rf"({_alt(NOUN_SHAPE)})\b")
+_alt = lambda words: "|".join(sorted(map(re.escape, words), key=len, reverse=True))
+DESC = (
+    rf"(?:({_alt(SIZE_WORDS)}) )?(?:({_alt(scenes.COLOUR_NAMES)}) )?"
+    rf"({_alt(NOUN_SHAPE)})\b"
+)
 REL_WORDS = {p: r for r, ps in captions.RELATION_PHRASES.items() for p in ps}
 POS_WORDS = {p: w for w, ps in captions.POSITION_PHRASES.items() for p in ps}
 RELATION_RE = re.compile(rf"\b(a|an|the) {DESC} (?:is )?({_alt(REL_WORDS)}) (a|an|the) {DESC}")
@@ -55,26 +56,28 @@ POSITION_RE = re.compile(rf"\b(a|an|the) {DESC} (?:is )?({_alt(POS_WORDS)})\b")
 MENTION_RE = re.compile(rf"\b(a|an|the) {DESC}")
 COUNT_RE = re.compile(
     rf"\b({_alt(NUMBERS)}|a single|just one|exactly one) (?:({_alt(scenes.COLOUR_NAMES)}) )?"
-    rf"({_alt(list(NOUN_SHAPE) + ['objects', 'object', 'shapes', 'shape'])})\b")
+    rf"({_alt(list(NOUN_SHAPE) + ['objects', 'object', 'shapes', 'shape'])})\b"
+)
 
 
 def obj_view(obj: dict, attributes: list[str]) -> dict:
     names = {attributes[a] for a in obj["attributes"]}
-    return {"shape": obj["name"], "colour": next(n for n in names if n in scenes.COLOURS),
-            "size": next(n for n in names if n in scenes.SIZES), "box": obj["box"]}
+    return {
+        "shape": obj["name"],
+        "colour": next(n for n in names if n in scenes.COLOURS),
+        "size": next(n for n in names if n in scenes.SIZES),
+        "box": obj["box"],
+    }
 
 
 def matches(o: dict, size_word, colour, noun) -> bool:
-    return (o["shape"] == NOUN_SHAPE[noun]
-            and (colour is None or o["colour"] == colour)
-            and (size_word is None or o["size"] == SIZE_WORDS[size_word]))
+    return o["shape"] == NOUN_SHAPE[noun] and (colour is None or o["colour"] == colour) and (size_word is None or o["size"] == SIZE_WORDS[size_word])
 
 
 def holds(a, rel, b) -> bool:
     ax0, ay0, ax1, ay1 = a["box"]
     bx0, by0, bx1, by1 = b["box"]
-    return {"left": ax1 <= bx0, "right": ax0 >= bx1, "above": ay1 <= by0,
-            "below": ay0 >= by1}[rel]
+    return {"left": ax1 <= bx0, "right": ax0 >= bx1, "above": ay1 <= by0, "below": ay0 >= by1}[rel]
 
 
 def check_caption(caption: str, objs: list[dict], width: int, height: int) -> list[str]:
@@ -89,16 +92,17 @@ def check_caption(caption: str, objs: list[dict], width: int, height: int) -> li
     for m in RELATION_RE.finditer(caption):
         claims += 1
         _, s1, c1, n1, rel, _, s2, c2, n2 = m.groups()
-        if not any(holds(a, REL_WORDS[rel], b) for a in objs if matches(a, s1, c1, n1)
-                   for b in objs if b is not a and matches(b, s2, c2, n2)):
+        if not any(holds(a, REL_WORDS[rel], b) for a in objs if matches(a, s1, c1, n1) for b in objs if b is not a and matches(b, s2, c2, n2)):
             false.append(f"relation {m.group(0)!r}")
     for m in POSITION_RE.finditer(caption):
         claims += 1
         _, s, c, n, where = m.groups()
-        half = {"left": lambda o: o["box"][2] <= width / 2,
-                "right": lambda o: o["box"][0] >= width / 2,
-                "top": lambda o: o["box"][3] <= height / 2,
-                "bottom": lambda o: o["box"][1] >= height / 2}[POS_WORDS[where]]
+        half = {
+            "left": lambda o: o["box"][2] <= width / 2,
+            "right": lambda o: o["box"][0] >= width / 2,
+            "top": lambda o: o["box"][3] <= height / 2,
+            "bottom": lambda o: o["box"][1] >= height / 2,
+        }[POS_WORDS[where]]
         if not any(half(o) for o in objs if matches(o, s, c, n)):
             false.append(f"position {m.group(0)!r}")
     for m in COUNT_RE.finditer(caption):
@@ -106,8 +110,7 @@ def check_caption(caption: str, objs: list[dict], width: int, height: int) -> li
         number, colour, noun = m.groups()
         n = NUMBERS.get(number, 1)
         shape = NOUN_SHAPE.get(noun)
-        count = sum((shape is None or o["shape"] == shape)
-                    and (colour is None or o["colour"] == colour) for o in objs)
+        count = sum((shape is None or o["shape"] == shape) and (colour is None or o["colour"] == colour) for o in objs)
         if count != n:
             false.append(f"count {m.group(0)!r}: there are {count}")
     if claims == 0:
@@ -116,8 +119,7 @@ def check_caption(caption: str, objs: list[dict], width: int, height: int) -> li
 
 
 def scene_objs(scene: scenes.Scene) -> list[dict]:
-    return [{"shape": o.shape, "colour": o.colour, "size": o.size, "box": list(o.box)}
-            for o in scene.objects]
+    return [{"shape": o.shape, "colour": o.colour, "size": o.size, "box": list(o.box)} for o in scene.objects]
 
 
 # ---------------------------------------------------------------------------
@@ -145,8 +147,7 @@ def test_summary_counts_match_manifest_and_tables(world):
 def test_same_seed_same_bytes_whatever_the_workers_and_other_seed_differs(world, tmp_path):
     root, _ = world
     again = tmp_path / "again"
-    synth.make_world(again, train=N_TRAIN, val=N_VAL, test=N_TEST, image_size=SIZE, seed=3,
-                     shard_size=32, workers=2)
+    synth.make_world(again, train=N_TRAIN, val=N_VAL, test=N_TEST, image_size=SIZE, seed=3, shard_size=32, workers=2)
     files = sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
     assert len(files) > len(TABLES)
@@ -180,15 +181,16 @@ def test_captions_true_over_many_scenes_and_varied():
             total += 1
             left_right += bool(re.search(r"\b(left|right)\b", cap))
             assert check_caption(cap, scene_objs(scene), scene.width, scene.height) == [], cap
-            kinds.update(k for k, r in (("relation", RELATION_RE), ("position", POSITION_RE),
-                                        ("count", COUNT_RE)) if r.search(cap))
+            kinds.update(k for k, r in (("relation", RELATION_RE), ("position", POSITION_RE), ("count", COUNT_RE)) if r.search(cap))
     assert min(kinds.values()) > 0.08 * total, kinds
     assert left_right > 0.15 * total  # description-aware flip has something to protect
 
 
 def test_the_checker_catches_false_captions():
-    objs = [{"shape": "circle", "colour": "red", "size": "big", "box": [0, 0, 10, 10]},
-            {"shape": "square", "colour": "blue", "size": "small", "box": [20, 0, 30, 10]}]
+    objs = [
+        {"shape": "circle", "colour": "red", "size": "big", "box": [0, 0, 10, 10]},
+        {"shape": "square", "colour": "blue", "size": "small", "box": [20, 0, 30, 10]},
+    ]
     assert check_caption("a red circle to the left of a blue square", objs, 40, 20) == []
     assert check_caption("a red circle to the right of a blue square", objs, 40, 20)
     assert check_caption("two blue squares", objs, 40, 20)
@@ -218,19 +220,17 @@ def test_boxes_inside_the_image_and_on_their_objects_pixels(records):
         for o in rec["objects"]:
             x0, y0, x1, y1 = o["box"]
             assert 0 <= x0 < x1 <= rec["width"] and 0 <= y0 < y1 <= rec["height"], o
-            window = seg[int(y0):int(np.ceil(y1)), int(x0):int(np.ceil(x1))]
+            window = seg[int(y0) : int(np.ceil(y1)), int(x0) : int(np.ceil(x1))]
             # the thinnest shape (a star) fills ~1/3 of its box; 0.2 leaves room for pixels
             assert (window == 1 + o["label"]).mean() > 0.2, (rec["image_id"], o["name"])
             outside = np.ones_like(seg, dtype=bool)
-            outside[max(0, int(y0) - 1):int(np.ceil(y1)) + 1,
-                    max(0, int(x0) - 1):int(np.ceil(x1)) + 1] = False
+            outside[max(0, int(y0) - 1) : int(np.ceil(y1)) + 1, max(0, int(x0) - 1) : int(np.ceil(x1)) + 1] = False
             others = [p for p in rec["objects"] if p is not o and p["label"] == o["label"]]
             if not others:  # its class appears nowhere outside its box
                 assert not (seg[outside] == 1 + o["label"]).any(), (rec["image_id"], o["name"])
             # the image shows the object's colour where the map shows its class
-            colour = next(scenes.ATTRIBUTES[a] for a in o["attributes"]
-                          if scenes.ATTRIBUTES[a] in scenes.COLOURS)
-            box_pixels = pixels[int(y0):int(np.ceil(y1)), int(x0):int(np.ceil(x1))]
+            colour = next(scenes.ATTRIBUTES[a] for a in o["attributes"] if scenes.ATTRIBUTES[a] in scenes.COLOURS)
+            box_pixels = pixels[int(y0) : int(np.ceil(y1)), int(x0) : int(np.ceil(x1))]
             under = box_pixels[window == 1 + o["label"]]
             error = np.abs(np.median(under, axis=0) - scenes.COLOURS[colour]).max()
             assert error <= scenes.OBJECT_COLOUR_JITTER + 1, (rec["image_id"], o["name"], colour)
@@ -248,8 +248,7 @@ def test_objects_fields_and_roi_features(records):
     kinds = list(by_kind)
     same = [np.linalg.norm(v[0] - v[1]) for v in by_kind.values() if len(v) > 1]
     assert same and max(same) < 1.0  # noise only
-    diff = [np.linalg.norm(by_kind[a][0] - by_kind[b][0])
-            for a in kinds for b in kinds if a[0] != b[0]]
+    diff = [np.linalg.norm(by_kind[a][0] - by_kind[b][0]) for a in kinds for b in kinds if a[0] != b[0]]
     assert min(diff) > 2.0  # different classes are far apart
 
 
@@ -260,15 +259,14 @@ def test_noun_phrases_are_spans_of_their_caption(records):
         for cap, phrases in zip(rec["captions"], rec["phrases"]):
             last_end = 0
             for p in phrases:
-                assert cap[p["start"]:p["end"]] == p["text"]
+                assert cap[p["start"] : p["end"]] == p["text"]
                 assert p["start"] >= last_end and p["tok_start"] < p["tok_end"]
-                assert len(cap[:p["start"]].split()) <= p["tok_start"]
+                assert len(cap[: p["start"]].split()) <= p["tok_start"]
                 last_end = p["end"]
             for m in MENTION_RE.finditer(cap):
                 total += 1
                 noun = 4  # regex group of the shape noun
-                covered += any(p["start"] <= m.start(noun) and m.end(noun) <= p["end"]
-                               for p in phrases)
+                covered += any(p["start"] <= m.start(noun) and m.end(noun) <= p["end"] for p in phrases)
     assert covered >= 0.95 * total  # object mentions become noun phrases
 
 
@@ -278,8 +276,7 @@ def test_phrase_cache_parses_each_distinct_caption_once():
     assert extractor.stats()["misses"] == 2 and extractor.stats()["hits"] == 1
     second = extractor.phrases([["a blue square"]])
     assert extractor.stats()["misses"] == 2 and extractor.stats()["hits"] == 2
-    assert first[0][0] == [{"text": "a red circle", "start": 0, "end": 12,
-                            "tok_start": 0, "tok_end": 3}]
+    assert first[0][0] == [{"text": "a red circle", "start": 0, "end": 12, "tok_start": 0, "tok_end": 3}]
     assert second[0][0] == first[0][1]
 
 
@@ -305,8 +302,7 @@ def test_vqa_answers_are_correct(world, records):
             assert int(main) == want, text
         elif m := re.search(r"(?:is there an?|are there any) (\w+) ([\w ]+)\?", text):
             colour_idx = scenes.ATTRIBUTES.index(m.group(1))
-            exists = any(o["name"] == NOUN_SHAPE[m.group(2)] and colour_idx in o["attributes"]
-                         for o in objs)
+            exists = any(o["name"] == NOUN_SHAPE[m.group(2)] and colour_idx in o["attributes"] for o in objs)
             assert main == ("yes" if exists else "no"), text
             yes_no[main] += 1
         elif m := re.search(r"colour (?:is|of|does) the ([\w ]+?)(?: have)?\?", text):

@@ -15,7 +15,11 @@ from vlptune.errors import EXIT_USER_ERROR, is_user_error
 
 def add_override_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "-o", "--override", action="append", default=[], metavar="PATH=VALUE",
+        "-o",
+        "--override",
+        action="append",
+        default=[],
+        metavar="PATH=VALUE",
         help="dotted override of a recipe field, e.g. -o model.vd.size=4096 (repeatable)",
     )
 
@@ -24,7 +28,7 @@ def run_parsed(args: argparse.Namespace) -> int:
     """Run ``args.func(args)``; a user-facing error becomes one line on stderr and :data:`EXIT_USER_ERROR`."""
     try:
         return int(args.func(args) or 0)
-    except Exception as exc:  # noqa: BLE001 - only the user-facing classes are caught; a bug keeps its traceback
+    except Exception as exc:
         if not is_user_error(exc):
             raise
         print(f"vlptune: {exc}", file=sys.stderr)

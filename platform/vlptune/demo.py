@@ -185,7 +185,9 @@ def stage_promote(search_dir: Path, root: Path, out: Path, steps: int, top_k: in
             "train.eval_every": max(1, steps // PROMOTED_EVALS),
         }
         try:
-            spec = pr.promotion_study(promotion, seeds=PROMOTE_SEEDS, fixed=fixed, resources=PROMOTED_RESOURCES, max_concurrent=PROMOTED_MAX_CONCURRENT, name="promoted")
+            spec = pr.promotion_study(
+                promotion, seeds=PROMOTE_SEEDS, fixed=fixed, resources=PROMOTED_RESOURCES, max_concurrent=PROMOTED_MAX_CONCURRENT, name="promoted"
+            )
         except pr.PromotionError as exc:
             print(f"cannot run the promoted recipes: {exc}")
             return 1
@@ -225,8 +227,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipe", default=str(DEMO_RECIPE), help="recipe of the demo")
     parser.add_argument("--space", default=str(DEMO_SPACE), help="search-space file of the search stage")
     parser.add_argument("--no-search", action="store_true", help="stop after the batch stage (no search, promotion or importance)")
-    parser.add_argument("--top-k", type=ranged(int, MIN_RUN_CONFIGS, what="a number of trials"), default=PROMOTE_TOP_K, metavar="K", help=f"trials to promote to {DEMO_TARGET.name} (default {PROMOTE_TOP_K}, at least {MIN_RUN_CONFIGS})")
-    parser.add_argument("--promoted-steps", type=ranged(int, PROMOTED_EVALS, what="a number of steps"), default=PROMOTED_STEPS, metavar="N", help=f"train.max_steps of the promoted runs, set through the study's fixed overrides (default {PROMOTED_STEPS}, at least {PROMOTED_EVALS}; demo-full's own is longer)")
+    parser.add_argument(
+        "--top-k",
+        type=ranged(int, MIN_RUN_CONFIGS, what="a number of trials"),
+        default=PROMOTE_TOP_K,
+        metavar="K",
+        help=f"trials to promote to {DEMO_TARGET.name} (default {PROMOTE_TOP_K}, at least {MIN_RUN_CONFIGS})",
+    )
+    parser.add_argument(
+        "--promoted-steps",
+        type=ranged(int, PROMOTED_EVALS, what="a number of steps"),
+        default=PROMOTED_STEPS,
+        metavar="N",
+        help=f"train.max_steps of the promoted runs, set through the study's fixed overrides (default {PROMOTED_STEPS}, at least {PROMOTED_EVALS}; demo-full's own is longer)",
+    )
     parser.add_argument("-o", "--override", action="append", default=[], help="dotted recipe override (repeatable)")
     args = parser.parse_args(argv)
     out = Path(args.out)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import difflib
 import sys
-from typing import Iterable
+from collections.abc import Iterable
 
 EXIT_USER_ERROR = 2  # like argparse's usage errors
 

@@ -9,18 +9,12 @@ with one ``error:`` line saying what to do).
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 
-from vlptune.cluster.storage import StorageError
-from vlptune.cluster.submit import TERMINAL, ClusterError
-from vlptune.cluster.storage import alive_node_count, check_storage, probe_storage
-from vlptune.cluster.submit import job_call
-from vlptune.cluster.submit import connect, job_call
-from vlptune.cluster.submit import format_jobs, job_call
-from vlptune.cluster.submit import connect, load_runtime_env, resolve_address, submit
-from vlptune.cluster.submit import exit_code, follow
-import logging
+from vlptune.cluster.storage import StorageError, alive_node_count, check_storage, probe_storage
+from vlptune.cluster.submit import TERMINAL, ClusterError, connect, exit_code, follow, format_jobs, job_call, load_runtime_env, resolve_address, submit
 
 ADDRESS_HELP = "the cluster's dashboard, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS, else http://127.0.0.1:8265)"
 
@@ -64,7 +58,7 @@ def _follow_to_end(client, job_id: str) -> int:
 @_errors
 def _submit(args: argparse.Namespace) -> int:
 
-    command = [a for a in args.command]
+    command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
     _quiet_ray_client_logs()
@@ -189,7 +183,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     check.add_argument("storage", help="a directory, or a URI such as s3://bucket/dir or gs://bucket/dir")
     check.add_argument("--address", help="join this Ray cluster (GCS address, or auto) and probe every node; default: this machine only")
-    check.add_argument("--assume-shared", action="store_true", help="accept a local path on several nodes although its filesystem type is not known to be shared")
+    check.add_argument(
+        "--assume-shared", action="store_true", help="accept a local path on several nodes although its filesystem type is not known to be shared"
+    )
     check.add_argument("--no-probe", action="store_true", help="do not write and read back a marker file on every node")
     check.set_defaults(func=_storage_check)
 

@@ -16,17 +16,17 @@ Ray is imported inside the functions that use it (heavy dependency kept lazy).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import os
 import socket
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 NO_AUTOSCALER_ENV = "VLPTUNE_NO_AUTOSCALER"  # set in every process of a local cluster the search started (search/lean_train.py)
 
 
 class SessionError(RuntimeError):
     """A Ray cluster that cannot be joined (names the address, why it was chosen, and the problem)."""
+
 
 # Environment of every Ray process of a local cluster (set before ray.init, inherited),
 # or of the job's processes on a cluster joined with --address (runtime_env).
@@ -49,7 +49,6 @@ RAY_ENV = {
     "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
     "TRANSFORMERS_OFFLINE": os.environ.get("TRANSFORMERS_OFFLINE", "1"),
 }
-
 
 
 LOCAL_ENV_KEYS = (*RAY_ENV, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS", "RAY_GCS_SERVER_PORT", NO_AUTOSCALER_ENV)
@@ -162,7 +161,9 @@ def describe_cluster() -> str:
     return f"{len(alive)} alive node(s), {float(total.get('CPU', 0)):g} CPU, {float(total.get('GPU', 0)):g} GPU"
 
 
-def connect(address: str | None, num_cpus: int | None = None, num_gpus: int | None = None, worker_log_level: str = "WARNING", say: Callable[[str], None] | None = None) -> str | None:
+def connect(
+    address: str | None, num_cpus: int | None = None, num_gpus: int | None = None, worker_log_level: str = "WARNING", say: Callable[[str], None] | None = None
+) -> str | None:
     """Join a cluster or start a local in-process one on 127.0.0.1 (with its dashboard).
 
     Which: :func:`cluster_address` (``address``, else ``RAY_ADDRESS``, else a
@@ -229,7 +230,7 @@ def start_local(num_cpus: int | None, num_gpus: int | None, logging_config: Any)
                 **kwargs,
             )
             return
-        except Exception:  # noqa: BLE001 - the port was taken in between: try another
+        except Exception:
             if ray.is_initialized():
                 ray.shutdown()
             if attempt == 2:

@@ -23,26 +23,59 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 MOUNTS_FILE = "/proc/mounts"
 
 # Filesystem types (as /proc/mounts spells them) that several machines can mount at once.
 SHARED_FS_TYPES = frozenset(
     {
-        "nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "virtiofs",
-        "lustre", "gpfs", "beegfs", "ceph", "glusterfs", "ocfs2", "gfs2",
-        "wekafs", "panfs", "orangefs", "pvfs2", "afs",
+        "nfs",
+        "nfs4",
+        "cifs",
+        "smb3",
+        "smbfs",
+        "9p",
+        "virtiofs",
+        "lustre",
+        "gpfs",
+        "beegfs",
+        "ceph",
+        "glusterfs",
+        "ocfs2",
+        "gfs2",
+        "wekafs",
+        "panfs",
+        "orangefs",
+        "pvfs2",
+        "afs",
     }
 )
 # FUSE filesystems are "fuse.<name>"; these are network or bucket mounts.
 SHARED_FUSE_NAMES = frozenset(
     {
-        "glusterfs", "ceph", "cephfs", "ceph-fuse", "gcsfuse", "s3fs", "goofys", "mountpoint-s3",
-        "juicefs", "sshfs", "rclone", "blobfuse", "blobfuse2", "lustre", "beegfs", "seaweedfs",
-        "alluxio-fuse", "geesefs", "efs",
+        "glusterfs",
+        "ceph",
+        "cephfs",
+        "ceph-fuse",
+        "gcsfuse",
+        "s3fs",
+        "goofys",
+        "mountpoint-s3",
+        "juicefs",
+        "sshfs",
+        "rclone",
+        "blobfuse",
+        "blobfuse2",
+        "lustre",
+        "beegfs",
+        "seaweedfs",
+        "alluxio-fuse",
+        "geesefs",
+        "efs",
     }
 )
 
@@ -215,7 +248,7 @@ def _read_marker(uri_or_path: str, marker: str) -> tuple[str, str | None]:
                 content = f.read().decode()
         else:
             content = (Path(uri_or_path) / marker).read_text()
-    except Exception as exc:  # noqa: BLE001 - any failure is this node's answer
+    except Exception as exc:
         return ip, f"{type(exc).__name__}: {' '.join(str(exc).split())}"
     return ip, None if content == marker else f"read {content!r} instead of the marker written"
 
@@ -240,7 +273,7 @@ def probe_storage(storage: str, timeout_s: float = 120.0) -> list[str]:
             fs.create_dir(base, recursive=True)
             with fs.open_output_stream(f"{base.rstrip('/')}/{marker}") as f:
                 f.write(marker.encode())
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise StorageError(f"storage {storage!r}: cannot write a file there from this node: {' '.join(str(exc).split())}") from None
     else:
         local = Path(storage[len("file://") :] if storage.startswith("file://") else storage)
@@ -253,10 +286,7 @@ def probe_storage(storage: str, timeout_s: float = 120.0) -> list[str]:
     try:
         alive = [n for n in ray.nodes() if n.get("Alive")]
         reader = ray.remote(num_cpus=0)(_read_marker)
-        refs = [
-            reader.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=n["NodeID"], soft=False)).remote(storage, marker)
-            for n in alive
-        ]
+        refs = [reader.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=n["NodeID"], soft=False)).remote(storage, marker) for n in alive]
         deadline = time.monotonic() + timeout_s
         ready, pending = ray.wait(refs, num_returns=len(refs), timeout=max(0.0, deadline - time.monotonic()))
         failures = [f"{ip}: {err}" for ip, err in ray.get(ready) if err]
@@ -275,5 +305,5 @@ def probe_storage(storage: str, timeout_s: float = 120.0) -> list[str]:
                 fs.delete_file(f"{base.rstrip('/')}/{marker}")
             else:
                 (Path(storage) / marker).unlink(missing_ok=True)
-        except Exception:  # noqa: BLE001 - a leftover marker file is harmless
+        except Exception:
             pass

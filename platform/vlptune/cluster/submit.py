@@ -25,14 +25,15 @@ import datetime as _dt
 import os
 import shlex
 import sys
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, TextIO
+from typing import Any, TextIO
 
 import yaml
 
 from vlptune.cluster.session import RAY_ENV
-import time
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 RUNTIME_ENV_FILE = Path("cluster") / "runtime_env.yaml"
@@ -170,8 +171,7 @@ def _call(url: str, token: Token | None, fn: Callable[[], Any]) -> Any:
             ) from None
         where = f" (the one sent came from {token.source})" if token else ""
         raise ClusterError(
-            f"the Ray cluster at {url} requires an authentication token (token authentication is on, "
-            f"HTTP 401) and this client has none{where}; {TOKEN_HELP}"
+            f"the Ray cluster at {url} requires an authentication token (token authentication is on, HTTP 401) and this client has none{where}; {TOKEN_HELP}"
         ) from None
     except (ConnectionError, requests.exceptions.ConnectionError) as exc:
         raise ClusterError(
@@ -274,7 +274,7 @@ def load_runtime_env(path: str | os.PathLike | None = None) -> dict[str, Any]:
             raise ClusterError(f"{file}: env_vars: expected a mapping NAME: value, got {type(env_vars).__name__}")
         for name, value in env_vars.items():
             if not isinstance(value, str):
-                raise ClusterError(f"{file}: env_vars.{name}: Ray wants every value as a string; quote it ({name}: \"{value}\")")
+                raise ClusterError(f'{file}: env_vars.{name}: Ray wants every value as a string; quote it ({name}: "{value}")')
         clash = sorted(set(env_vars) & set(RAY_ENV))
         if clash:
             raise ClusterError(
@@ -379,7 +379,15 @@ def format_jobs(jobs: list) -> str:
     rows = [("JOB ID", "STATUS", "STARTED", "DURATION", "COMMAND")]
     for job in sorted(jobs, key=lambda j: j.start_time or 0, reverse=True):
         command = (job.metadata or {}).get("vlptune_command") or job.entrypoint or ""
-        rows.append((job.submission_id or job.job_id or "-", str(job.status.value), _fmt_time(job.start_time), _fmt_duration(job.start_time, job.end_time), command[:80]))
+        rows.append(
+            (
+                job.submission_id or job.job_id or "-",
+                str(job.status.value),
+                _fmt_time(job.start_time),
+                _fmt_duration(job.start_time, job.end_time),
+                command[:80],
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows)
 

@@ -181,9 +181,14 @@ class MVMConfig(ObjectiveConfig, objective="mvm"):
 class OMVMConfig(ObjectiveConfig, objective="omvm"):
     """KD-VLP object-guided masked vision modelling (MRC + MRFR on one masked object per positive pair)."""
 
-    mrc_weight: float = Field(1.0, ge=0.0, le=100.0, description="weight of masked region classification (cross-entropy over object classes) inside OMVM (KD-VLP: 1)")
+    mrc_weight: float = Field(
+        1.0, ge=0.0, le=100.0, description="weight of masked region classification (cross-entropy over object classes) inside OMVM (KD-VLP: 1)"
+    )
     mrfr_weight: float = Field(1.0, ge=0.0, le=100.0, description="weight of masked region feature regression (L2 to the RoI feature) inside OMVM (KD-VLP: 1)")
-    sampling: Literal["guided", "random"] = Field("guided", description="guided: knowledge-guided choice of the masked object by phrase-label similarity (KD-VLP); random: uniform (the paper's RandomMVM row)")
+    sampling: Literal["guided", "random"] = Field(
+        "guided",
+        description="guided: knowledge-guided choice of the masked object by phrase-label similarity (KD-VLP); random: uniform (the paper's RandomMVM row)",
+    )
     guide_temperature: float = Field(0.1, gt=0.0, le=10.0, description="guided sampling: P(object) = softmax(max over phrases of alpha / guide_temperature)")
     prob: float = Field(1.0, ge=0.0, le=1.0, description="probability that a positive pair gets an object masked (KD-VLP: every pair)")
 
@@ -192,7 +197,9 @@ class OMVMConfig(ObjectiveConfig, objective="omvm"):
 
     def check_recipe(self, recipe: Recipe) -> None:
         if self.weight > 0 and self.mrc_weight == 0 and self.mrfr_weight == 0:
-            raise ConfigError(f"objectives.omvm.weight={self.weight} but mrc_weight and mrfr_weight are both 0: nothing to train; set one > 0 or objectives.omvm.weight=0")
+            raise ConfigError(
+                f"objectives.omvm.weight={self.weight} but mrc_weight and mrfr_weight are both 0: nothing to train; set one > 0 or objectives.omvm.weight=0"
+            )
 
 
 # ---------------------------------------------------------------------- pra
@@ -201,7 +208,9 @@ class OMVMConfig(ObjectiveConfig, objective="omvm"):
 class PRAConfig(ObjectiveConfig, objective="pra"):
     """KD-VLP phrase-region alignment: KL between cross-modal and phrase-label similarity distributions."""
 
-    sim_temperature: float = Field(0.1, gt=0.0, le=10.0, description="temperature of the softmax over cross-modal cosine similarities (phrase state vs object state)")
+    sim_temperature: float = Field(
+        0.1, gt=0.0, le=10.0, description="temperature of the softmax over cross-modal cosine similarities (phrase state vs object state)"
+    )
     label_temperature: float = Field(0.1, gt=0.0, le=10.0, description="temperature of the softmax over phrase-label similarities alpha (the target)")
 
     def required_columns(self) -> tuple[str, ...]:
@@ -215,8 +224,12 @@ class SSULConfig(ObjectiveConfig, objective="ssul"):
     """Masked-patch mean-colour regression (semantic visual loss paper)."""
 
     mask_ratio: float = Field(0.15, gt=0.0, le=1.0, description="fraction of each image's patches that are masked (paper: 0.15)")
-    patch_size: int = Field(32, ge=1, le=1024, description="side of the masked pixel patches (paper: 32); must divide or be a multiple of the grid stride 32 * model.backbone.pool")
-    source: Literal["fusion", "grid"] = Field("fusion", description="visual outputs the head reads: final image states of the fusion pass on positive pairs, or the grid features before fusion")
+    patch_size: int = Field(
+        32, ge=1, le=1024, description="side of the masked pixel patches (paper: 32); must divide or be a multiple of the grid stride 32 * model.backbone.pool"
+    )
+    source: Literal["fusion", "grid"] = Field(
+        "fusion", description="visual outputs the head reads: final image states of the fusion pass on positive pairs, or the grid features before fusion"
+    )
 
     def check_recipe(self, recipe: Recipe) -> None:
         patch_geometry(self.patch_size, grid_stride(recipe.model.backbone.pool))
@@ -228,7 +241,9 @@ class SSULConfig(ObjectiveConfig, objective="ssul"):
 class SEGLConfig(ObjectiveConfig, objective="segl"):
     """Per-cell segmentation cross-entropy (semantic visual loss paper)."""
 
-    source: Literal["fusion", "grid"] = Field("fusion", description="visual outputs the 1x1 conv reads: final image states of the fusion pass on positive pairs, or the grid features before fusion")
+    source: Literal["fusion", "grid"] = Field(
+        "fusion", description="visual outputs the 1x1 conv reads: final image states of the fusion pass on positive pairs, or the grid features before fusion"
+    )
 
 
 # ---------------------------------------------------------------------- spl
@@ -242,7 +257,10 @@ class SPLConfig(ObjectiveConfig, objective="spl"):
     heads: int = Field(0, ge=0, le=64, description="attention heads of the decoder; 0 = hidden size / 64")
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout inside the decoder layers")
     no_object_weight: float = Field(0.1, ge=0.0, le=1.0, description="cross-entropy weight of the 'no object' class for unmatched queries (DETR: 0.1)")
-    source: Literal["fusion", "grid"] = Field("fusion", description="visual outputs the decoder attends to: final image states of the fusion pass on positive pairs, or the grid features before fusion")
+    source: Literal["fusion", "grid"] = Field(
+        "fusion",
+        description="visual outputs the decoder attends to: final image states of the fusion pass on positive pairs, or the grid features before fusion",
+    )
 
 
 # ---------------------------------------------------------------------- detection
@@ -302,11 +320,9 @@ class VSCConfig(ObjectiveConfig, objective="vsc"):
     )
 
     @model_validator(mode="after")
-    def _temperature_in_range(self) -> "VSCConfig":
+    def _temperature_in_range(self) -> VSCConfig:
         if not self.min_temperature <= self.temperature <= self.max_temperature:
-            raise ValueError(
-                f"temperature={self.temperature} must lie in [min_temperature={self.min_temperature}, max_temperature={self.max_temperature}]"
-            )
+            raise ValueError(f"temperature={self.temperature} must lie in [min_temperature={self.min_temperature}, max_temperature={self.max_temperature}]")
         return self
 
     def check_recipe(self, recipe: Recipe) -> None:
@@ -325,5 +341,3 @@ class WPGConfig(ObjectiveConfig, objective="wpg"):
     """MVPTR's phrase-region grounding hinge."""
 
     margin: float = Field(0.2, ge=0.0, le=2.0, description="hinge margin between the positive and the negative image's grounding score (MVPTR: 0.2)")
-
-

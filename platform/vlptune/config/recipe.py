@@ -107,9 +107,15 @@ class FusionConfig(Section):
     max_grid: int = Field(64, ge=1, le=1024, description="largest grid side supported by the 2-D sine position embedding")
     grad_checkpointing: bool = Field(False, description="recompute encoder activations in backward to save memory")
     grid_norm_init: Literal["unit", "text"] = Field(
-        "unit", description="start of the grid tokens' LayerNorm: 'unit' (weight 1, bias 0) or 'text' (a copy of the checkpoint's text-embedding LayerNorm, so grid tokens start at the scale the encoder was trained on)"
+        "unit",
+        description="start of the grid tokens' LayerNorm: 'unit' (weight 1, bias 0) or 'text' (a copy of the checkpoint's text-embedding LayerNorm, so grid tokens start at the scale the encoder was trained on)",
     )
-    unimodal_layers: int = Field(0, ge=0, le=48, description="MVPTR two-stage split: the first N layers run text and image separately (uni-modal), the rest cross-modally; 0 = all cross-modal (SOHO); must stay below layers")
+    unimodal_layers: int = Field(
+        0,
+        ge=0,
+        le=48,
+        description="MVPTR two-stage split: the first N layers run text and image separately (uni-modal), the rest cross-modally; 0 = all cross-modal (SOHO); must stay below layers",
+    )
 
 
 class ModelConfig(Section):
@@ -138,7 +144,9 @@ class OptimConfig(Section):
     transformer: GroupOptimConfig = Field(default_factory=GroupOptimConfig, description="everything else (SOHO: AdamW, lr 1e-4)")
     schedule: Literal["cosine", "step", "constant"] = Field("cosine", description="decay after warmup")
     warmup_steps: int = Field(0, ge=0, le=10_000_000, description="linear warmup steps from 0 to the peak lr")
-    step_milestones: list[float] = Field(default_factory=lambda: [0.7, 0.9], description="step schedule: fractions of training at which lr is multiplied by step_gamma")
+    step_milestones: list[float] = Field(
+        default_factory=lambda: [0.7, 0.9], description="step schedule: fractions of training at which lr is multiplied by step_gamma"
+    )
     step_gamma: float = Field(0.1, gt=0.0, le=1.0, description="step schedule multiplier")
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="cosine floor as a fraction of the peak lr")
     grad_clip: float = Field(1.0, ge=0.0, le=1e6, description="clip the global gradient norm to this; 0 = off")
@@ -171,7 +179,8 @@ class TrainConfig(Section):
         "best", description="checkpoints kept once the run reached max_steps: the best by the search's metric (the last without one), the last, or none"
     )
     keep_when_stopped: Literal["best", "last", "none"] = Field(
-        "none", description="checkpoints kept by a search trial that ended before max_steps (stopped by the scheduler or on non-finite losses, or failed): it never resumes"
+        "none",
+        description="checkpoints kept by a search trial that ended before max_steps (stopped by the scheduler or on non-finite losses, or failed): it never resumes",
     )
 
 
@@ -197,7 +206,11 @@ class Recipe(Section):
     name: str = Field("recipe", min_length=1, description="a short name for logs and reports")
     data: DataConfig = Field(default_factory=DataConfig, description="data, augmentation, tokenization and batching")
     model: ModelConfig = Field(default_factory=ModelConfig, description="backbone, visual dictionary, fusion Transformer")
-    objectives: dict[str, Any] = Field(default_factory=lambda: {"mlm": {"weight": 1.0}, "itm": {"weight": 1.0}, "mvm": {"weight": 1.0}}, validate_default=True, description="pretext tasks by registered name, each with its weight and own fields")
+    objectives: dict[str, Any] = Field(
+        default_factory=lambda: {"mlm": {"weight": 1.0}, "itm": {"weight": 1.0}, "mvm": {"weight": 1.0}},
+        validate_default=True,
+        description="pretext tasks by registered name, each with its weight and own fields",
+    )
     optim: OptimConfig = Field(default_factory=OptimConfig, description="optimizers, schedule, clipping, accumulation, precision")
     train: TrainConfig = Field(default_factory=TrainConfig, description="steps, logging, checkpoints, seed")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="zero-shot retrieval and validation losses")

@@ -100,14 +100,14 @@ def _from_pretrained(model_cls: Any, init: str, field: str, what: str, builtin: 
     if os.path.isdir(init):
         try:
             return model_cls.from_pretrained(init, local_files_only=True, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - re-raised with the field name
+        except Exception as exc:
             raise ValueError(
                 f"{field}: {init!r} is a directory but does not hold a loadable {what} checkpoint "
                 f"(config.json + model.safetensors or pytorch_model.bin): {type(exc).__name__}: {exc}"
             ) from exc
     try:
         return model_cls.from_pretrained(init, **kwargs)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         flags = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
         offline = any(os.environ.get(f, "") not in ("", "0", "false", "False") for f in flags)
         why = "the hub is switched off here by HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE" if offline else "no hub reachable, or no such model on it"
@@ -123,7 +123,9 @@ def _check_architecture(model: ResNetModel, expected: ResNetConfig, cfg: Backbon
     got = model.config
     problems = []
     if list(got.depths) != list(expected.depths) or got.layer_type != expected.layer_type:
-        problems.append(f"depths {list(got.depths)} / {got.layer_type} (model.backbone.depth={cfg.depth} expects {list(expected.depths)} / {expected.layer_type})")
+        problems.append(
+            f"depths {list(got.depths)} / {got.layer_type} (model.backbone.depth={cfg.depth} expects {list(expected.depths)} / {expected.layer_type})"
+        )
     if list(got.hidden_sizes) != list(expected.hidden_sizes) or got.embedding_size != expected.embedding_size:
         problems.append(
             f"channels stem {got.embedding_size}, stages {list(got.hidden_sizes)} "
@@ -204,7 +206,7 @@ class ResNetBackbone(nn.Module):
         self._frozen = bool(frozen)
         self.train(self.training)
 
-    def train(self, mode: bool = True) -> "ResNetBackbone":
+    def train(self, mode: bool = True) -> ResNetBackbone:
         super().train(mode)
         if not mode:
             return self

@@ -195,9 +195,7 @@ class FusionTransformer(nn.Module):
     def grid_positions(self, gh: int, gw: int) -> Tensor:
         """[gh*gw, D] 2-D sine position embedding of a gh x gw grid (row-major)."""
         if gh > self.max_grid or gw > self.max_grid:
-            raise ValueError(
-                f"grid {gh}x{gw} exceeds model.fusion.max_grid={self.max_grid}; raise max_grid or lower the image size / raise backbone.pool"
-            )
+            raise ValueError(f"grid {gh}x{gw} exceeds model.fusion.max_grid={self.max_grid}; raise max_grid or lower the image size / raise backbone.pool")
         rows = self.pos_rows[:gh].unsqueeze(1).expand(gh, gw, -1)
         cols = self.pos_cols[:gw].unsqueeze(0).expand(gh, gw, -1)
         return torch.cat([rows, cols], dim=-1).reshape(gh * gw, -1)

@@ -112,7 +112,7 @@ class VisualDictionary(nn.Module):
         self._gen = torch.Generator().manual_seed(int(seed))
 
     @classmethod
-    def from_config(cls, cfg: VDConfig, dim: int, seed: int = 0) -> "VisualDictionary | None":
+    def from_config(cls, cfg: VDConfig, dim: int, seed: int = 0) -> VisualDictionary | None:
         """The VD of a recipe's ``model.vd`` section, or ``None`` when ``size == 0``."""
         if cfg.size == 0:
             return None

@@ -22,9 +22,9 @@ import torch
 from torch import Tensor, nn
 
 from vlptune.config import ModelConfig, Recipe
+from vlptune.grid import grid_stride
 from vlptune.model.backbone import GridProjection, ResNetBackbone, grid_mask_from_pixels
 from vlptune.model.fusion import FusionOutput, FusionTransformer, UnimodalOutput
-from vlptune.grid import grid_stride
 from vlptune.model.visual_dictionary import VisualDictionary
 
 
@@ -83,9 +83,7 @@ class VLPModel(nn.Module):
         """text_ids/text_mask [Np,T], grid [Np,D,gh,gw] (gathered per pair), grid_mask bool [Np,gh,gw] -> :class:`FusionOutput`."""
         return self.fusion(text_ids, text_mask, grid, grid_mask)
 
-    def encode_unimodal(
-        self, text_ids: Tensor | None, text_mask: Tensor | None, grid: Tensor | None, grid_mask: Tensor | None = None
-    ) -> UnimodalOutput:
+    def encode_unimodal(self, text_ids: Tensor | None, text_mask: Tensor | None, grid: Tensor | None, grid_mask: Tensor | None = None) -> UnimodalOutput:
         """MVPTR's uni-modal stage only (``model.fusion.unimodal_layers`` > 0): text [Nt,T] and grid [Ni,D,gh,gw]
         encoded apart (Nt and Ni independent) -> :class:`UnimodalOutput` with ``text_cls`` [Nt,D] and the pooled
         ``image_emb`` [Ni,D]."""

@@ -16,8 +16,9 @@ computes every objective and the weighted total loss.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -106,6 +107,7 @@ class Objective(nn.Module, abc.ABC):
     # Every metric the objective may return. A step may leave some out (nothing
     # to learn from); averages then count only the steps that have them.
     metric_names: ClassVar[tuple[str, ...]] = ()
+
     def __init__(self, cfg: ObjectiveConfig, model: VLPModel, recipe: Recipe, info: DatasetInfo | None = None):
         super().__init__()
         self.cfg = cfg
@@ -120,7 +122,9 @@ class Objective(nn.Module, abc.ABC):
             return info
         how = "build it with build_pretrainer(recipe, prepare_dataset(recipe)) (the training loop does)"
         if fields:
-            raise ConfigError(f"{' and '.join(fields)} = 0 read the vocabulary sizes from the dataset, but no dataset info was given: {how}, or set the sizes explicitly")
+            raise ConfigError(
+                f"{' and '.join(fields)} = 0 read the vocabulary sizes from the dataset, but no dataset info was given: {how}, or set the sizes explicitly"
+            )
         raise ValueError(f"objective {self.name!r} sizes its head from the dataset's vocabularies: {how}")
 
     def check_batch(self, batch: dict[str, Any]) -> None:

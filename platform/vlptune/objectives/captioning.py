@@ -32,6 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vlptune.config import Recipe
+from vlptune.config.objectives import CaptioningConfig
+from vlptune.data.info import DatasetInfo
 from vlptune.model.decoder import (
     DecoderMemory,
     TransformerDecoder,
@@ -40,11 +43,8 @@ from vlptune.model.decoder import (
     image_only_memory,
     special_ids,
 )
-from vlptune.objectives.base import Objective, ObjectiveOutput, PredictionTransform, StepContext, accuracy
-from vlptune.config import Recipe
-from vlptune.data.info import DatasetInfo
 from vlptune.model.vlp import VLPModel
-from vlptune.config.objectives import CaptioningConfig
+from vlptune.objectives.base import Objective, ObjectiveOutput, PredictionTransform, StepContext, accuracy
 from vlptune.objectives.registry import register
 
 IGNORE_INDEX = -100

@@ -46,17 +46,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlptune.config import Recipe
+from vlptune.config.objectives import DetectionConfig
+from vlptune.data.info import DatasetInfo
 from vlptune.model.decoder import (
     TransformerDecoder,
     get_or_create_decoder,
     image_only_memory,
     special_ids,
 )
+from vlptune.model.vlp import VLPModel
 from vlptune.objectives.base import HEAD_INIT_STD, Objective, ObjectiveOutput, StepContext, init_head_weights
 from vlptune.objectives.matching import batched_hungarian_match
-from vlptune.data.info import DatasetInfo
-from vlptune.model.vlp import VLPModel
-from vlptune.config.objectives import DetectionConfig
 from vlptune.objectives.registry import register
 
 BOX_EPS = 1e-7  # guards divisions by box areas
@@ -170,7 +170,9 @@ class Detection(Objective):
         cost = cfg.cost_class * cost_class + cfg.cost_bbox * cost_bbox + cfg.cost_giou * cost_giou
         return batched_hungarian_match(cost, counts)
 
-    def layer_losses(self, pred: dict[str, Tensor], labels: Tensor, boxes: Tensor, attrs: Tensor, counts: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    def layer_losses(
+        self, pred: dict[str, Tensor], labels: Tensor, boxes: Tensor, attrs: Tensor, counts: Tensor
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         logits, pboxes, pattrs = pred["logits"].float(), pred["boxes"].float(), pred["attrs"].float()
         b, q, _ = logits.shape
         device = logits.device
@@ -223,9 +225,7 @@ class Detection(Objective):
     def forward(self, batch: dict[str, Any], ctx: StepContext) -> ObjectiveOutput:
         labels = batch["obj_labels"]
         if labels.numel() and int(labels.max()) >= self.num_classes:
-            raise ValueError(
-                f"objective 'detection': obj_labels holds class {int(labels.max())} but objectives.detection.num_classes={self.num_classes}"
-            )
+            raise ValueError(f"objective 'detection': obj_labels holds class {int(labels.max())} but objectives.detection.num_classes={self.num_classes}")
         if batch["obj_attrs"].shape[-1] != self.num_attributes:
             raise ValueError(
                 f"objective 'detection': obj_attrs has {batch['obj_attrs'].shape[-1]} attributes but objectives.detection.num_attributes={self.num_attributes}"

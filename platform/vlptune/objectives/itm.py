@@ -37,10 +37,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlptune.config import Recipe
-from vlptune.objectives.base import Objective, ObjectiveOutput, StepContext, accuracy, init_head_weights
+from vlptune.config.objectives import ITMConfig
 from vlptune.data.info import DatasetInfo
 from vlptune.model.vlp import VLPModel
-from vlptune.config.objectives import ITMConfig
+from vlptune.objectives.base import Objective, ObjectiveOutput, StepContext, accuracy, init_head_weights
 from vlptune.objectives.registry import register
 from vlptune.objectives.vsc import itm_negative_texts
 
@@ -104,7 +104,6 @@ class ITM(Objective):
         if self.negatives == "random":
             out = clean_view(batch, ctx)
         else:
-
             text_ids, text_mask, _ = itm_negative_texts(batch, ctx, self.negatives)
             out = ctx.view(f"itm_{self.negatives}", lambda: ctx.fuse(text_ids, text_mask, *ctx.pair_grid(None)))
         logits = self.pair_logits(out, text_mask).float()

@@ -17,11 +17,11 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlptune.objectives.base import Objective, ObjectiveOutput, PredictionTransform, StepContext, accuracy, majority_share
 from vlptune.config import Recipe
+from vlptune.config.objectives import MLMConfig
 from vlptune.data.info import DatasetInfo
 from vlptune.model.vlp import VLPModel
-from vlptune.config.objectives import MLMConfig
+from vlptune.objectives.base import Objective, ObjectiveOutput, PredictionTransform, StepContext, accuracy, majority_share
 from vlptune.objectives.registry import register
 
 IGNORE_INDEX = -100  # mlm_labels value where there is nothing to predict (see docs/contracts.md)

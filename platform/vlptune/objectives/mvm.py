@@ -30,6 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlptune.config import Recipe
+from vlptune.config.objectives import MVMConfig
+from vlptune.data.info import DatasetInfo
+from vlptune.model.vlp import VLPModel
 from vlptune.objectives.base import (
     HEAD_INIT_STD,
     Objective,
@@ -40,9 +43,6 @@ from vlptune.objectives.base import (
     init_head_weights,
     majority_share,
 )
-from vlptune.data.info import DatasetInfo
-from vlptune.model.vlp import VLPModel
-from vlptune.config.objectives import MVMConfig
 from vlptune.objectives.registry import register
 
 
@@ -106,9 +106,7 @@ class MVM(Objective):
             return self._skipped(images.feats)
         rows = ctx.positive_rows
         image_of_pair = batch["pair_image"][rows]
-        selected, chosen, mask = choose_masks(
-            images.codes[image_of_pair], images.grid_mask[image_of_pair], self.prob, self.num_codes, ctx.generator
-        )
+        selected, chosen, mask = choose_masks(images.codes[image_of_pair], images.grid_mask[image_of_pair], self.prob, self.num_codes, ctx.generator)
         picked = torch.nonzero(selected, as_tuple=True)[0]
         if picked.numel() == 0:
             return self._skipped(images.feats)

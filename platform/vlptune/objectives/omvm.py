@@ -45,6 +45,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlptune.config import Recipe
+from vlptune.config.objectives import OMVMConfig
+from vlptune.data.info import DatasetInfo
+from vlptune.model.vlp import VLPModel
 from vlptune.objectives.base import (
     HEAD_INIT_STD,
     Objective,
@@ -55,13 +58,9 @@ from vlptune.objectives.base import (
     init_head_weights,
 )
 from vlptune.objectives.pooling import object_cells, pool_under_masks
-from vlptune.data.info import DatasetInfo
-from vlptune.model.vlp import VLPModel
-from vlptune.config.objectives import OMVMConfig
 from vlptune.objectives.registry import register
 
 log = logging.getLogger(__name__)
-
 
 
 def sampling_probabilities(
@@ -120,10 +119,29 @@ def choose_objects(probs: Tensor, prob: float, generator: torch.Generator | None
 class OMVM(Objective):
     """Object-guided masked vision modelling; metrics ``omvm_*`` (see the module docstring)."""
 
-    needs = ("text_ids", "text_mask", "itm_labels", "pair_image", "obj_masks", "obj_labels", "obj_roi", "obj_has_roi", "grid_mask", "phrase_spans", "phrase_obj_sim", "phrase_obj_valid")
+    needs = (
+        "text_ids",
+        "text_mask",
+        "itm_labels",
+        "pair_image",
+        "obj_masks",
+        "obj_labels",
+        "obj_roi",
+        "obj_has_roi",
+        "grid_mask",
+        "phrase_spans",
+        "phrase_obj_sim",
+        "phrase_obj_valid",
+    )
     metric_names = (
-        "omvm_loss", "omvm_mrc_loss", "omvm_mrc_acc", "omvm_mrc_chance", "omvm_mrfr_loss",
-        "omvm_mrfr_skipped", "omvm_unguided", "omvm_skipped",
+        "omvm_loss",
+        "omvm_mrc_loss",
+        "omvm_mrc_acc",
+        "omvm_mrc_chance",
+        "omvm_mrfr_loss",
+        "omvm_mrfr_skipped",
+        "omvm_unguided",
+        "omvm_skipped",
     )
 
     def __init__(self, cfg: OMVMConfig, model: VLPModel, recipe: Recipe, info: DatasetInfo | None = None):

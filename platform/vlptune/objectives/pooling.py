@@ -13,8 +13,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from vlptune.objectives.itm import clean_view
 from torch import Tensor
+
+from vlptune.objectives.itm import clean_view
 
 
 def pool_under_masks(states: Tensor, masks: Tensor) -> Tensor:
@@ -80,7 +81,6 @@ def visual_states(batch: dict[str, Any], ctx: Any, source: str) -> tuple[Tensor,
     one row per image (R = B), no text. L = gh*gw in row-major order.
     """
     if source == "fusion":
-
         rows = ctx.positive_rows
         out = clean_view(batch, ctx)
         return out.image_states[rows], out.image_mask[rows], batch["pair_image"][rows]

@@ -11,8 +11,9 @@ built-in implementations are imported on first lookup from
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from vlptune.config import objectives as configs
 from vlptune.config.objectives import ObjectiveConfig

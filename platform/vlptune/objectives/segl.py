@@ -26,12 +26,12 @@ from typing import Any
 import torch.nn.functional as F
 from torch import nn
 
-from vlptune.objectives.base import Objective, ObjectiveOutput, StepContext, accuracy, init_head_weights
-from vlptune.objectives.pooling import visual_states
 from vlptune.config import Recipe
+from vlptune.config.objectives import SEGLConfig
 from vlptune.data.info import DatasetInfo
 from vlptune.model.vlp import VLPModel
-from vlptune.config.objectives import SEGLConfig
+from vlptune.objectives.base import Objective, ObjectiveOutput, StepContext, accuracy, init_head_weights
+from vlptune.objectives.pooling import visual_states
 from vlptune.objectives.registry import register
 
 SEG_IGNORE = 255  # the collate's class of unlabelled cells
@@ -74,7 +74,11 @@ class SEGL(Objective):
         return ObjectiveOutput(
             loss,
             {
-                "segl_loss": loss.detach(), "segl_acc": accuracy(logits, wanted), "segl_chance": chance.detach(),
-                "segl_class_acc": class_acc.detach(), "segl_class_chance": 1.0 / float(present.sum()), "segl_skipped": 0.0,
+                "segl_loss": loss.detach(),
+                "segl_acc": accuracy(logits, wanted),
+                "segl_chance": chance.detach(),
+                "segl_class_acc": class_acc.detach(),
+                "segl_class_chance": 1.0 / float(present.sum()),
+                "segl_skipped": 0.0,
             },
         )

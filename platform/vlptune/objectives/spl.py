@@ -31,12 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlptune.config import ConfigError, Recipe
+from vlptune.config.objectives import SPLConfig
+from vlptune.data.info import DatasetInfo
+from vlptune.model.vlp import VLPModel
 from vlptune.objectives.base import HEAD_INIT_STD, Objective, ObjectiveOutput, StepContext, init_head_weights
 from vlptune.objectives.matching import batched_hungarian_match
 from vlptune.objectives.pooling import visual_states
-from vlptune.data.info import DatasetInfo
-from vlptune.model.vlp import VLPModel
-from vlptune.config.objectives import SPLConfig
 from vlptune.objectives.registry import register
 
 HEAD_DIM = 64  # default attention head width: heads = hidden // 64
@@ -84,8 +84,13 @@ class SPL(Objective):
         self.source = cfg.source
         hidden = model.hidden_size
         layer = nn.TransformerDecoderLayer(
-            hidden, self._heads(cfg, hidden), dim_feedforward=4 * hidden, dropout=cfg.dropout,
-            activation="gelu", batch_first=True, norm_first=True,
+            hidden,
+            self._heads(cfg, hidden),
+            dim_feedforward=4 * hidden,
+            dropout=cfg.dropout,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
         )
         self.decoder = nn.TransformerDecoder(layer, cfg.layers, norm=nn.LayerNorm(hidden))
         self.queries = nn.Parameter(torch.randn(cfg.queries, hidden) * HEAD_INIT_STD)

@@ -41,11 +41,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlptune.config import Recipe
-from vlptune.grid import grid_stride
-from vlptune.objectives.base import Objective, ObjectiveOutput, PredictionTransform, StepContext, init_head_weights
-from vlptune.data.info import DatasetInfo
-from vlptune.model.vlp import VLPModel
 from vlptune.config.objectives import SSULConfig, patch_geometry
+from vlptune.data.info import DatasetInfo
+from vlptune.grid import grid_stride
+from vlptune.model.vlp import VLPModel
+from vlptune.objectives.base import Objective, ObjectiveOutput, PredictionTransform, StepContext, init_head_weights
 from vlptune.objectives.registry import register
 
 RGB = 3
@@ -70,7 +70,6 @@ def patch_means(images: Tensor, pixel_mask: Tensor, patch: int) -> tuple[Tensor,
 
 def choose_patches(valid: Tensor, ratio: float, generator: torch.Generator | None = None) -> Tensor:
     """``round(ratio * valid patches)`` (at least 1) valid patches per image, uniformly: bool [B,ph,pw]."""
-    b = valid.shape[0]
     flat = valid.flatten(1)
     scores = torch.rand(flat.shape, generator=generator).to(valid.device).masked_fill(~flat, 2.0)
     rank = scores.argsort(1).argsort(1)

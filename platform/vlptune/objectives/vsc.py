@@ -48,10 +48,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlptune.config import ConfigError, Recipe
-from vlptune.objectives.base import Objective, ObjectiveOutput, StepContext, init_head_weights
+from vlptune.config.objectives import VSCConfig
 from vlptune.data.info import DatasetInfo
 from vlptune.model.vlp import VLPModel
-from vlptune.config.objectives import VSCConfig
+from vlptune.objectives.base import Objective, ObjectiveOutput, StepContext, init_head_weights
 from vlptune.objectives.registry import register
 
 VSC_ATTR = "vsc"  # name of the VSC heads on the VLPModel

@@ -34,13 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vlptune.config import Recipe
+from vlptune.config.objectives import WPGConfig
+from vlptune.data.info import DatasetInfo
+from vlptune.model.vlp import VLPModel
 from vlptune.objectives.base import Objective, ObjectiveOutput, StepContext
 from vlptune.objectives.itm import clean_view
 from vlptune.objectives.pooling import pool_phrases, pool_under_masks
-from vlptune.config import Recipe
-from vlptune.data.info import DatasetInfo
-from vlptune.model.vlp import VLPModel
-from vlptune.config.objectives import WPGConfig
 from vlptune.objectives.registry import register
 
 

@@ -35,11 +35,16 @@ def start(exp_dir: str | Path, port: int = 6006, reload_interval: float = 5.0) -
     board.configure(
         argv=[
             None,
-            "--logdir", str(logdir),
-            "--host", HOST,
-            "--port", str(port),
-            "--reload_interval", str(reload_interval),
-            "--load_fast", "false",  # the pure-Python reader: no extra server process
+            "--logdir",
+            str(logdir),
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            "--reload_interval",
+            str(reload_interval),
+            "--load_fast",
+            "false",  # the pure-Python reader: no extra server process
         ]
     )
     try:
@@ -59,4 +64,3 @@ def serve_forever(exp_dir: str | Path, port: int = 6006, mirror_dir: str | Path 
     except KeyboardInterrupt:
         pass
     return 0
-

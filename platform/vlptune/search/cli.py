@@ -24,7 +24,11 @@ from vlptune.search.space import load_space
 
 def _override_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "-o", "--override", action="append", default=[], metavar="PATH=VALUE",
+        "-o",
+        "--override",
+        action="append",
+        default=[],
+        metavar="PATH=VALUE",
         help="a recipe field applied to every trial (-o train.max_steps=30), or a space setting "
         "(-o num_samples=4, -o scheduler.grace_period=10, -o searcher.seed=3); repeatable",
     )
@@ -32,7 +36,9 @@ def _override_arg(parser: argparse.ArgumentParser) -> None:
 
 def _mirror_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--mirror-dir", default=None, metavar="DIR",
+        "--mirror-dir",
+        default=None,
+        metavar="DIR",
         help="local root for URI experiments: the search driver's files and Optuna study (DIR/driver/...), and the "
         f"copies results/board download (DIR/view/...); default: {DEFAULT_MIRROR_ROOT}",
     )
@@ -47,10 +53,15 @@ def _space_check(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    common = dict(
-        address=args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus, verbose=args.verbose,
-        worker_log_level=args.worker_log_level, mirror_dir=args.mirror_dir, shared_storage=args.shared_storage,
-    )
+    common = {
+        "address": args.address,
+        "num_cpus": args.num_cpus,
+        "num_gpus": args.num_gpus,
+        "verbose": args.verbose,
+        "worker_log_level": args.worker_log_level,
+        "mirror_dir": args.mirror_dir,
+        "shared_storage": args.shared_storage,
+    }
     if args.resume:
         grid = run_search(args.file, exp_dir=args.resume, resume=True, **common)
         exp_dir = args.resume if is_uri(args.resume) else Path(args.resume).resolve()
@@ -119,16 +130,32 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "every node mounts (NFS, Lustre, CephFS...)",
     )
     search.add_argument(
-        "--shared-storage", action="store_true",
+        "--shared-storage",
+        action="store_true",
         help="accept a --storage directory on a multi-node cluster although its filesystem type is not one known to be "
         "shared (you know every node mounts it at the same path); default: refuse it",
     )
     _mirror_arg(search)
-    search.add_argument("--resume", metavar="EXP_DIR", help="continue an interrupted experiment (a directory or a URI): finished trials are kept, unfinished ones resume from their checkpoints")
+    search.add_argument(
+        "--resume",
+        metavar="EXP_DIR",
+        help="continue an interrupted experiment (a directory or a URI): finished trials are kept, unfinished ones resume from their checkpoints",
+    )
     search.add_argument("--num-cpus", type=int, help="CPUs of the local cluster (default: all of this machine's)")
     search.add_argument("--num-gpus", type=int, help="GPUs of the local cluster (default: detected)")
-    search.add_argument("--verbose", "-v", action="count", default=0, help="show Ray's and Tune's output on the console: -v Tune's status tables and every worker line, -vv every result too (default: one line per finished trial and a progress bar; the rest goes to EXP_DIR/vlptune.log)")
-    search.add_argument("--worker-log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="log level of the training workers on the console (INFO shows the loop's step lines); full logs stay in Ray's session directory")
+    search.add_argument(
+        "--verbose",
+        "-v",
+        action="count",
+        default=0,
+        help="show Ray's and Tune's output on the console: -v Tune's status tables and every worker line, -vv every result too (default: one line per finished trial and a progress bar; the rest goes to EXP_DIR/vlptune.log)",
+    )
+    search.add_argument(
+        "--worker-log-level",
+        default="WARNING",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="log level of the training workers on the console (INFO shows the loop's step lines); full logs stay in Ray's session directory",
+    )
     _override_arg(search)
     search.set_defaults(func=_search)
 

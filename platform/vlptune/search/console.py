@@ -57,7 +57,7 @@ class ConsoleLog:
         self._streams: tuple[TextIO, TextIO] = (sys.stdout, sys.stderr)
         self.isatty = False
 
-    def __enter__(self) -> "ConsoleLog":
+    def __enter__(self) -> ConsoleLog:
         if not self.quiet:
             return self
         self.log_path.parent.mkdir(parents=True, exist_ok=True)

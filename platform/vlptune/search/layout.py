@@ -187,7 +187,7 @@ def check_fresh(location: Location) -> None:
     if location.remote:
         try:
             existing = location.remote_files()
-        except Exception as exc:  # noqa: BLE001 - pyarrow's errors: network, credentials, missing bucket
+        except Exception as exc:
             raise SearchError(f"{location.uri}: cannot list the storage: {' '.join(str(exc).split())}") from None
         if existing:
             raise SearchError(f"{location.uri}: already holds {len(existing)} file(s); continue it with --resume {location.uri}, or choose another --name")
@@ -205,7 +205,7 @@ def download_for_resume(location: Location, names: tuple[str, ...] = DRIVER_FILE
     study unless the mirror's own copy is newer (this machine ran the driver last)."""
     try:
         got = location.download_driver_files(names, OPTUNA_DB)
-    except Exception as exc:  # noqa: BLE001 - pyarrow's errors: network, credentials, missing bucket
+    except Exception as exc:
         raise SearchError(f"{location.uri}: cannot download the experiment files: {' '.join(str(exc).split())}") from None
     if META_FILE not in got:
         raise SearchError(f"{location.uri}: not a vlptune search experiment ({META_FILE} is missing there)")
@@ -233,7 +233,7 @@ def local_view(exp: str | Path, mirror_dir: str | Path | None = None, tensorboar
 
     try:
         view = loc.download_view(keep)
-    except Exception as exc:  # noqa: BLE001 - pyarrow's errors: network, credentials, missing bucket
+    except Exception as exc:
         raise SearchError(f"{loc.uri}: cannot download the experiment: {' '.join(str(exc).split())}") from None
     if not (view / META_FILE).is_file():
         raise SearchError(f"{loc.uri}: not a vlptune search experiment ({META_FILE} is missing there)")

@@ -29,19 +29,19 @@ TensorBoard files may be open) and read it like a local experiment.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import shutil
 import sqlite3
 import tempfile
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterable
 from urllib.parse import urlsplit, urlunsplit
 
 from vlptune.cluster.storage import StorageError, is_uri, open_uri
-import logging
-import shutil
 from vlptune.io import atomic_write_bytes
 
 # Default root of the local mirrors of URI experiments (the --mirror-dir flag).
@@ -101,7 +101,7 @@ def upload_bytes(fs, path: str, data: bytes) -> None:
     except BaseException:
         try:
             fs.delete_file(tmp)
-        except Exception:  # noqa: BLE001 - nothing to clean
+        except Exception:
             pass
         raise
 
@@ -212,7 +212,7 @@ class Location:
     mirror_root: Path | None = field(default=None, repr=False)
 
     @classmethod
-    def of(cls, exp: str | os.PathLike, mirror_root: str | os.PathLike | None = None) -> "Location":
+    def of(cls, exp: str | os.PathLike, mirror_root: str | os.PathLike | None = None) -> Location:
         raw = os.fspath(exp)
         if is_uri(raw):
             uri_parent(raw)  # refuses a URI without a directory name
@@ -340,7 +340,7 @@ class DriverSync:
 
         try:
             self.location.upload_driver_files(self.names, self.study_db)
-        except Exception as exc:  # noqa: BLE001 - network, credentials, quota
+        except Exception as exc:
             message = f"cannot upload the experiment files of {self.location.local} to {self.uri}: {' '.join(str(exc).split())}"
             if strict:
                 raise StorageError(message) from exc

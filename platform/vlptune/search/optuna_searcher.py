@@ -116,7 +116,6 @@ def sample(space: SearchSpace, trial: optuna.Trial) -> dict[str, Any]:
     return space.active_values(lambda p: suggest_value(trial, p))
 
 
-
 class OptunaSearcher(Searcher):
     """Ray Tune searcher over a :class:`SearchSpace`, backed by an Optuna study in ``storage_url``."""
 

@@ -53,7 +53,9 @@ class _Strict(BaseModel):
 class SchedulerSpec(_Strict):
     """Early stopping of trials on the fidelity axis (training steps)."""
 
-    type: Literal["asha", "hyperband", "median", "fifo"] = Field("asha", description="asha (default), hyperband, median (median stopping rule) or fifo (no early stopping)")
+    type: Literal["asha", "hyperband", "median", "fifo"] = Field(
+        "asha", description="asha (default), hyperband, median (median stopping rule) or fifo (no early stopping)"
+    )
     grace_period: int | None = Field(None, ge=1, description="asha/median: steps before a trial can be stopped; default train.eval_every (the first report)")
     reduction_factor: float = Field(2.0, gt=1.0, le=100.0, description="asha/hyperband: 1/reduction_factor of the trials go on at each rung")
     brackets: int = Field(1, ge=1, le=16, description="asha: number of brackets (1 = plain ASHA, more = asynchronous hyperband)")
@@ -70,7 +72,9 @@ class SearcherSpec(_Strict):
     multivariate: bool = Field(True, description="tpe: model the parameters jointly")
     constant_liar: bool = Field(True, description="tpe: treat running trials as bad so parallel trials spread out")
     group: bool | None = Field(None, description="tpe: split conditional parameters into groups (default: on when multivariate and a parameter has when:)")
-    n_startup_trials: int | None = Field(None, ge=0, le=100_000, description="tpe/cmaes: random trials before the model is used (default: tpe min(10, num_samples // 2), cmaes 1)")
+    n_startup_trials: int | None = Field(
+        None, ge=0, le=100_000, description="tpe/cmaes: random trials before the model is used (default: tpe min(10, num_samples // 2), cmaes 1)"
+    )
     sigma0: float | None = Field(None, gt=0.0, description="cmaes: initial step size")
     restart_strategy: Literal["ipop", "bipop"] | None = Field(None, description="cmaes: restart strategy")
     popsize: int | None = Field(None, ge=2, description="cmaes: population size")
@@ -79,8 +83,12 @@ class SearcherSpec(_Strict):
 class FailuresSpec(_Strict):
     """Fault tolerance."""
 
-    max_failures: int = Field(2, ge=-1, le=1000, description="worker-group restarts of one trial, each from its last checkpoint (Ray Train FailureConfig); -1 = unlimited")
-    trial_max_failures: int = Field(0, ge=-1, le=1000, description="Tune-level restarts of a failed trial (its trainer resumes from the last checkpoint); -1 = unlimited")
+    max_failures: int = Field(
+        2, ge=-1, le=1000, description="worker-group restarts of one trial, each from its last checkpoint (Ray Train FailureConfig); -1 = unlimited"
+    )
+    trial_max_failures: int = Field(
+        0, ge=-1, le=1000, description="Tune-level restarts of a failed trial (its trainer resumes from the last checkpoint); -1 = unlimited"
+    )
 
 
 class SpaceFile(_Strict):
@@ -93,7 +101,9 @@ class SpaceFile(_Strict):
     mode: Literal["min", "max"] = Field(..., description="minimise or maximise the metric")
     num_samples: int = Field(8, ge=1, le=1_000_000, description="trials to run (grid: at most the grid size; default for grid: the grid size)")
     max_concurrent: int = Field(2, ge=1, le=10_000, description="trials running at once (also bounded by the cluster's CPUs/GPUs)")
-    resources: dict[str, Any] = Field(default_factory=dict, description="recipe.resources for each trial: workers, cpus_per_worker, gpus_per_worker, torch_threads")
+    resources: dict[str, Any] = Field(
+        default_factory=dict, description="recipe.resources for each trial: workers, cpus_per_worker, gpus_per_worker, torch_threads"
+    )
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
     searcher: SearcherSpec = Field(default_factory=SearcherSpec)
     failures: FailuresSpec = Field(default_factory=FailuresSpec)

@@ -11,14 +11,14 @@ the base recipe and applies the rest (:class:`ResolvedBase`). Their
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from vlptune.config import ConfigError, Recipe, field_at, load_raw_with_sources, parse_override, set_dotted, validate_recipe
 from vlptune.errors import did_you_mean
 from vlptune.search.params import FailuresSpec
-
 
 # ------------------------------------------------------------------ overrides
 

@@ -16,11 +16,11 @@ from typing import Any
 
 from vlptune.cluster import storage
 from vlptune.cluster.storage import StorageError, check_storage
+from vlptune.config import Recipe
 from vlptune.config.objectives import required_columns
 from vlptune.data.info import COLUMN_MEANINGS, DatasetInfo
 from vlptune.data.prepare import ensure_data
 from vlptune.data.shards import MANIFEST_NAME
-from vlptune.config import Recipe
 from vlptune.search.layout import SearchError
 from vlptune.search.location import Location
 from vlptune.search.space import SearchSpace
@@ -71,7 +71,9 @@ def cluster_nodes() -> list[dict[str, Any]] | int:
     return ray.nodes() if ray.is_initialized() else 1
 
 
-def check_experiment_storage(location: Location, shared: bool = False, nodes: list[dict[str, Any]] | int | None = None, mounts_file: str | Path | None = None) -> None:
+def check_experiment_storage(
+    location: Location, shared: bool = False, nodes: list[dict[str, Any]] | int | None = None, mounts_file: str | Path | None = None
+) -> None:
     """Refuse (:class:`SearchError`) an experiment the nodes of the cluster cannot all reach.
 
     ``nodes``: ``ray.nodes()``'s list or a count; default: asked of the Ray
@@ -79,11 +81,14 @@ def check_experiment_storage(location: Location, shared: bool = False, nodes: li
     directory (``--shared-storage``). See :func:`vlptune.cluster.storage.check_storage`.
     """
     try:
-        check_storage(location.uri or location.local, cluster_nodes() if nodes is None else nodes, assume_shared=shared, mounts_file=mounts_file or storage.MOUNTS_FILE)  # MOUNTS_FILE read when called
+        check_storage(
+            location.uri or location.local, cluster_nodes() if nodes is None else nodes, assume_shared=shared, mounts_file=mounts_file or storage.MOUNTS_FILE
+        )  # MOUNTS_FILE read when called
     except StorageError as exc:
         local_path = location.uri is None or location.uri.startswith("file://")
-        hint = "" if shared or not local_path else (
-            "; if every node does mount this directory at the same path (a shared filesystem vlptune does not "
-            "recognise), pass --shared-storage"
+        hint = (
+            ""
+            if shared or not local_path
+            else ("; if every node does mount this directory at the same path (a shared filesystem vlptune does not recognise), pass --shared-storage")
         )
         raise SearchError(f"{exc}{hint}") from None

@@ -14,6 +14,7 @@ import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 import yaml
@@ -22,7 +23,6 @@ from vlptune.config import recipe_to_dict, set_dotted, validate_recipe
 from vlptune.io import finite
 from vlptune.search.layout import BASE_COPY, TB_DIR, TRIAL_RECIPE, SearchError, local_view, read_meta, study_url
 from vlptune.search.trainable import STARTUP_KEY
-from statistics import median
 
 TUNE_STATUS_WORDS = {"TERMINATED": "terminated", "ERROR": "error", "RUNNING": "running", "PENDING": "pending", "PAUSED": "paused"}
 
@@ -67,7 +67,6 @@ class ExperimentResults:
         return pick(pool, key=lambda r: r.metric if r.metric is not None else math.nan)
 
 
-
 def read_results(trial_dir: Path) -> list[dict[str, Any]]:
     path = trial_dir / "result.json"
     if not path.is_file():
@@ -96,7 +95,7 @@ def _optuna_trials(meta: dict[str, Any], exp_dir: Path | None = None) -> dict[st
         if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).is_file():
             return {}  # no study written yet (and opening it would create an empty file)
         study = optuna.load_study(study_name=meta["study_name"], storage=url)
-    except Exception:  # noqa: BLE001 - a missing or foreign study only loses the Optuna columns
+    except Exception:
         return {}
     return {t.user_attrs["ray_trial_id"]: t for t in study.get_trials(deepcopy=False) if "ray_trial_id" in t.user_attrs}
 

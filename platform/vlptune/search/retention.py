@@ -33,8 +33,9 @@ where nothing outlives a report).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ray.tune import Callback
 
@@ -120,7 +121,7 @@ class CheckpointRetention(Callback):
         source = f"trial {trial.trial_id}"
         try:
             recipe = validate_recipe((self.resolve or apply_config)(self.base_raw, dict(trial.config), source), source)
-        except Exception as exc:  # noqa: BLE001 - a trial refused before it started has no checkpoint
+        except Exception as exc:
             log.debug("%s: no recipe, its checkpoints are left as they are: %s", source, exc)
             return
         policy = ending_policy(recipe, trial.last_result or {}, failed)
@@ -137,7 +138,7 @@ class CheckpointRetention(Callback):
             removed = prune_run_storage(fs, f"{exp}/{TRAIN_DIR}/{trial.trial_id}", policy, self.metric, self.mode)
             if isinstance(fs, pafs.LocalFileSystem):
                 ckpt.finish_checkpoints(Path(exp) / TB_DIR / trial.trial_id, policy, self.metric, self.mode)
-        except Exception as exc:  # noqa: BLE001 - housekeeping never fails a search
+        except Exception as exc:
             log.warning("trial %s: could not prune its checkpoints to %r: %s", trial.trial_id, policy, exc)
             return
         if removed:

@@ -29,9 +29,10 @@ import logging
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from vlptune.cluster import session
 from vlptune.cluster.session import RAY_ENV, LocalSession, cluster_address
@@ -81,11 +82,24 @@ def make_scheduler(space: SearchSpace):
     if s.type == "asha":
         # stop_last_trials=False: a trial at the last rung ends by itself, so its final
         # evaluation, checkpoint and TensorBoard events are written, never cut off.
-        return ASHAScheduler(time_attr=TIME_ATTR, max_t=space.max_fidelity, grace_period=space.grace_period, reduction_factor=s.reduction_factor, brackets=s.brackets, stop_last_trials=False)
+        return ASHAScheduler(
+            time_attr=TIME_ATTR,
+            max_t=space.max_fidelity,
+            grace_period=space.grace_period,
+            reduction_factor=s.reduction_factor,
+            brackets=s.brackets,
+            stop_last_trials=False,
+        )
     if s.type == "hyperband":
         return HyperBandScheduler(time_attr=TIME_ATTR, max_t=space.max_fidelity, reduction_factor=s.reduction_factor, stop_last_trials=False)
     if s.type == "median":
-        return MedianStoppingRule(time_attr=TIME_ATTR, grace_period=space.grace_period, min_samples_required=s.min_samples_required, min_time_slice=s.min_time_slice, hard_stop=s.hard_stop)
+        return MedianStoppingRule(
+            time_attr=TIME_ATTR,
+            grace_period=space.grace_period,
+            min_samples_required=s.min_samples_required,
+            min_time_slice=s.min_time_slice,
+            hard_stop=s.hard_stop,
+        )
     return FIFOScheduler()
 
 
@@ -99,13 +113,17 @@ def concurrency(space: SearchSpace) -> int:
     need_cpu = res.workers * res.cpus_per_worker
     have_cpu = float(total.get("CPU", 0.0))
     if need_cpu > have_cpu + 1e-9:
-        raise SearchError(f"{space.file}: a trial needs {res.workers} worker(s) x {res.cpus_per_worker:g} CPU = {need_cpu:g} CPUs; the cluster has {have_cpu:g}")
+        raise SearchError(
+            f"{space.file}: a trial needs {res.workers} worker(s) x {res.cpus_per_worker:g} CPU = {need_cpu:g} CPUs; the cluster has {have_cpu:g}"
+        )
     limit = min(limit, int(have_cpu // need_cpu + 1e-9))
     if res.gpus_per_worker > 0:
         need_gpu = res.workers * res.gpus_per_worker
         have_gpu = float(total.get("GPU", 0.0))
         if need_gpu > have_gpu + 1e-9:
-            raise SearchError(f"{space.file}: a trial needs {res.workers} worker(s) x {res.gpus_per_worker:g} GPU = {need_gpu:g} GPUs; the cluster has {have_gpu:g}")
+            raise SearchError(
+                f"{space.file}: a trial needs {res.workers} worker(s) x {res.gpus_per_worker:g} GPU = {need_gpu:g} GPUs; the cluster has {have_gpu:g}"
+            )
         limit = min(limit, int(have_gpu // need_gpu + 1e-9))
     return max(1, limit)
 
@@ -180,9 +198,19 @@ def run_search(
         hparams=[p.path for p in space.params],
     )
     return run_experiment(
-        plan, exp_dir, fresh=fresh, resume=resume, address=address, num_cpus=num_cpus, num_gpus=num_gpus,
-        verbose=verbose, worker_log_level=worker_log_level, worker_fn=worker_fn, callbacks=callbacks,
-        location=loc, shared_storage=shared_storage,
+        plan,
+        exp_dir,
+        fresh=fresh,
+        resume=resume,
+        address=address,
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        verbose=verbose,
+        worker_log_level=worker_log_level,
+        worker_fn=worker_fn,
+        callbacks=callbacks,
+        location=loc,
+        shared_storage=shared_storage,
     )
 
 
@@ -219,7 +247,7 @@ def _search_settings(space: SearchSpace, meta: dict[str, Any]) -> dict[str, Any]
     from vlptune.search.optuna_searcher import OptunaSearcher  # imports optuna and Ray Tune: kept lazy
 
     searcher = OptunaSearcher(space, storage_url=meta["storage_url"], study_name=meta["study_name"])
-    searcher.study  # create the study (and fail early on a bad storage URL)
+    _ = searcher.study  # create the study (and fail early on a bad storage URL)
     return {"search_alg": searcher, "scheduler": make_scheduler(space), "num_samples": space.num_samples}
 
 
@@ -255,7 +283,22 @@ def run_experiment(
         print(f"log: {console.log_path} (Ray, Tune and worker output; --verbose shows it here)", flush=True)
     try:
         with console:
-            return _run_logged(plan, exp_dir, console, fresh=fresh, resume=resume, address=address, num_cpus=num_cpus, num_gpus=num_gpus, verbose=verbose, worker_log_level=worker_log_level, worker_fn=worker_fn, callbacks=callbacks, location=location, shared_storage=shared_storage)
+            return _run_logged(
+                plan,
+                exp_dir,
+                console,
+                fresh=fresh,
+                resume=resume,
+                address=address,
+                num_cpus=num_cpus,
+                num_gpus=num_gpus,
+                verbose=verbose,
+                worker_log_level=worker_log_level,
+                worker_fn=worker_fn,
+                callbacks=callbacks,
+                location=location,
+                shared_storage=shared_storage,
+            )
     except BaseException:
         if console.quiet:
             kept = _keep_log(console.log_path)
@@ -273,7 +316,23 @@ def _keep_log(log_path: Path) -> Path | None:
     return None
 
 
-def _run_logged(plan: TrialPlan, exp_dir: Path, console, *, fresh: bool, resume: bool, address, num_cpus, num_gpus, verbose: int, worker_log_level: str, worker_fn, callbacks, location, shared_storage: bool):
+def _run_logged(
+    plan: TrialPlan,
+    exp_dir: Path,
+    console,
+    *,
+    fresh: bool,
+    resume: bool,
+    address,
+    num_cpus,
+    num_gpus,
+    verbose: int,
+    worker_log_level: str,
+    worker_fn,
+    callbacks,
+    location,
+    shared_storage: bool,
+):
     import ray  # heavy dependency kept lazy
 
     loc = location or Location(local=Path(exp_dir).resolve())
@@ -336,7 +395,7 @@ def _tune_state_saved(loc: Location) -> bool:
         return any(loc.local.glob("experiment_state-*.json"))
     try:
         return any(name.startswith("experiment_state-") and "/" not in name for name in loc.remote_files())
-    except Exception:  # noqa: BLE001 - cannot tell: keep everything
+    except Exception:
         return True
 
 
@@ -344,7 +403,7 @@ def _delete_driver_uploads(loc: Location, names: tuple[str, ...] = DRIVER_FILES)
     """Remove the driver files a fresh URI experiment uploaded before it failed (its name stays free)."""
     try:
         loc.delete_files((*names, OPTUNA_DB))
-    except Exception as exc:  # noqa: BLE001 - leftovers only make the next try pick another name
+    except Exception as exc:
         log.warning("could not remove the files uploaded to %s: %s", loc.uri, exc)
 
 
@@ -357,11 +416,19 @@ def _fit(plan: TrialPlan, exp_dir: Path, resume: bool, worker_fn: Callable | Non
     source = plan.source
     loc = location or Location(local=Path(exp_dir).resolve())
     trainable = tune.with_resources(
-        make_trainable(exp_dir, source.base_raw, source.metric, source.failures.max_failures, worker_fn, plan.resolve, location=loc, hparams=plan.hparams, mode=source.mode),
+        make_trainable(
+            exp_dir, source.base_raw, source.metric, source.failures.max_failures, worker_fn, plan.resolve, location=loc, hparams=plan.hparams, mode=source.mode
+        ),
         tune.PlacementGroupFactory([{"CPU": 0, "memory": DRIVER_MEMORY_BYTES}]),
     )
     # StartupTimer first: it adds to the result that the loggers then write.
-    run_callbacks = [StartupTimer(), CSVLoggerCallback(), JsonLoggerCallback(), *(callbacks or []), CheckpointRetention(source.base_raw, source.metric, source.mode, plan.resolve)]
+    run_callbacks = [
+        StartupTimer(),
+        CSVLoggerCallback(),
+        JsonLoggerCallback(),
+        *(callbacks or []),
+        CheckpointRetention(source.base_raw, source.metric, source.mode, plan.resolve),
+    ]
     if resume:
         if not tune.Tuner.can_restore(loc.path):
             raise SearchError(f"{loc.path}: no Tune experiment state to resume from (did the experiment start?)")

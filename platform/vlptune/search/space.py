@@ -87,7 +87,9 @@ def metric_problem(metric: str, recipe: Recipe) -> str | None:
     active = recipe.active_objectives()
     if metric.startswith("retrieval/") and not any(cfg.scores_pairs for cfg in active.values()):
         scorers = objective_configs.pair_scorer_names()
-        return f"retrieval is scored by an objective that scores image-text pairs, and {' and '.join(f'objectives.{name}.weight' for name in scorers)} is 0 here"
+        return (
+            f"retrieval is scored by an objective that scores image-text pairs, and {' and '.join(f'objectives.{name}.weight' for name in scorers)} is 0 here"
+        )
     if metric.startswith("val/"):
         head = metric[4:].split("_", 1)[0]
         if head in recipe.objectives and head not in active:
@@ -254,11 +256,15 @@ class SearchSpace:
         ]
         s = self.scheduler
         if s.type == "asha":
-            lines.append(f"  scheduler: asha (grace_period {self.grace_period}, reduction_factor {s.reduction_factor:g}, brackets {s.brackets}); rungs at steps {self.asha_rungs()}")
+            lines.append(
+                f"  scheduler: asha (grace_period {self.grace_period}, reduction_factor {s.reduction_factor:g}, brackets {s.brackets}); rungs at steps {self.asha_rungs()}"
+            )
         elif s.type == "hyperband":
             lines.append(f"  scheduler: hyperband (max_t {self.max_fidelity}, reduction_factor {s.reduction_factor:g})")
         elif s.type == "median":
-            lines.append(f"  scheduler: median stopping rule (grace_period {self.grace_period}, min_samples_required {s.min_samples_required}, min_time_slice {s.min_time_slice}, hard_stop {s.hard_stop})")
+            lines.append(
+                f"  scheduler: median stopping rule (grace_period {self.grace_period}, min_samples_required {s.min_samples_required}, min_time_slice {s.min_time_slice}, hard_stop {s.hard_stop})"
+            )
         else:
             lines.append("  scheduler: fifo (no early stopping)")
         sr = self.searcher
@@ -338,7 +344,9 @@ def _settings_problems(spec: SpaceFile, doc: dict[str, Any]) -> list[str]:
             kind = getattr(spec, section).type
             extra = sorted(set(settings) - {"type"} - set(allowed_by_type[kind]))
             if extra:
-                problems.append(f"  {section}: {', '.join(extra)} do(es) not apply to {section} type {kind!r}; it takes: {', '.join(allowed_by_type[kind]) or 'no settings'}")
+                problems.append(
+                    f"  {section}: {', '.join(extra)} do(es) not apply to {section} type {kind!r}; it takes: {', '.join(allowed_by_type[kind]) or 'no settings'}"
+                )
     return problems
 
 
@@ -349,7 +357,9 @@ def _when_problems(label: str, param: Param, earlier: set[str], later: set[str])
         if name == param.path:
             problems.append(f"{label}: when: {param.when!r} refers to the parameter itself")
         elif name in later:
-            problems.append(f"{label}: when: {param.when!r} refers to {name}, which is defined after it; parameters are sampled in file order, move {name} above")
+            problems.append(
+                f"{label}: when: {param.when!r} refers to {name}, which is defined after it; parameters are sampled in file order, move {name} above"
+            )
         elif name not in earlier:
             try:
                 field_at(name)

@@ -23,8 +23,9 @@ import fcntl
 import inspect
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -86,7 +87,7 @@ class RayTrainReporter:
             return
         try:
             self.uploader.sync()
-        except Exception as exc:  # noqa: BLE001 - an intermediate upload is retried at the next report
+        except Exception as exc:
             if final:
                 raise RuntimeError(f"cannot upload the trial's run directory {self.uploader.local} to {self.uploader.uri}: {exc}") from exc
             log.warning("upload of %s to %s failed (retried at the next report): %s", self.uploader.local, self.uploader.uri, exc)
@@ -126,10 +127,8 @@ class RayTrainReporter:
             return False
         copy = self._copy[1]
         try:
-            recorded = ray.train.get_all_reported_checkpoints(
-                consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=COMMIT_TIMEOUT_S
-            )
-        except Exception as exc:  # noqa: BLE001 - the local copy then stays: nothing is lost
+            recorded = ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=COMMIT_TIMEOUT_S)
+        except Exception as exc:
             log.warning("cannot confirm that Ray Train recorded %s (the local copy stays): %s", copy.path, exc)
             return False
         return any(getattr(r.checkpoint, "path", None) == copy.path for r in recorded)
@@ -362,5 +361,5 @@ def _startup_timer_class():
     return StartupTimer
 
 
-def StartupTimer():  # noqa: N802 - a factory standing for the class (Ray is imported lazily)
+def StartupTimer():
     return _startup_timer_class()()

@@ -54,7 +54,12 @@ def _check_when_node(node: ast.AST, names: list[str]) -> None:
             _check_when_node(value, names)
     elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
         _check_when_node(node.operand, names)
-    elif isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)) and isinstance(node.operand, ast.Constant) and isinstance(node.operand.value, (int, float)):
+    elif (
+        isinstance(node, ast.UnaryOp)
+        and isinstance(node.op, (ast.USub, ast.UAdd))
+        and isinstance(node.operand, ast.Constant)
+        and isinstance(node.operand.value, (int, float))
+    ):
         pass
     elif isinstance(node, ast.Compare):
         if not all(type(op) in _CMP for op in node.ops):
@@ -75,7 +80,9 @@ def _check_when_node(node: ast.AST, names: list[str]) -> None:
         for elt in node.elts:
             _check_when_node(elt, names)
     else:
-        raise WhenError(f"{type(node).__name__} ({ast.unparse(node)!r}) is not allowed; use comparisons (== != < <= > >= in), and/or/not, parameter paths and constants")
+        raise WhenError(
+            f"{type(node).__name__} ({ast.unparse(node)!r}) is not allowed; use comparisons (== != < <= > >= in), and/or/not, parameter paths and constants"
+        )
 
 
 def parse_when(text: str) -> tuple[ast.Expression, list[str]]:

@@ -35,24 +35,35 @@ import functools
 import logging
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from vlptune.config import ConfigError, Recipe, check_field_value, field_at, format_validation_error, parse_override, read_yaml_mapping, set_dotted, validate_recipe
+from vlptune.config import (
+    ConfigError,
+    Recipe,
+    check_field_value,
+    field_at,
+    format_validation_error,
+    parse_override,
+    read_yaml_mapping,
+    set_dotted,
+    validate_recipe,
+)
 from vlptune.io import atomic_write_text, finite
 from vlptune.search import layout
 from vlptune.search import results as search_results
 from vlptune.search.layout import BASE_COPY, META_FILE, TB_DIR, SearchError, absolute_paths, not_an_experiment
 from vlptune.search.location import DirUploader, Location
-from vlptune.search.results import read_results
-from vlptune.search.runner import TrialPlan, run_experiment
-from vlptune.search.trainable import apply_config
 from vlptune.search.params import FailuresSpec
 from vlptune.search.plan_file import describe_failures, describe_fixed, describe_header, resolve_base, split_overrides
+from vlptune.search.results import read_results
+from vlptune.search.runner import TrialPlan, run_experiment
 from vlptune.search.space import FIDELITY_PATH, TIME_ATTR, check_objectives, metric_problem
+from vlptune.search.trainable import apply_config
 from vlptune.study import stats
 from vlptune.study.ablation_table import format_csv, format_markdown, study_table
 
@@ -77,8 +88,18 @@ VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_+\-]*$")
 
 # Study-level keys that `-o key=value` may override; any other override is a recipe field of every variant.
 STUDY_OVERRIDE_KEYS = (
-    "name", "description", "baseline", "variants", "seeds", "seed_base", "metrics", "metric", "mode",
-    "confidence", "max_concurrent", "failures",
+    "name",
+    "description",
+    "baseline",
+    "variants",
+    "seeds",
+    "seed_base",
+    "metrics",
+    "metric",
+    "mode",
+    "confidence",
+    "max_concurrent",
+    "failures",
 )
 # Overlay paths a variant may not set, and why.
 RESERVED_PATHS = {
@@ -106,12 +127,16 @@ class StudyFile(BaseModel):
     variants: dict[str, dict[str, Any] | None] = Field(..., description="variant name -> overlay (dotted recipe path -> value); the baseline's may be empty")
     seeds: int = Field(3, ge=1, le=MAX_SEEDS, description="seeds per variant; seed i trains with train.seed = seed_base + i")
     seed_base: int = Field(0, ge=0, le=MAX_SEED - MAX_SEEDS, description="train.seed of the first seed")
-    metrics: list[str] = Field(..., min_length=1, description="result keys reported in the table (the loop's evaluation keys, e.g. retrieval/rsum, val/itm_acc)")
+    metrics: list[str] = Field(
+        ..., min_length=1, description="result keys reported in the table (the loop's evaluation keys, e.g. retrieval/rsum, val/itm_acc)"
+    )
     metric: str = Field(..., min_length=1, description="the primary metric (every variant must report it; listed first in the table)")
     mode: Literal["min", "max"] = Field(..., description="whether the primary metric is better when lower or higher")
     confidence: float = Field(stats.DEFAULT_CONFIDENCE, gt=0.5, lt=1.0, description="level of the confidence interval of the difference to the baseline")
     max_concurrent: int = Field(2, ge=1, le=10_000, description="trials running at once (also bounded by the cluster's CPUs/GPUs)")
-    resources: dict[str, Any] = Field(default_factory=dict, description="recipe.resources of every trial: workers, cpus_per_worker, gpus_per_worker, torch_threads")
+    resources: dict[str, Any] = Field(
+        default_factory=dict, description="recipe.resources of every trial: workers, cpus_per_worker, gpus_per_worker, torch_threads"
+    )
     failures: FailuresSpec = Field(default_factory=FailuresSpec)
     fixed: dict[str, Any] = Field(default_factory=dict, description="dotted recipe path -> value, applied to every variant")
 
@@ -285,10 +310,14 @@ def study_from_dict(
     # every variant's recipe validates, its objectives accept it, and it reports the primary metric
     for name in study.variant_names:
         try:
-            recipe = validate_recipe(study.variant_raw(name, study.seed_base), f"variant {name!r}", sources={p: f"variant {name!r}" for p in study.variants[name]})
+            recipe = validate_recipe(
+                study.variant_raw(name, study.seed_base), f"variant {name!r}", sources=dict.fromkeys(study.variants[name], f"variant {name!r}")
+            )
             check_objectives(recipe)
         except ConfigError as exc:
-            problems += [f"  variants.{name}: {line.strip()}" for line in str(exc).splitlines() if line.strip() and not line.strip().endswith("invalid configuration:")]
+            problems += [
+                f"  variants.{name}: {line.strip()}" for line in str(exc).splitlines() if line.strip() and not line.strip().endswith("invalid configuration:")
+            ]
             continue
         problem = metric_problem(study.metric, recipe)
         if problem:
@@ -426,8 +455,17 @@ def run_study(
             driver_files=STUDY_DRIVER_FILES,
         )
         run_experiment(
-            plan, exp_dir, fresh=fresh, resume=resume, address=address, num_cpus=num_cpus, num_gpus=num_gpus,
-            verbose=verbose, worker_log_level=worker_log_level, worker_fn=worker_fn, callbacks=callbacks,
+            plan,
+            exp_dir,
+            fresh=fresh,
+            resume=resume,
+            address=address,
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            verbose=verbose,
+            worker_log_level=worker_log_level,
+            worker_fn=worker_fn,
+            callbacks=callbacks,
             location=loc,
         )
     except SearchError as exc:
@@ -443,7 +481,7 @@ def _upload_outputs(loc: Location) -> None:
     try:
         loc.upload_driver_files((TABLE_MD, TABLE_CSV), None)
         DirUploader(loc.local / TB_DIR / TB_RUN, loc.join(TB_DIR, TB_RUN)).sync()
-    except Exception as exc:  # noqa: BLE001 - pyarrow's errors: network, credentials, quota
+    except Exception as exc:
         raise StudyError(f"{loc.uri}: cannot upload the study's table: {' '.join(str(exc).split())}") from None
 
 
@@ -486,8 +524,21 @@ class StudyResults:
     trials: list[StudyTrial] = field(default_factory=list)
 
     @classmethod
-    def for_spec(cls, spec: StudySpec, trials: list[StudyTrial], exp_dir: str | Path = "") -> "StudyResults":
-        return cls(str(exp_dir), spec.name, spec.description, spec.baseline, spec.variant_names, spec.seed_values, list(spec.metrics), spec.metric, spec.mode, spec.confidence, spec.max_fidelity, list(trials))
+    def for_spec(cls, spec: StudySpec, trials: list[StudyTrial], exp_dir: str | Path = "") -> StudyResults:
+        return cls(
+            str(exp_dir),
+            spec.name,
+            spec.description,
+            spec.baseline,
+            spec.variant_names,
+            spec.seed_values,
+            list(spec.metrics),
+            spec.metric,
+            spec.mode,
+            spec.confidence,
+            spec.max_fidelity,
+            list(trials),
+        )
 
     @property
     def runs(self) -> dict[str, dict[int, dict[str, float]]]:
@@ -506,7 +557,6 @@ class StudyResults:
     def unfinished(self, variant: str) -> list[StudyTrial]:
         done = self.runs.get(variant, {})
         return [t for t in self.trials if t.variant == variant and t.seed not in done]
-
 
 
 def collect_study(exp_dir: str | Path) -> StudyResults:

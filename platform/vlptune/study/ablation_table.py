@@ -31,10 +31,20 @@ def study_table(results: StudyResults) -> list[dict[str, Any]]:
             values = results.values(variant, metric)
             summary = stats.summarize(values)
             row: dict[str, Any] = {
-                "metric": metric, "variant": variant, "is_baseline": variant == results.baseline,
-                "n": summary.n, "mean": summary.mean, "std": summary.std,
-                "diff": None, "ci_low": None, "ci_high": None, "df": None, "t": None, "p": None,
-                "confidence": results.confidence, "note": None,
+                "metric": metric,
+                "variant": variant,
+                "is_baseline": variant == results.baseline,
+                "n": summary.n,
+                "mean": summary.mean,
+                "std": summary.std,
+                "diff": None,
+                "ci_low": None,
+                "ci_high": None,
+                "df": None,
+                "t": None,
+                "p": None,
+                "confidence": results.confidence,
+                "note": None,
             }
             finished = len(results.runs[variant])
             if finished and not values:

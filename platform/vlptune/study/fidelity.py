@@ -153,7 +153,7 @@ class Ratios:
     target_steps: int
 
     @classmethod
-    def between(cls, source: Recipe, target: Recipe) -> "Ratios":
+    def between(cls, source: Recipe, target: Recipe) -> Ratios:
         return cls(global_batch(source), global_batch(target), int(source.train.max_steps), int(target.train.max_steps))
 
     @property

@@ -80,15 +80,17 @@ def open_study(exp_dir: str | Path):
     except SearchError as exc:
         raise ImportanceError(str(exc)) from None
     if not meta.get("storage_url"):
-        raise ImportanceError(f"{exp_dir}: this experiment has no Optuna study (kind {meta.get('kind', 'search')!r}: an ablation or promoted run has no searcher); give a search experiment")
+        raise ImportanceError(
+            f"{exp_dir}: this experiment has no Optuna study (kind {meta.get('kind', 'search')!r}: an ablation or promoted run has no searcher); give a search experiment"
+        )
     # the experiment's own optuna.db wherever the directory now is, else the stored URL
     url = study_url(meta, exp_dir)
-    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
-        raise ImportanceError(f"{exp_dir}: the study's SQLite file {url[len('sqlite:///'):]} does not exist (did the search start?)")
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).is_file():
+        raise ImportanceError(f"{exp_dir}: the study's SQLite file {url[len('sqlite:///') :]} does not exist (did the search start?)")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         study = optuna.load_study(study_name=meta["study_name"], storage=url)
-    except Exception as exc:  # noqa: BLE001 - a missing or unreadable study: say which
+    except Exception as exc:
         raise ImportanceError(f"{exp_dir}: cannot open the Optuna study {meta.get('study_name')!r} at {url}: {exc}") from None
     return study, meta
 
@@ -142,8 +144,8 @@ def compute(
             f"{counts.pruned} pruned and {counts.failed} failed trial(s) are not used: neither evaluator reads a trial without a final value. "
             "Run more trials (num_samples), or a gentler scheduler so more trials reach the last step"
         )
-    seen = [p for p in dict.fromkeys(k for t in complete for k in t.params)]
-    searched = [p for p in (searched or seen)]
+    seen = list(dict.fromkeys(k for t in complete for k in t.params))
+    searched = list(searched or seen)
     notes = [f"used {len(complete)} completed trial(s); not used: {counts.pruned} pruned, {counts.failed} failed ({evaluator} reads completed trials only)"]
     left_out: list[str] = [p for p in searched if p not in seen]
     if left_out:
@@ -159,7 +161,9 @@ def compute(
     if not params:
         raise ImportanceError(f"{source}: no parameter to assess with {evaluator} (searched: {', '.join(searched) or 'none'})")
     if len({t.value for t in complete}) < MIN_TRIALS_FLOOR:
-        raise ImportanceError(f"{source}: all {len(complete)} completed trials have the same value ({complete[0].value:g}); no parameter explains a difference that is not there")
+        raise ImportanceError(
+            f"{source}: all {len(complete)} completed trials have the same value ({complete[0].value:g}); no parameter explains a difference that is not there"
+        )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -171,7 +175,9 @@ def compute(
         if text and text not in notes and not issubclass(w.category, (DeprecationWarning, optuna.exceptions.ExperimentalWarning)):
             notes.append(f"optuna: {text}")
     if len(complete) < TRIALS_PER_PARAM * len(params):
-        notes.append(f"{len(complete)} trials for {len(params)} parameters (fewer than {TRIALS_PER_PARAM} per parameter): these importances are rough; read the order of the clear leaders, not the numbers")
+        notes.append(
+            f"{len(complete)} trials for {len(params)} parameters (fewer than {TRIALS_PER_PARAM} per parameter): these importances are rough; read the order of the clear leaders, not the numbers"
+        )
     ordered = dict(sorted(((k, float(v)) for k, v in values.items()), key=lambda kv: -kv[1]))
     return Importance(evaluator, ordered, len(complete), params, left_out, notes)
 

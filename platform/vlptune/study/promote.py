@@ -32,9 +32,10 @@ import datetime as _dt
 import json
 import os
 import subprocess
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -58,7 +59,6 @@ class PromotionError(ConfigError):
 
 
 # ------------------------------------------------------------------ selection
-
 
 
 def skip_reason(row: Any, max_fidelity: int) -> str | None:
@@ -130,7 +130,7 @@ def read_provenance(path: str | Path) -> dict[str, Any]:
     for line in lines[1:]:
         if not line.startswith(PROVENANCE_PREFIX):
             break
-        body.append(line[len(PROVENANCE_PREFIX):])
+        body.append(line[len(PROVENANCE_PREFIX) :])
     data = yaml.safe_load("\n".join(body))
     if not isinstance(data, dict):
         raise PromotionError(f"{path}: the provenance header is not a YAML mapping")
@@ -171,7 +171,7 @@ class Promotion:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Promotion":
+    def from_json(cls, data: dict[str, Any]) -> Promotion:
         data = dict(data)
         data["trials"] = [PromotedTrial(**t) for t in data["trials"]]
         return cls(**data)
@@ -226,7 +226,14 @@ def promote(
     selection = select_trials(collected, top_k)
     if not selection.picked:
         lines = [f"  {row.trial_id}: {reason}" for row, reason in selection.skipped] or ["  (no trials)"]
-        raise PromotionError("\n".join([f"{exp_dir}: no trial completed the final fidelity (step {collected.max_fidelity}) with a finite {collected.metric}; nothing to promote:", *lines]))
+        raise PromotionError(
+            "\n".join(
+                [
+                    f"{exp_dir}: no trial completed the final fidelity (step {collected.max_fidelity}) with a finite {collected.metric}; nothing to promote:",
+                    *lines,
+                ]
+            )
+        )
     out_root = Path(promoted_dir) if promoted_dir is not None else target.parent / PROMOTED_DIRNAME
     out_dir = out_root / exp_dir.name
     commit, date = git_commit(), _dt.datetime.now().isoformat(timespec="seconds")
@@ -260,7 +267,9 @@ def promote(
         }
         defaults = {"objectives": target_raw["objectives"]} if default_objectives and any(p.startswith("objectives.") for p in overrides) else None
         pending.append((out_file, promoted_recipe_text(target, out_file, overrides, provenance, defaults)))
-        promoted.append(PromotedTrial(row.trial_id, rank, float(row.metric), int(row.fidelity), searched, provenance["mapped"], overrides, str(out_file.resolve())))
+        promoted.append(
+            PromotedTrial(row.trial_id, rank, float(row.metric), int(row.fidelity), searched, provenance["mapped"], overrides, str(out_file.resolve()))
+        )
     for out_file, text in pending:
         atomic_write_text(out_file, text)
         load_recipe(out_file)  # the written file resolves its base: and validates
@@ -297,11 +306,19 @@ def format_promotion(promotion: Promotion, requested: int | None = None) -> str:
         lines.append(f"  #{t.rank} {t.trial_id}: {promotion.metric} = {t.metric_value:.4g} -> {t.file}")
         for m in t.mapped:
             lines.append(f"      {m['path']}: {_fmt(m['trial'])} -> {_fmt(m['promoted'])}  [{m['rule']}: {m['note']}]")
-    better = [s for s in promotion.skipped if s["metric"] is not None and promotion.trials and ((s["metric"] > promotion.trials[0].metric_value) if promotion.mode == "max" else (s["metric"] < promotion.trials[0].metric_value))]
+    better = [
+        s
+        for s in promotion.skipped
+        if s["metric"] is not None
+        and promotion.trials
+        and ((s["metric"] > promotion.trials[0].metric_value) if promotion.mode == "max" else (s["metric"] < promotion.trials[0].metric_value))
+    ]
     if promotion.skipped:
         lines.append(f"  not promoted ({len(promotion.skipped)}): " + "; ".join(f"{s['trial_id']} {s['reason']}" for s in promotion.skipped))
     if better:
-        lines.append(f"  note: {', '.join(s['trial_id'] for s in better)} showed a better {promotion.metric} than the promoted winner but did not reach the final fidelity (an early value is not a final one)")
+        lines.append(
+            f"  note: {', '.join(s['trial_id'] for s in better)} showed a better {promotion.metric} than the promoted winner but did not reach the final fidelity (an early value is not a final one)"
+        )
     return "\n".join(lines)
 
 

@@ -14,9 +14,10 @@ metric's direction (both rankings use the same metric); the winners do.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from vlptune.io import atomic_write_text, finite
 from vlptune.study.promote import read_promotion_record
@@ -52,7 +53,6 @@ class RankReport:
     predicted: bool | None  # None when there are too few pairs to say
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-
 
 
 def _ranks(values: dict[str, float], mode: str) -> dict[str, int]:
@@ -121,17 +121,23 @@ def rank_report(
     else:
         notes.append(f"{n} config(s) with both a light and a full result: a rank correlation needs at least {MIN_CONFIGS_FOR_CORRELATION}")
     if n == SIGN_ONLY_CONFIGS:
-        notes.append("with 2 configs a rank correlation can only be +1 or -1: it is a sign (same order or swapped), not evidence of how well light predicts full")
+        notes.append(
+            "with 2 configs a rank correlation can only be +1 or -1: it is a sign (same order or swapped), not evidence of how well light predicts full"
+        )
     light_winner, full_winner = _best(light_vals, mode), _best(full_vals, mode)
     same = None if n < MIN_CONFIGS_FOR_CORRELATION else light_winner == full_winner
     predicted: bool | None = None
     if n >= MIN_CONFIGS_FOR_CORRELATION:
         predicted = bool(same) and (rho is None or rho > min_correlation)
         if same is False:
-            warnings.append(f"the light winner ({light_winner}) is not the full winner ({full_winner}): promoting only the light winner would have picked the wrong config")
+            warnings.append(
+                f"the light winner ({light_winner}) is not the full winner ({full_winner}): promoting only the light winner would have picked the wrong config"
+            )
         if rho is not None and rho <= min_correlation:
             order = "reversed" if rho < 0 else "unrelated"
-            warnings.append(f"the light ranking did not predict the full one: Spearman rho = {rho:.3g} (Kendall tau = {tau:.3g}), the full order is {order} to the light order; trust the light search less for these knobs (longer light runs, or promote more configs)")
+            warnings.append(
+                f"the light ranking did not predict the full one: Spearman rho = {rho:.3g} (Kendall tau = {tau:.3g}), the full order is {order} to the light order; trust the light search less for these knobs (longer light runs, or promote more configs)"
+            )
     return RankReport(metric, mode, rows, n, rho, rho_p, tau, tau_p, light_winner, full_winner, same, predicted, notes, warnings)
 
 

@@ -18,8 +18,8 @@ comparison carries a plain-words ``note`` instead of a p-value.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from scipy import stats as _scipy_stats
 

@@ -30,9 +30,10 @@ import math
 import re
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -41,10 +42,10 @@ from vlptune.config.objectives import caption_generator_names
 from vlptune.config.tasks import CaptionConfig
 from vlptune.data.collate import pad_images
 from vlptune.data.dataset import ShardDataset
-from vlptune.grid import grid_stride
 from vlptune.data.schema import DataError
 from vlptune.data.shards import read_manifest
 from vlptune.data.text import load_tokenizer
+from vlptune.grid import grid_stride
 from vlptune.io import atomic_write_text
 from vlptune.model.decoder import image_only_memory
 from vlptune.objectives.base import Objective, Pretrainer, build_pretrainer, prepare_dataset
@@ -71,7 +72,7 @@ class MentionVocab:
     attributes: tuple[str, ...]
 
     @classmethod
-    def from_manifest(cls, manifest: dict) -> "MentionVocab":
+    def from_manifest(cls, manifest: dict) -> MentionVocab:
         vocab = manifest.get("vocabularies", {})
         missing = [key for key in ("classes", "attributes", "colours", "shape_synonyms") if key not in vocab]
         if missing:
@@ -160,7 +161,9 @@ def load_captioner(checkpoint: Path, run_dir: Path, device: torch.device) -> tup
         raise ConfigError(f"{run_dir}: no {RUN_RECIPE} (the training loop writes the resolved recipe there)")
     recipe = load_recipe(recipe_path)
     if not any(cfg.generates_captions for cfg in recipe.active_objectives().values()):
-        raise ConfigError(f"{recipe_path}: no caption-generating objective ({', '.join(caption_generator_names())}) has a weight > 0; this checkpoint has no caption decoder")
+        raise ConfigError(
+            f"{recipe_path}: no caption-generating objective ({', '.join(caption_generator_names())}) has a weight > 0; this checkpoint has no caption decoder"
+        )
     pretrainer = build_pretrainer(recipe, prepare_dataset(recipe))  # heads sized from the dataset's vocabularies
     load_checkpoint(checkpoint, pretrainer, restore_rng_state=False)
     return recipe, pretrainer.to(device).eval()
@@ -265,10 +268,7 @@ def run_caption(args: Any) -> int:
         return 1
     print(format_report(report, args.show), flush=True)
     if args.out:
-        rows = [
-            json.dumps({"image_id": i, "caption": c, "reference": r})
-            for i, c, r in zip(report.image_ids, report.captions, report.references)
-        ]
+        rows = [json.dumps({"image_id": i, "caption": c, "reference": r}) for i, c, r in zip(report.image_ids, report.captions, report.references)]
         atomic_write_text(args.out, "\n".join(rows) + "\n")
         print(f"wrote {args.out}")
     return 0

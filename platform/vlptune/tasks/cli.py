@@ -37,7 +37,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     caption.add_argument("--limit", type=_positive_int, default=DEFAULTS.limit, help=f"images to caption (default {DEFAULTS.limit})")
     caption.add_argument("--max-len", type=_positive_int, default=None, help="most tokens per caption, [CLS] and [SEP] included (default: data.max_text_len)")
     caption.add_argument(
-        "--length-penalty", type=float, default=DEFAULTS.length_penalty,
+        "--length-penalty",
+        type=float,
+        default=DEFAULTS.length_penalty,
         help=f"beam ranking: total log-probability / length**penalty (default {DEFAULTS.length_penalty}: mean per token)",
     )
     caption.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run (default auto)")

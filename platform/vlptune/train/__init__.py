@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from typing import Any
+
 from vlptune.train import reporting
 
 __all__ = ["LocalReporter", "Reporter", "train_worker"]
@@ -18,6 +19,5 @@ def __getattr__(name: str) -> Any:  # lazy: importing vlptune.train must not imp
 
         return train_worker
     if name in ("Reporter", "LocalReporter"):
-
         return getattr(reporting, name)
     raise AttributeError(f"module 'vlptune.train' has no attribute {name!r}")

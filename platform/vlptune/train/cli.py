@@ -20,9 +20,8 @@ if TYPE_CHECKING:
     from vlptune.train.tensorboard import HParamsPlan
 
 from vlptune.cliutil import add_override_arg
+from vlptune.config import load_recipe, parse_override, recipe_to_dict
 from vlptune.train.reporting import LocalReporter
-from vlptune.config import load_recipe
-from vlptune.config import parse_override, recipe_to_dict
 
 DEFAULT_RUNS_DIR = "runs"
 EXIT_OK = 0

@@ -42,11 +42,11 @@ import torch
 from torch import Tensor
 
 from vlptune.config import Recipe
-from vlptune.model.visual_dictionary import perplexity
+from vlptune.config.objectives import pair_scorer_names
 from vlptune.data.collate import pad_images
 from vlptune.data.dataset import load_retrieval_set
 from vlptune.data.text import load_tokenizer, tokenize_texts
-from vlptune.config.objectives import pair_scorer_names
+from vlptune.model.visual_dictionary import perplexity
 from vlptune.objectives.base import MetricMeter, Pretrainer, pair_scorer
 from vlptune.train.optim import autocast
 
@@ -211,7 +211,7 @@ class RetrievalInputs:
     stride: int
 
     @classmethod
-    def load(cls, recipe: Recipe, tokenizer: Any = None) -> "RetrievalInputs":
+    def load(cls, recipe: Recipe, tokenizer: Any = None) -> RetrievalInputs:
         rset = load_retrieval_set(recipe)
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(recipe.data.tokenizer)
         ids, mask = tokenize_texts(tokenizer, rset.captions, recipe.data.max_text_len)
@@ -237,7 +237,9 @@ def evaluate_retrieval(
     """
     itm = pair_scorer(pretrainer)
     if itm is None:
-        raise ValueError(f"zero-shot retrieval is scored by an objective that scores image-text pairs ({', '.join(pair_scorer_names())}): give one a weight > 0")
+        raise ValueError(
+            f"zero-shot retrieval is scored by an objective that scores image-text pairs ({', '.join(pair_scorer_names())}): give one a weight > 0"
+        )
     start = time.perf_counter()
     model = pretrainer.model
     was_training = pretrainer.training

@@ -36,9 +36,10 @@ import numbers
 import os
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -47,9 +48,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from vlptune.config import Recipe, dump_recipe, recipe_to_dict, validate_recipe
-from vlptune.io import atomic_write_text
 from vlptune.data.dataset import build_loader
 from vlptune.data.info import DatasetInfo
+from vlptune.io import atomic_write_text
 from vlptune.objectives.base import MetricMeter, Pretrainer, build_pretrainer, pair_scorer, prepare_dataset
 from vlptune.train import checkpoint as ckpt
 from vlptune.train.evaluate import RetrievalInputs, evaluate_losses, evaluate_retrieval, to_device
@@ -89,7 +90,7 @@ class Dist:
         return self.rank == 0
 
     @classmethod
-    def detect(cls) -> "Dist":
+    def detect(cls) -> Dist:
         """Rank and world size from torch.distributed when initialised (Ray Train), else a single worker."""
         if dist.is_available() and dist.is_initialized():
             local = int(os.environ.get("LOCAL_RANK", dist.get_rank() % max(1, torch.cuda.device_count() or 1)))
@@ -298,9 +299,7 @@ class Evaluation:
         self.workers = workers
         self.device = device
         self.precision = precision
-        self.val_loader = (
-            build_loader(recipe, train=False, rank=workers.rank, world_size=workers.world_size) if recipe.eval.loss_batches > 0 else None
-        )
+        self.val_loader = build_loader(recipe, train=False, rank=workers.rank, world_size=workers.world_size) if recipe.eval.loss_batches > 0 else None
         self._retrieval: Any = None
 
     def __call__(self, pretrainer: Pretrainer) -> tuple[dict[str, float], Tensor | None]:
@@ -492,7 +491,13 @@ def train_worker(
             result = run_evaluation(evaluation, pretrainer, writer, step, stream.epoch)
         written = None
         if is_ckpt:
-            extra = {**stream.state(), "nonfinite": nonfinite, "images_seen": images_seen, "recipe_name": recipe.name, ckpt.METRICS_KEY: scores(result) if is_eval else {}}
+            extra = {
+                **stream.state(),
+                "nonfinite": nonfinite,
+                "images_seen": images_seen,
+                "recipe_name": recipe.name,
+                ckpt.METRICS_KEY: scores(result) if is_eval else {},
+            }
             if workers.is_main:
                 written = str(ckpt.save_checkpoint(run_dir, step, pretrainer, optimizers, generators, extra, keep=recipe.train.keep_checkpoints))
                 last_ckpt = written

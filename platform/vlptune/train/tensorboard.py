@@ -45,9 +45,10 @@ visual-dictionary code, showing image patches quantised to that code.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Collection, Iterable, Mapping
+from typing import Any
 
 import torch
 from google.protobuf import struct_pb2
