@@ -104,7 +104,8 @@ def describe_field(model: type[BaseModel], name: str) -> str:
     return text
 
 
-def field_adapter(model: type[BaseModel], name: str) -> TypeAdapter:
+def field_adapter(model: type[BaseModel], name: str) -> TypeAdapter[Any]:
     """Validates one value as the field ``name`` of ``model`` would (type and bounds)."""
     info = model.model_fields[name]
-    return TypeAdapter(Annotated[info.annotation, *info.metadata]) if info.metadata else TypeAdapter(info.annotation)
+    annotation: Any = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
+    return TypeAdapter(annotation)

@@ -200,6 +200,11 @@ class ResourcesConfig(Section):
     torch_threads: int = Field(0, ge=0, le=256, description="torch intra-op threads per worker; 0 = cpus_per_worker rounded up")
 
 
+def default_objectives() -> dict[str, Any]:
+    """The objectives a recipe trains when it lists none (SOHO's three), as plain settings."""
+    return {"mlm": {"weight": 1.0}, "itm": {"weight": 1.0}, "mvm": {"weight": 1.0}}
+
+
 class Recipe(Section):
     """A full trial recipe."""
 
@@ -207,7 +212,7 @@ class Recipe(Section):
     data: DataConfig = Field(default_factory=DataConfig, description="data, augmentation, tokenization and batching")
     model: ModelConfig = Field(default_factory=ModelConfig, description="backbone, visual dictionary, fusion Transformer")
     objectives: dict[str, Any] = Field(
-        default_factory=lambda: {"mlm": {"weight": 1.0}, "itm": {"weight": 1.0}, "mvm": {"weight": 1.0}},
+        default_factory=default_objectives,
         validate_default=True,
         description="pretext tasks by registered name, each with its weight and own fields",
     )

@@ -152,7 +152,7 @@ class Param:
         return self.kind == "categorical" and any(not isinstance(c, (type(None), bool, int, float, str)) for c in self.choices or [])
 
     def optuna_choices(self) -> list[Any]:
-        return [json.dumps(c) for c in self.choices] if self.encoded_choices else list(self.choices or [])
+        return [json.dumps(c) for c in self.choices or []] if self.encoded_choices else list(self.choices or [])
 
     def decode(self, value: Any) -> Any:
         return json.loads(value) if self.encoded_choices else value
@@ -161,6 +161,7 @@ class Param:
         """Every value of the parameter, for the grid searcher."""
         if self.kind == "categorical":
             return self.optuna_choices()
+        assert self.low is not None and self.high is not None  # parse_param gives every numeric parameter its bounds
         if self.kind == "int":
             return list(range(int(self.low), int(self.high) + 1, int(self.step or 1)))
         if self.kind == "uniform" and self.step:
@@ -306,6 +307,7 @@ def check_param_range(param: Param) -> list[str]:
         return [f"{param.kind} distribution on a {getattr(ann, '__name__', ann)} field; {hint} (allowed: {allowed})"]
     b = field_bounds(info)
     low, high = param.low, param.high
+    assert low is not None and high is not None  # parse_param gives every numeric parameter its bounds
     if "ge" in b and low < b["ge"]:
         problems.append(f"low {low} is below the field's minimum; allowed: {allowed}")
     if "gt" in b and low <= b["gt"]:

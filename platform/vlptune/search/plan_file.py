@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vlptune.config import ConfigError, Recipe, field_at, load_raw_with_sources, parse_override, set_dotted, validate_recipe
+from vlptune.config import ConfigError, Recipe, default_objectives, field_at, load_raw_with_sources, parse_override, set_dotted, validate_recipe
 from vlptune.errors import did_you_mean
 from vlptune.search.params import FailuresSpec
 
@@ -29,7 +29,8 @@ def split_overrides(overrides: list[str] | None, own_keys: Iterable[str]) -> tup
     A key that is neither is refused here, with the closest of both as the suggestion.
     """
     keys = set(own_keys)
-    own, recipe = [], []
+    own: list[str] = []
+    recipe: list[str] = []
     for text in overrides or []:
         parts, _ = parse_override(text)
         if parts[0] not in keys and parts[0] not in Recipe.model_fields:
@@ -85,7 +86,7 @@ def resolve_base(
     if base_raw is None and "objectives" not in raw:
         # Setting objectives.X.* on a base that lists none must not drop the default
         # objectives (a partial dict would replace the schema default entirely).
-        raw["objectives"] = copy.deepcopy(Recipe.model_fields["objectives"].default_factory())
+        raw["objectives"] = default_objectives()
     entries: list[tuple[str, str, Any]] = [(f"resources.{key}", f"resources.{key}", value) for key, value in resources.items()]
     entries += [(f"fixed.{dotted}", dotted, value) for dotted, value in fixed.items()]
     for text in recipe_overrides:

@@ -34,6 +34,7 @@ its metrics at every evaluation, which is what the schedulers act on.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import typing
 from dataclasses import dataclass, field
@@ -131,6 +132,11 @@ def find_recipe_value(data: dict[str, Any], path: str, default: Any = None) -> A
 
 
 _ABSENT = object()  # find_recipe_value's answer for a path that names no field
+
+
+def _choice_else_first_corner(param: Param, choice: Any, p: Param) -> Any:
+    """``choice`` for ``param``, the first corner of every other parameter."""
+    return choice if p is param else p.corners()[0]
 
 
 @dataclass
@@ -237,7 +243,7 @@ class SearchSpace:
             if q.kind != "categorical":
                 continue
             for choice in q.choices[1:-1] if q.choices else []:
-                out.append(self.active_values(lambda p, q=q, c=choice: c if p is q else p.corners()[0]))
+                out.append(self.active_values(functools.partial(_choice_else_first_corner, q, choice)))
         unique = []
         for values in out:
             if values not in unique:

@@ -139,6 +139,8 @@ def eval_when(tree: ast.AST, lookup: typing.Callable[[str], Any]) -> Any:
         return True
     if isinstance(tree, (ast.Name, ast.Attribute)):
         dotted = _dotted(tree)
+        if dotted is None:  # an attribute of something other than a name: not a path
+            raise WhenError(f"{ast.unparse(tree)!r} is not a dotted path")
         if dotted in _CONST_NAMES:
             return _CONST_NAMES[dotted]
         return lookup(dotted)

@@ -144,7 +144,7 @@ class StudyFile(BaseModel):
 class StudySpec(StudyFile):
     """A validated study: the file's fields, resolved (see :func:`load_study`)."""
 
-    variants: dict[str, dict[str, Any]] = Field(..., description="variant name -> overlay (dotted recipe path -> value), in file order")
+    variants: dict[str, dict[str, Any]] = Field(..., description="variant name -> overlay (dotted recipe path -> value), in file order")  # type: ignore[assignment]  # resolved: no overlay is None
     name: str = Field(..., min_length=1, description="experiment name prefix")
     file: str = Field(..., description="the study file (or a label for a study built in code)")
     base_file: str = Field(..., description="the base recipe file, resolved")
@@ -430,7 +430,10 @@ def run_study(
         raise StudyError("a study needs a StudySpec (load_study(FILE)), or resume=True with exp_dir")
     fresh = False
     try:
-        loc = layout.experiment_location(exp_dir if exp_dir is not None else default_exp_dir(spec, storage, name))
+        if exp_dir is None:
+            assert spec is not None  # refused above otherwise
+            exp_dir = default_exp_dir(spec, storage, name)
+        loc = layout.experiment_location(exp_dir)
         if resume:
             if loc.remote:
                 layout.download_for_resume(loc, STUDY_DRIVER_FILES)
@@ -442,6 +445,7 @@ def run_study(
         else:
             exp_dir = loc.local
             layout.check_fresh(loc)
+            assert spec is not None  # refused above otherwise
             spec = spec.model_copy(update={"base_raw": absolute_paths(spec.base_raw, Path.cwd())})
             fresh = True
             write_experiment_files(spec, exp_dir, address, location=loc.path)

@@ -32,7 +32,7 @@ def _ablate(args: argparse.Namespace) -> int:
             print("error: a resumed study keeps its settings; -o is not accepted with --resume", file=sys.stderr)
             return 2
         spec = load_study(args.file) if args.file else None
-        exp_dir = Path(args.resume).resolve()
+        exp_dir: Path | str = Path(args.resume).resolve()
         resume = True
     else:
         if args.file is None:
@@ -43,10 +43,10 @@ def _ablate(args: argparse.Namespace) -> int:
             print(spec.describe())
             print("OK")
             return 0
-        exp_dir = default_exp_dir(spec, args.storage, args.name)
+        exp_dir = default_exp_dir(spec, args.storage, args.name)  # a directory, or a URI with --storage URI
         resume = False
     print(f"experiment directory: {exp_dir}", flush=True)
-    run_study(
+    local = run_study(  # the experiment's local directory (a URI study's driver mirror)
         spec,
         exp_dir=exp_dir,
         address=args.address,
@@ -56,10 +56,10 @@ def _ablate(args: argparse.Namespace) -> int:
         verbose=args.verbose,
         worker_log_level=args.worker_log_level,
     )
-    results = collect_study(exp_dir)
-    print((exp_dir / "ablation.md").read_text(), end="")
+    results = collect_study(local)
+    print((local / "ablation.md").read_text(), end="")
     print(
-        f"written: {exp_dir / 'ablation.md'}, {exp_dir / 'ablation.csv'}; per trial: vlptune results {exp_dir}; "
+        f"written: {local / 'ablation.md'}, {local / 'ablation.csv'}; per trial: vlptune results {exp_dir}; "
         f"TensorBoard: vlptune board {exp_dir}; resume with: vlptune ablate --resume {exp_dir}"
     )
     return 0 if any(t.finished for t in results.trials) else 1  # no trial finished: nothing to compare

@@ -39,7 +39,7 @@ from typing import Any
 
 import yaml
 
-from vlptune.config import ConfigError, Recipe, deep_merge, load_raw, load_recipe, set_dotted, validate_recipe
+from vlptune.config import ConfigError, deep_merge, default_objectives, load_raw, load_recipe, set_dotted, validate_recipe
 from vlptune.io import atomic_write_text, finite
 from vlptune.search import results as res
 from vlptune.search.layout import PROMOTION_FILE, SearchError, not_an_experiment, read_meta
@@ -219,9 +219,9 @@ def promote(
         )
     target_recipe = load_recipe(target)
     target_raw = load_raw(target)
-    default_objectives = "objectives" not in target_raw
-    if default_objectives:  # as a search space does: objectives.X.* must not drop the other default objectives
-        target_raw["objectives"] = copy.deepcopy(Recipe.model_fields["objectives"].default_factory())
+    lists_no_objectives = "objectives" not in target_raw
+    if lists_no_objectives:  # as a search space does: objectives.X.* must not drop the other default objectives
+        target_raw["objectives"] = default_objectives()
     collected = res.collect(exp_dir)
     selection = select_trials(collected, top_k)
     if not selection.picked:
@@ -265,7 +265,7 @@ def promote(
             "git_commit": commit,
             "date": date,
         }
-        defaults = {"objectives": target_raw["objectives"]} if default_objectives and any(p.startswith("objectives.") for p in overrides) else None
+        defaults = {"objectives": target_raw["objectives"]} if lists_no_objectives and any(p.startswith("objectives.") for p in overrides) else None
         pending.append((out_file, promoted_recipe_text(target, out_file, overrides, provenance, defaults)))
         promoted.append(
             PromotedTrial(row.trial_id, rank, float(row.metric), int(row.fidelity), searched, provenance["mapped"], overrides, str(out_file.resolve()))
@@ -410,7 +410,7 @@ def run_promotion(
     """
     from vlptune.study.ablation import default_exp_dir, run_study  # scipy (via study.stats): heavy, only when a study runs or is read
 
-    exp_dir = Path(exp_dir).resolve() if exp_dir is not None else default_exp_dir(spec, storage, name)
+    exp_dir = Path(exp_dir).resolve() if exp_dir is not None else Path(default_exp_dir(spec, storage, name))
     run = {"seeds": spec.seeds, "fixed": dict(spec.fixed), "study": spec.name, "address": address, "exp_dir": str(exp_dir)}
     fresh = not (exp_dir.exists() and any(exp_dir.iterdir()))  # run_study refuses a used directory: leave that one alone
     try:

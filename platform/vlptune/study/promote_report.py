@@ -100,8 +100,8 @@ def rank_report(
     missing = [r.name for r in rows if r.full is None]
     if missing:
         notes.append(f"no full result for {', '.join(missing)} (not finished, failed or non-finite); left out of the comparison")
-    light_vals = {r.name: r.light for r in paired}
-    full_vals = {r.name: r.full for r in paired}
+    light_vals = {r.name: r.light for r in paired if r.light is not None}  # paired: both are set
+    full_vals = {r.name: r.full for r in paired if r.full is not None}
     for name, rank in _ranks(light_vals, mode).items():
         next(r for r in rows if r.name == name).light_rank = rank
     for name, rank in _ranks(full_vals, mode).items():

@@ -84,6 +84,8 @@ def compare(variant: Sequence[float], baseline: Sequence[float], confidence: flo
                 f"an interval and a significance test need at least {MIN_SEEDS} finished seeds in each"
             )
         return Comparison(diff, None, None, None, None, None, None, confidence, note)
+    # MIN_SEEDS >= 2 in both arms here, so both means and both deviations exist
+    assert diff is not None and a.std is not None and b.std is not None
     var_a, var_b = a.std**2, b.std**2
     if var_a == 0.0 and var_b == 0.0:
         same = "the same value" if diff == 0.0 else "no spread"
