@@ -1,4 +1,4 @@
-"""Recipe-field introspection: dotted paths to fields, their bounds, what they allow, in words.
+"""Field introspection: a field's bounds and what it allows, in words (one wording for recipe errors and search spaces).
 
 * :func:`field_bounds` gives a field's pydantic bounds (``ge``/``gt``/``le``/``lt``)
   as numbers, :func:`bounds_text` writes them as text (``>= 0 and <= 1``); the

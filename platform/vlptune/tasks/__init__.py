@@ -1,1 +1,1 @@
-"""Downstream evaluation and finetuning tasks (zero-shot retrieval: retrieval.py)."""
+"""Tasks run on a trained checkpoint: captioning now; the finetuning tasks (retrieval, VQA, NLVR2, VE) come with the finetuning issue."""
