@@ -169,6 +169,29 @@ def test_tiny_search_with_the_real_loop(tiny_experiment):
     assert a0 < b1 and b0 < a1, spans
 
 
+def test_results_read_tunes_state_without_ray(tiny_experiment):
+    """The plain-JSON reading of Tune's state says what Ray's ExperimentAnalysis says, and `vlptune results` imports no Ray or torch."""
+    from vlptune.search import results
+    from vlptune.search.tune_state import read_tune_trials
+
+    exp_dir = tiny_experiment["exp_dir"]
+    plain = {t.trial_id: t for t in read_tune_trials(exp_dir)}
+    by_ray = {t.trial_id: t for t in results._tune_trials(exp_dir)}
+    assert set(plain) == set(by_ray) and len(plain) == 2
+    for trial_id, t in by_ray.items():
+        assert plain[trial_id] == t
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "vlptune.cli", "results", str(exp_dir)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert not imported & {"ray", "torch", "transformers"}, imported & {"ray", "torch", "transformers"}
+    assert all(trial_id in proc.stdout for trial_id in plain)
+
+
 def test_results_command(tiny_experiment, tmp_path, capsys):
     exp_dir = tiny_experiment["exp_dir"]
     csv_path, json_path = tmp_path / "r.csv", tmp_path / "r.json"

@@ -23,6 +23,7 @@ from vlptune.config import recipe_to_dict, set_dotted, validate_recipe
 from vlptune.io import finite
 from vlptune.search.layout import BASE_COPY, TB_DIR, TRIAL_RECIPE, SearchError, local_view, read_meta, study_url
 from vlptune.search.trainable import STARTUP_KEY
+from vlptune.search.tune_state import TuneTrial, read_tune_trials
 
 TUNE_STATUS_WORDS = {"TERMINATED": "terminated", "ERROR": "error", "RUNNING": "running", "PENDING": "pending", "PAUSED": "paused"}
 
@@ -100,28 +101,35 @@ def _optuna_trials(meta: dict[str, Any], exp_dir: Path | None = None) -> dict[st
     return {t.user_attrs["ray_trial_id"]: t for t in study.get_trials(deepcopy=False) if "ray_trial_id" in t.user_attrs}
 
 
+def _tune_trials(exp_dir: Path) -> list[TuneTrial]:
+    """The trials of Tune's experiment state, read with Ray's ``ExperimentAnalysis`` (empty before Tune saved any)."""
+    from ray.tune import ExperimentAnalysis  # ray: heavy, only for a state its JSON alone does not describe
+
+    analysis_log = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    level = analysis_log.level
+    analysis_log.setLevel(logging.ERROR)  # it warns about trials without results yet
+    try:
+        trials = ExperimentAnalysis(str(exp_dir)).trials
+    except (ValueError, FileNotFoundError):  # no experiment state written yet
+        return []
+    finally:
+        analysis_log.setLevel(level)
+    return [TuneTrial(t.trial_id, t.status, Path(t.path) if t.path else None, dict(t.config), getattr(t.run_metadata, "error_filename", None)) for t in trials]
+
+
 def collect(exp_dir: str | Path, mirror_dir: str | Path | None = None) -> ExperimentResults:
     """Read an experiment (finished, running or interrupted): a directory, or a URI
     (``s3://...``, ``file://...``) downloaded first into ``mirror_dir`` (see :func:`local_view`)."""
     exp_dir = local_view(exp_dir, mirror_dir).resolve()
     meta = read_meta(exp_dir)
     metric, mode = meta["metric"], meta["mode"]
-    from ray.tune import ExperimentAnalysis  # ray: heavy, only when this runs
-
-    analysis_log = logging.getLogger("ray.tune.analysis.experiment_analysis")
-    level = analysis_log.level
-    analysis_log.setLevel(logging.ERROR)  # it warns about trials without results yet
-    try:
-        analysis = ExperimentAnalysis(str(exp_dir))
-        trials = analysis.trials
-    except (ValueError, FileNotFoundError):  # no experiment state written yet
-        trials = []
-    finally:
-        analysis_log.setLevel(level)
+    trials = read_tune_trials(exp_dir)  # plain JSON: no Ray, no unpickling
+    if trials is None:  # a state only Ray can read
+        trials = _tune_trials(exp_dir)
     studied = _optuna_trials(meta, exp_dir)
     rows = []
     for t in trials:
-        trial_dir = Path(t.path) if t.path else None
+        trial_dir = t.path
         results = read_results(trial_dir) if trial_dir else []
         history = [(int(r["step"]), float(r[metric])) for r in results if "step" in r and finite(r.get(metric))]
         values = [v for _, v in history]
@@ -133,7 +141,7 @@ def collect(exp_dir: str | Path, mirror_dir: str | Path | None = None) -> Experi
             stop_reason = None
         error = None
         if t.status == "ERROR":
-            err_name = getattr(t.run_metadata, "error_filename", None)
+            err_name = t.error_filename
             err_path = trial_dir / err_name if trial_dir and err_name else None
             if err_path and err_path.is_file():
                 lines = [ln for ln in err_path.read_text().splitlines() if ln.strip()]
