@@ -12,16 +12,12 @@ import sys
 
 from vlptune.errors import EXIT_USER_ERROR, is_user_error
 
+RECIPE_OVERRIDE_HELP = "dotted override of a recipe field, e.g. -o model.vd.size=4096 (repeatable)"
 
-def add_override_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "-o",
-        "--override",
-        action="append",
-        default=[],
-        metavar="PATH=VALUE",
-        help="dotted override of a recipe field, e.g. -o model.vd.size=4096 (repeatable)",
-    )
+
+def add_override_arg(parser: argparse.ArgumentParser, help: str = RECIPE_OVERRIDE_HELP) -> None:
+    """``-o/--override PATH=VALUE``, repeatable, collected in ``args.override``."""
+    parser.add_argument("-o", "--override", action="append", default=[], metavar="PATH=VALUE", help=help)
 
 
 def run_parsed(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from vlptune.cliutil import run_parsed
+from vlptune.cliutil import add_override_arg, run_parsed
 from vlptune.cluster.storage import is_uri
 from vlptune.search import results as res
 from vlptune.search.board import serve_forever
@@ -21,17 +21,14 @@ from vlptune.search.location import DEFAULT_MIRROR_ROOT
 from vlptune.search.runner import run_search
 from vlptune.search.space import load_space
 
+SPACE_OVERRIDE_HELP = (
+    "a recipe field applied to every trial (-o train.max_steps=30), or a space setting "
+    "(-o num_samples=4, -o scheduler.grace_period=10, -o searcher.seed=3); repeatable"
+)
+
 
 def _override_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "-o",
-        "--override",
-        action="append",
-        default=[],
-        metavar="PATH=VALUE",
-        help="a recipe field applied to every trial (-o train.max_steps=30), or a space setting "
-        "(-o num_samples=4, -o scheduler.grace_period=10, -o searcher.seed=3); repeatable",
-    )
+    add_override_arg(parser, SPACE_OVERRIDE_HELP)
 
 
 def _mirror_arg(parser: argparse.ArgumentParser) -> None:
