@@ -134,10 +134,11 @@ def test_every_field_has_a_description():
                 walk(ann, prefix + name + ".")
 
     walk(Recipe, "")
+    from vlptune.config import objectives as objective_configs
     from vlptune.objectives import registry
 
     for name in registry.names():
-        walk(registry.config_class(name), f"objectives.{name}.")
+        walk(objective_configs.config_class(name), f"objectives.{name}.")
     assert not missing, f"fields without a description: {missing}"
 
 

@@ -12,15 +12,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from collections.abc import Iterable
 
 from vlptune.data.shards import read_manifest
 from vlptune.data.similarity import MANIFEST_KEY as SIMILARITY_MANIFEST_KEY
 from vlptune.data.similarity import SIMILARITY_COLUMN
 
-# optional image_text column -> the manifest entry that says the dataset fills it
-OPTIONAL_COLUMNS = {SIMILARITY_COLUMN: SIMILARITY_MANIFEST_KEY}
-# optional image_text column -> what it holds, in words (for messages)
-COLUMN_MEANINGS = {SIMILARITY_COLUMN: "phrase-label similarities"}
+# optional image_text column a manifest can say is filled -> (that manifest entry, what the column holds in words)
+FILLED_COLUMNS = {SIMILARITY_COLUMN: (SIMILARITY_MANIFEST_KEY, "phrase-label similarities")}
+
+
+def describe_columns(columns: Iterable[str]) -> str:
+    """``phrase-label similarities (image_text column 'phrase_label_sim')`` for each column, for messages."""
+    return " and ".join(f"{FILLED_COLUMNS[c][1] if c in FILLED_COLUMNS else c} (image_text column {c!r})" for c in sorted(columns))
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,7 @@ class DatasetInfo:
 
     @classmethod
     def from_manifest(cls, root: str | Path, manifest: dict[str, Any]) -> DatasetInfo:
-        present = frozenset(column for column, key in OPTIONAL_COLUMNS.items() if key in manifest)
+        present = frozenset(column for column, (key, _) in FILLED_COLUMNS.items() if key in manifest)
         return cls(Path(root), dict(manifest["vocabularies"]), present)
 
     @classmethod

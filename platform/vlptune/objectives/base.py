@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from vlptune.config import ConfigError, ObjectiveConfig, Recipe
 from vlptune.config.objectives import check_objectives, required_columns
-from vlptune.data.info import COLUMN_MEANINGS, DatasetInfo
+from vlptune.data.info import DatasetInfo, describe_columns
 from vlptune.data.prepare import ensure_data
 from vlptune.model.fusion import FusionOutput
 from vlptune.model.vlp import ImageFeatures, VLPModel
@@ -277,9 +277,8 @@ def prepare_dataset(recipe: Recipe) -> DatasetInfo:
     missing = sorted(columns - info.columns)
     if missing:
         readers = [name for name, cfg in recipe.active_objectives().items() if set(cfg.required_columns()) & set(missing)]
-        what = " and ".join(f"{COLUMN_MEANINGS.get(column, column)} (image_text column {column!r})" for column in missing)
         raise ConfigError(
-            f"{', '.join(f'objectives.{name}' for name in readers)}: needs {what}, but the dataset at data.root={recipe.data.root!r} "
+            f"{', '.join(f'objectives.{name}' for name in readers)}: needs {describe_columns(missing)}, but the dataset at data.root={recipe.data.root!r} "
             f"was prepared without them (its manifest {info.root / 'manifest.json'} does not record them); regenerate it with "
             "make_world(..., phrase_similarity=True) (or delete it: a recipe with this objective synthesizes the world with them), "
             "or add them to real data with vlptune.data.similarity.PhraseLabelSimilarity and record them in the manifest"

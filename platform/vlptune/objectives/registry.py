@@ -84,7 +84,3 @@ def get(name: str) -> Registered:
         configs.config_class(name)  # an unknown name: ConfigError with the known ones
         raise NotImplementedError(f"objective {name!r} has a config but no implementation registered")
     return _REGISTRY[name]
-
-
-def config_class(name: str) -> type[ObjectiveConfig]:
-    return configs.config_class(name)

@@ -18,7 +18,7 @@ from vlptune.cluster import storage
 from vlptune.cluster.storage import StorageError, check_storage
 from vlptune.config import Recipe
 from vlptune.config.objectives import required_columns
-from vlptune.data.info import COLUMN_MEANINGS, DatasetInfo
+from vlptune.data.info import DatasetInfo, describe_columns
 from vlptune.data.prepare import ensure_data
 from vlptune.data.shards import MANIFEST_NAME
 from vlptune.search.layout import SearchError
@@ -51,9 +51,8 @@ def prepare_recipes_data(recipes: list[Recipe]) -> None:
         if (root / MANIFEST_NAME).is_file():
             missing = sorted(columns - DatasetInfo.read(root).columns)
             if missing:
-                what = ", ".join(f"{COLUMN_MEANINGS.get(c, c)} (column {c!r})" for c in missing)
                 raise SearchError(
-                    f"{root}: this dataset has no {what} (its manifest does not record them), "
+                    f"{root}: this dataset has no {describe_columns(missing)} (its manifest does not record them), "
                     "but a trial's objectives need them; delete the directory so it is generated again "
                     "with them, or set data.root to another directory"
                 )
