@@ -1,0 +1,191 @@
+"""``vlptune data convert SOURCE ...``: one sub-command per source, sharing the pipeline's flags.
+
+Bad input (a missing annotation file, a field that is not there, too many bad
+records) raises :class:`~vlptune.data.schema.DataError`: the top-level command
+prints it as one line and exits 2. The conversion prints a progress line
+(images/s, ETA) at most every few seconds, the report table at the end, and
+keeps the details in ``OUT/convert.log``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from vlptune.data.convert import captioned, web
+from vlptune.data.convert.images import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_LONG_SIDE, DEFAULT_MAX_SHORT_SIDE, DEFAULT_MIN_SIDE, ImageOptions
+from vlptune.data.convert.pipeline import ConvertOptions, convert, default_progress
+from vlptune.data.convert.report import DEFAULT_MAX_BAD_FRACTION, format_report
+from vlptune.data.convert.tasks import DEFAULT_MAX_CAPTION_CHARS, ParsedSource
+from vlptune.data.schema import DataError
+from vlptune.data.shards import DEFAULT_SHARD_SIZE
+
+MAX_JPEG_QUALITY = 100
+MAX_SIDE = 8192
+
+
+def _ranged(kind: type, low: float, high: float):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {value}")
+        return value
+
+    parse.__name__ = f"{kind.__name__} in [{low}, {high}]"
+    return parse
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="output dataset directory (new or empty; see --overwrite, --resume)")
+    parser.add_argument(
+        "--shard-size", type=_ranged(int, 1, 1_000_000), default=DEFAULT_SHARD_SIZE, help=f"images per image_text shard (default {DEFAULT_SHARD_SIZE})"
+    )
+    parser.add_argument("--workers", type=_ranged(int, 0, 100_000), default=0, help="Ray Data tasks in parallel (default 0: one per CPU of the cluster)")
+    parser.add_argument("--address", default=None, help="Ray cluster to run on (default: an embedded local Ray on 127.0.0.1)")
+    parser.add_argument("--executor", choices=("ray", "inline"), default="ray", help="ray (default) or inline: the same steps in this process, for debugging")
+    parser.add_argument(
+        "--max-short-side",
+        type=_ranged(int, 1, MAX_SIDE),
+        default=DEFAULT_MAX_SHORT_SIDE,
+        help=f"resize so the shorter side is at most this (default {DEFAULT_MAX_SHORT_SIDE})",
+    )
+    parser.add_argument(
+        "--max-long-side",
+        type=_ranged(int, 1, MAX_SIDE),
+        default=DEFAULT_MAX_LONG_SIDE,
+        help=f"and the longer side at most this (default {DEFAULT_MAX_LONG_SIDE})",
+    )
+    parser.add_argument(
+        "--min-side",
+        type=_ranged(int, 1, MAX_SIDE),
+        default=DEFAULT_MIN_SIDE,
+        help=f"drop images whose shorter side is below this (default {DEFAULT_MIN_SIDE})",
+    )
+    parser.add_argument(
+        "--jpeg-quality",
+        type=_ranged(int, 1, MAX_JPEG_QUALITY),
+        default=DEFAULT_JPEG_QUALITY,
+        help=f"JPEG quality of re-encoded images (default {DEFAULT_JPEG_QUALITY})",
+    )
+    parser.add_argument("--reencode-all", action="store_true", help="re-encode every image, also RGB JPEGs that need no fixing (kept byte for byte by default)")
+    parser.add_argument(
+        "--max-caption-chars",
+        type=_ranged(int, 1, 100_000),
+        default=DEFAULT_MAX_CAPTION_CHARS,
+        help=f"truncate longer captions, counted (default {DEFAULT_MAX_CAPTION_CHARS})",
+    )
+    parser.add_argument(
+        "--max-bad-fraction",
+        type=_ranged(float, 0.0, 1.0),
+        default=DEFAULT_MAX_BAD_FRACTION,
+        help=f"fail when more records than this are dropped (default {DEFAULT_MAX_BAD_FRACTION})",
+    )
+    parser.add_argument("--no-phrases", action="store_true", help="skip the spaCy noun-phrase parse (phrases stored empty)")
+    parser.add_argument("--resume", action="store_true", help="finish an interrupted conversion with the same command (shards written are kept)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the dataset in --out")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines (the report is still printed)")
+
+
+def add_convert_commands(commands: Any) -> None:
+    """Add ``convert`` with one sub-command per source to the ``vlptune data`` sub-parsers."""
+    convert_parser = commands.add_parser(
+        "convert",
+        help="convert a real dataset (COCO, Flickr30k, web tars, ...) to Parquet shards",
+        description="Convert a dataset to the documented Parquet shards on Ray Data (docs/convert.md).",
+    )
+    sources = convert_parser.add_subparsers(dest="source", metavar="{coco,flickr30k,webdataset}")
+    sources.required = True
+
+    coco = sources.add_parser(
+        "coco", help="COCO captions: official files or Karpathy's split", description="COCO captions (2014) into image_text (+ retrieval for val/test)."
+    )
+    group = coco.add_mutually_exclusive_group(required=True)
+    group.add_argument("--annotations", nargs="+", type=Path, help="captions_train2014.json captions_val2014.json (official splits)")
+    group.add_argument("--karpathy", type=Path, help="dataset_coco.json (Karpathy splits train/restval/val/test)")
+    coco.add_argument("--images", type=Path, required=True, help="folder holding train2014/ and val2014/ (or the images themselves)")
+    coco.add_argument(
+        "--restval-into", choices=("train", "val"), default=None, help="the split Karpathy's restval joins (papers: train; default: its own split 'restval')"
+    )
+    _common(coco)
+    coco.set_defaults(func=run_convert, parse=_parse_coco)
+
+    flickr = sources.add_parser(
+        "flickr30k", help="Flickr30k captions (Karpathy's dataset_flickr30k.json)", description="Flickr30k into image_text (+ retrieval for val/test)."
+    )
+    flickr.add_argument("--karpathy", type=Path, required=True, help="dataset_flickr30k.json")
+    flickr.add_argument("--images", type=Path, required=True, help="folder of the flickr30k-images")
+    _common(flickr)
+    flickr.set_defaults(func=run_convert, parse=_parse_flickr)
+
+    webds = sources.add_parser(
+        "webdataset",
+        help="img2dataset tars or Parquet, or a TSV / JSON-lines of (image, caption)",
+        description="Web-scale image-text sets (CC3M, CC12M, SBU, LAION) as img2dataset writes them.",
+    )
+    group = webds.add_mutually_exclusive_group(required=True)
+    group.add_argument("--tar", nargs="+", type=Path, help="webdataset tar shards (KEY.jpg + KEY.txt + KEY.json)")
+    group.add_argument("--parquet", nargs="+", type=Path, help="img2dataset Parquet files (key, caption, jpg)")
+    group.add_argument("--tsv", type=Path, help="image<TAB>caption rows (paths relative to --images)")
+    group.add_argument("--jsonl", type=Path, help='{"image": PATH, "caption": TEXT} lines (paths relative to --images)')
+    webds.add_argument("--images", type=Path, default=Path("."), help="folder the --tsv / --jsonl paths are relative to (default .)")
+    webds.add_argument("--split", default="train", help="split of every sample (default train)")
+    webds.add_argument("--name", default="web", help="dataset name: image id prefix and manifest source (default web)")
+    _common(webds)
+    webds.set_defaults(func=run_convert, parse=_parse_web)
+
+
+def _parse_coco(args: argparse.Namespace) -> ParsedSource:
+    if args.annotations:
+        if args.restval_into:
+            raise DataError("--restval-into applies to Karpathy's split file (--karpathy), not to the official annotations")
+        return captioned.parse_coco_official(args.annotations, args.images, args.max_caption_chars)
+    return captioned.parse_karpathy(args.karpathy, args.images, "coco", args.restval_into, args.max_caption_chars)
+
+
+def _parse_flickr(args: argparse.Namespace) -> ParsedSource:
+    return captioned.parse_karpathy(args.karpathy, args.images, "flickr30k", None, args.max_caption_chars)
+
+
+def _parse_web(args: argparse.Namespace) -> ParsedSource:
+    if args.tar:
+        return web.parse_tars(args.tar, args.split, args.name, args.max_caption_chars)
+    if args.parquet:
+        return web.parse_parquet(args.parquet, args.split, args.name, args.max_caption_chars)
+    fmt, path = ("tsv", args.tsv) if args.tsv else ("jsonl", args.jsonl)
+    return captioned.parse_pairs(path, args.images, fmt, args.split, args.name, args.max_caption_chars)
+
+
+def options_from_args(args: argparse.Namespace) -> ConvertOptions:
+    images = ImageOptions(
+        max_short_side=args.max_short_side,
+        max_long_side=args.max_long_side,
+        min_side=args.min_side,
+        jpeg_quality=args.jpeg_quality,
+        keep_jpeg=not args.reencode_all,
+    )
+    return ConvertOptions(
+        out=Path(args.out),
+        images=images,
+        shard_size=args.shard_size,
+        workers=args.workers,
+        address=args.address,
+        executor=args.executor,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        max_bad_fraction=args.max_bad_fraction,
+        phrases=not args.no_phrases,
+        progress=None if args.quiet else default_progress,
+    )
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    options = options_from_args(args)
+    parsed = args.parse(args)
+    summary = convert(parsed, options)
+    if args.quiet:
+        print(f"wrote {summary['out_dir']}: {summary['images_stored']} images stored of {summary['images_read']} read\n{format_report(summary['report'])}")
+    return 0
