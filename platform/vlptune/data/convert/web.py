@@ -101,6 +101,6 @@ def parse_parquet(files: list[Path], split: str, name: str, max_caption_chars: i
         for row, (key, caption) in enumerate(zip(table.column(0).to_pylist(), table.column(1).to_pylist())):
             image_id = f"{name}-{_safe_key(str(key if key is not None else row))}"
             ref = {"parquet": str(path), "row": row, "column": IMAGE_COLUMN}
-            if collector.image(ImageTask(image_id, split, ref, name=f"{key}.jpg")):
+            if collector.image(ImageTask(image_id, split, ref, name=str(key))):  # no extension: nothing to check the bytes against
                 collector.caption(image_id, caption)
     return ParsedSource(name, collector.finish(), {}, empty_vocabularies(), report, retrieval=True, extra={"format": "img2dataset-parquet"})
