@@ -110,3 +110,68 @@ def coco_official(root: Path) -> tuple[list[Path], Path]:
         path.write_text(json.dumps({"images": images_json, "annotations": anns}, ensure_ascii=False))
         out.append(path)
     return out, images
+
+
+VG_COCO_TEST_ID = 9001  # the COCO id of a VG image that is in COCO's Karpathy test split
+VG_NAMES = ["dog", "tree", "dog", "cat"]  # object names cycled over the images; "zebra" once (outside a 3-class vocabulary)
+
+
+def vg_id(name: str) -> int:
+    return 1 + ALL_FILES.index(name)
+
+
+def visual_genome(root: Path) -> dict[str, Path]:
+    """VG's image_data / region_descriptions / objects / attributes over the awkward images, plus a Karpathy COCO file.
+
+    Image ``vg_id(name)`` is the awkward file ``name`` (half in VG_100K, half in VG_100K_2); image 50 is a copy of
+    plain_0 whose ``coco_id`` is in COCO test. Each image: two regions, one object (the rotated image's on RED_BOX,
+    with the attribute "red"); plus an empty phrase on image 1, a region and an object of the unknown image 777,
+    and a "zebra" on image 2.
+    """
+    folder = root / "awkward"
+    awkward_images(folder)
+    images_dir = root / "images"
+    for d in ("VG_100K", "VG_100K_2"):
+        (images_dir / d).mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(ALL_FILES):
+        if (folder / name).exists():
+            (folder / name).rename(images_dir / ("VG_100K" if i % 2 == 0 else "VG_100K_2") / f"{vg_id(name)}.jpg")
+    (images_dir / "VG_100K" / "50.jpg").write_bytes((images_dir / "VG_100K" / f"{vg_id('plain_0.jpg')}.jpg").read_bytes())
+    ids = [vg_id(n) for n in ALL_FILES] + [50]
+    image_data = [{"image_id": i, "width": 0, "height": 0, "coco_id": VG_COCO_TEST_ID if i == 50 else None, "flickr_id": None} for i in ids]
+    rotated = vg_id("rotated.jpg")
+    image_data[ids.index(rotated)].update(width=ROTATED_RAW_SIZE[0], height=ROTATED_RAW_SIZE[1])
+    regions = []
+    objects = []
+    attributes = []
+    red = [RED_BOX[0], RED_BOX[1], RED_BOX[2] - RED_BOX[0], RED_BOX[3] - RED_BOX[1]]
+    for k, i in enumerate(ids + [777]):
+        box = red if i == rotated else [2, 3, 20, 10]
+        regs = [
+            {"region_id": 10 * i + r, "image_id": i, "phrase": f"region {r} of image {i}", "x": box[0], "y": box[1], "width": box[2], "height": box[3]}
+            for r in range(2)
+        ]
+        if i == 1:
+            regs.append({"region_id": 19, "image_id": 1, "phrase": "  ", "x": 0, "y": 0, "width": 5, "height": 5})
+        regions.append({"id": i, "regions": regs})
+        objs = [{"object_id": 100 * i, "x": box[0], "y": box[1], "w": box[2], "h": box[3], "names": [VG_NAMES[k % len(VG_NAMES)].upper()]}]
+        if i == 2:
+            objs.append({"object_id": 100 * i + 1, "x": 1, "y": 1, "w": 4, "h": 4, "names": ["zebra"]})
+        objects.append({"image_id": i, "objects": objs})
+        attributes.append({"image_id": i, "attributes": [{"object_id": 100 * i, "attributes": ["red"] if i == rotated else ["small", " "]}]})
+    paths = {
+        "image_data": root / "image_data.json",
+        "regions": root / "region_descriptions.json",
+        "objects": root / "objects.json",
+        "attributes": root / "attributes.json",
+    }
+    for key, data in (("image_data", image_data), ("regions", regions), ("objects", objects), ("attributes", attributes)):
+        paths[key].write_text(json.dumps(data))
+    karpathy = [
+        {"filepath": "val2014", "filename": "x.jpg", "cocoid": VG_COCO_TEST_ID, "split": "test", "sentences": []},
+        {"filepath": "train2014", "filename": "y.jpg", "cocoid": 1234, "split": "train", "sentences": []},
+    ]
+    paths["karpathy"] = root / "dataset_coco.json"
+    paths["karpathy"].write_text(json.dumps({"images": karpathy}))
+    paths["images"] = images_dir
+    return paths

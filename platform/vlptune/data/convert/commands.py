@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from vlptune.data.convert import captioned, web
+from vlptune.data.convert import captioned, vg, web
 from vlptune.data.convert.images import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_LONG_SIDE, DEFAULT_MAX_SHORT_SIDE, DEFAULT_MIN_SIDE, ImageOptions
 from vlptune.data.convert.pipeline import ConvertOptions, convert, default_progress
 from vlptune.data.convert.report import DEFAULT_MAX_BAD_FRACTION, format_report
@@ -97,7 +97,7 @@ def add_convert_commands(commands: Any) -> None:
         help="convert a real dataset (COCO, Flickr30k, web tars, ...) to Parquet shards",
         description="Convert a dataset to the documented Parquet shards on Ray Data (docs/convert.md).",
     )
-    sources = convert_parser.add_subparsers(dest="source", metavar="{coco,flickr30k,webdataset}")
+    sources = convert_parser.add_subparsers(dest="source", metavar="{coco,flickr30k,webdataset,vg,vqa,nlvr2,snli-ve,detections}")
     sources.required = True
 
     coco = sources.add_parser(
@@ -137,6 +137,36 @@ def add_convert_commands(commands: Any) -> None:
     _common(webds)
     webds.set_defaults(func=run_convert, parse=_parse_web)
 
+    vgp = sources.add_parser(
+        "vg",
+        help="Visual Genome: region phrases as captions with boxes, objects with names and attributes",
+        description="Visual Genome into image_text (region captions with caption_boxes; objects, classes and attributes vocabularies).",
+    )
+    vgp.add_argument("--image-data", type=Path, required=True, help="image_data.json (image_id, width, height, coco_id)")
+    vgp.add_argument("--regions", type=Path, required=True, help="region_descriptions.json (the region phrases become captions)")
+    vgp.add_argument("--objects", type=Path, required=True, help="objects.json (boxes and names)")
+    vgp.add_argument("--attributes", type=Path, default=None, help="attributes.json (optional: object attributes)")
+    vgp.add_argument("--images", type=Path, required=True, help="folder holding VG_100K/ and VG_100K_2/")
+    vgp.add_argument(
+        "--drop-coco-eval",
+        type=Path,
+        default=None,
+        metavar="DATASET_COCO_JSON",
+        help="Karpathy's dataset_coco.json: drop VG images whose coco_id is in its val/test (as the papers do)",
+    )
+    vgp.add_argument("--split", default="train", help="split of every image (default train)")
+    vgp.add_argument(
+        "--max-classes",
+        type=_ranged(int, 1, 100_000),
+        default=vg.DEFAULT_MAX_CLASSES,
+        help=f"object classes kept, most frequent first (default {vg.DEFAULT_MAX_CLASSES})",
+    )
+    vgp.add_argument(
+        "--max-attributes", type=_ranged(int, 0, 100_000), default=vg.DEFAULT_MAX_ATTRIBUTES, help=f"attributes kept (default {vg.DEFAULT_MAX_ATTRIBUTES})"
+    )
+    _common(vgp)
+    vgp.set_defaults(func=run_convert, parse=_parse_vg)
+
 
 def _parse_coco(args: argparse.Namespace) -> ParsedSource:
     if args.annotations:
@@ -157,6 +187,22 @@ def _parse_web(args: argparse.Namespace) -> ParsedSource:
         return web.parse_parquet(args.parquet, args.split, args.name, args.max_caption_chars)
     fmt, path = ("tsv", args.tsv) if args.tsv else ("jsonl", args.jsonl)
     return captioned.parse_pairs(path, args.images, fmt, args.split, args.name, args.max_caption_chars)
+
+
+def _parse_vg(args: argparse.Namespace) -> ParsedSource:
+    drop = vg.coco_eval_ids(args.drop_coco_eval) if args.drop_coco_eval else set()
+    return vg.parse_vg(
+        args.image_data,
+        args.regions,
+        args.objects,
+        args.images,
+        attributes=args.attributes,
+        drop_coco_ids=drop,
+        split=args.split,
+        max_classes=args.max_classes,
+        max_attributes=args.max_attributes,
+        max_caption_chars=args.max_caption_chars,
+    )
 
 
 def options_from_args(args: argparse.Namespace) -> ConvertOptions:

@@ -127,8 +127,9 @@ def check_bad_fraction(report: Report, max_fraction: float, report_path: Path) -
         )
 
 
-def write_report(out_dir: Path, report: Report, summary: Mapping[str, Any]) -> Path:
-    path = out_dir / REPORT_NAME
+def write_report(out_dir: Path, report: Report, summary: Mapping[str, Any], name: str = REPORT_NAME) -> Path:
+    """Write the report (with ``summary``'s keys first) as ``out_dir/name``, atomically; its path."""
+    path = out_dir / name
     atomic_write_text(path, json.dumps({**summary, **report.to_json()}, indent=2) + "\n")
     return path
 
