@@ -70,10 +70,10 @@ class ImageCollector:
             task.captions.append(caption)
 
     def finish(self) -> list[ImageTask]:
-        """The images that have captions (the others counted ``no_caption``), in first-seen order."""
+        """The images that have captions or need none (the others counted ``no_caption``), in first-seen order."""
         out = []
         for task in self.tasks.values():
-            if task.captions:
+            if task.captions or not task.require_caption:
                 out.append(task)
             else:
                 self.report.count_bad("no_caption", task.image_id, "no usable caption")

@@ -13,12 +13,12 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from vlptune.data.convert import captioned, vg, web
+from vlptune.data.convert import captioned, extend, reasoning, vg, vqa, web
 from vlptune.data.convert.images import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_LONG_SIDE, DEFAULT_MAX_SHORT_SIDE, DEFAULT_MIN_SIDE, ImageOptions
 from vlptune.data.convert.pipeline import ConvertOptions, convert, default_progress
-from vlptune.data.convert.report import DEFAULT_MAX_BAD_FRACTION, format_report
+from vlptune.data.convert.report import DEFAULT_MAX_BAD_FRACTION, Report, format_report
 from vlptune.data.convert.tasks import DEFAULT_MAX_CAPTION_CHARS, ParsedSource
-from vlptune.data.schema import DataError
+from vlptune.data.schema import RECORD_ID_FIELD, TABLE_VE, TABLE_VQA, DataError
 from vlptune.data.shards import DEFAULT_SHARD_SIZE
 
 MAX_JPEG_QUALITY = 100
@@ -88,6 +88,25 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="finish an interrupted conversion with the same command (shards written are kept)")
     parser.add_argument("--overwrite", action="store_true", help="replace the dataset in --out")
     parser.add_argument("--quiet", action="store_true", help="no progress lines (the report is still printed)")
+
+
+def _downstream_common(parser: argparse.ArgumentParser, dataset: str) -> None:
+    parser.add_argument("--into", type=Path, required=True, help=f"the converted {dataset} root whose images the records use")
+    parser.add_argument("--shard-size", type=_ranged(int, 1, 1_000_000), default=DEFAULT_SHARD_SIZE, help=f"records per shard (default {DEFAULT_SHARD_SIZE})")
+    parser.add_argument(
+        "--max-caption-chars",
+        type=_ranged(int, 1, 100_000),
+        default=DEFAULT_MAX_CAPTION_CHARS,
+        help=f"truncate longer texts, counted (default {DEFAULT_MAX_CAPTION_CHARS})",
+    )
+    parser.add_argument(
+        "--max-bad-fraction",
+        type=_ranged(float, 0.0, 1.0),
+        default=DEFAULT_MAX_BAD_FRACTION,
+        help=f"fail when more records than this are dropped (default {DEFAULT_MAX_BAD_FRACTION})",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace the table if the root holds it already")
+    parser.add_argument("--quiet", action="store_true", help="no summary lines but the report")
 
 
 def add_convert_commands(commands: Any) -> None:
@@ -167,6 +186,36 @@ def add_convert_commands(commands: Any) -> None:
     _common(vgp)
     vgp.set_defaults(func=run_convert, parse=_parse_vg)
 
+    nlvr2 = sources.add_parser(
+        "nlvr2", help="NLVR2 statements about image pairs (its own images)", description="NLVR2 into nlvr2 (+ its images, stored once, in image_text)."
+    )
+    nlvr2.add_argument("--jsonl", nargs="+", type=Path, required=True, help="train.json dev.json test1.json (JSON lines)")
+    nlvr2.add_argument("--images", type=Path, required=True, help="folder holding train/<directory>/, dev/, test1/")
+    _common(nlvr2)
+    nlvr2.set_defaults(func=run_convert, parse=lambda a: reasoning.parse_nlvr2(a.jsonl, a.images, a.max_caption_chars))
+
+    vqap = sources.add_parser(
+        "vqa", help="VQA v2 questions and answers into a converted COCO root", description="VQA v2 into the vqa table of a converted COCO root (--into)."
+    )
+    vqap.add_argument("--questions", nargs="+", type=Path, required=True, help="v2_OpenEnded_mscoco_{train2014,val2014,test-dev2015}_questions.json")
+    vqap.add_argument("--annotations", nargs="+", type=Path, default=[], help="v2_mscoco_{train2014,val2014}_annotations.json")
+    vqap.add_argument(
+        "--min-answer-count",
+        type=_ranged(int, 1, 1_000_000),
+        default=vqa.DEFAULT_MIN_ANSWER_COUNT,
+        help=f"answers given at least this often (train+val) form the vocabulary (default {vqa.DEFAULT_MIN_ANSWER_COUNT}: ~3,129 answers)",
+    )
+    vqap.add_argument("--score", choices=vqa.SCORE_MODES, default="table", help="soft scores: table (0/.3/.6/.9/1, the official metric; default) or min3")
+    _downstream_common(vqap, "COCO")
+    vqap.set_defaults(func=run_add, parse=_parse_vqa)
+
+    ve = sources.add_parser(
+        "snli-ve", help="SNLI-VE hypotheses into a converted Flickr30k root", description="SNLI-VE into the ve table of a converted Flickr30k root (--into)."
+    )
+    ve.add_argument("--jsonl", nargs="+", type=Path, required=True, help="snli_ve_train.jsonl snli_ve_dev.jsonl snli_ve_test.jsonl")
+    _downstream_common(ve, "Flickr30k")
+    ve.set_defaults(func=run_add, parse=_parse_ve)
+
 
 def _parse_coco(args: argparse.Namespace) -> ParsedSource:
     if args.annotations:
@@ -203,6 +252,35 @@ def _parse_vg(args: argparse.Namespace) -> ParsedSource:
         max_attributes=args.max_attributes,
         max_caption_chars=args.max_caption_chars,
     )
+
+
+def _parse_vqa(args: argparse.Namespace) -> tuple[dict[str, list[dict[str, Any]]], Report, dict[str, Any]]:
+    records, vocabulary, report = vqa.parse_vqa(args.questions, args.annotations, args.min_answer_count, args.score)
+    return {TABLE_VQA: records}, report, {vqa.VOCABULARY_KEY: vocabulary}
+
+
+def _parse_ve(args: argparse.Namespace) -> tuple[dict[str, list[dict[str, Any]]], Report, dict[str, Any]]:
+    records, report = reasoning.parse_snli_ve(args.jsonl, args.max_caption_chars)
+    return {TABLE_VE: records}, report, {}
+
+
+def run_add(args: argparse.Namespace) -> int:
+    """Parse the records, keep those whose images the root holds, write them into the root."""
+    tables, report, vocabularies = args.parse(args)
+    known = extend.root_image_ids(args.into)
+    kept = {t: extend.keep_known(records, known, t, RECORD_ID_FIELD[t], report) for t, records in tables.items()}
+    extend.add_tables(
+        args.into,
+        kept,
+        report,
+        args.source,
+        args.max_bad_fraction,
+        overwrite=args.overwrite,
+        vocabularies=vocabularies,
+        shard_size=args.shard_size,
+        progress=print,
+    )
+    return 0
 
 
 def options_from_args(args: argparse.Namespace) -> ConvertOptions:
