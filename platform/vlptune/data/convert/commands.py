@@ -13,7 +13,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from vlptune.data.convert import captioned, extend, reasoning, vg, vqa, web
+import numpy as np
+
+from vlptune.data.convert import captioned, detections, extend, reasoning, vg, vqa, web
 from vlptune.data.convert.images import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_LONG_SIDE, DEFAULT_MAX_SHORT_SIDE, DEFAULT_MIN_SIDE, ImageOptions
 from vlptune.data.convert.pipeline import ConvertOptions, convert, default_progress
 from vlptune.data.convert.report import DEFAULT_MAX_BAD_FRACTION, Report, format_report
@@ -23,6 +25,7 @@ from vlptune.data.shards import DEFAULT_SHARD_SIZE
 
 MAX_JPEG_QUALITY = 100
 MAX_SIDE = 8192
+FEATURE_NDIM = 2  # RoI features: [boxes, D]
 
 
 def _ranged(kind: type, low: float, high: float):
@@ -216,6 +219,46 @@ def add_convert_commands(commands: Any) -> None:
     _downstream_common(ve, "Flickr30k")
     ve.set_defaults(func=run_add, parse=_parse_ve)
 
+    det = sources.add_parser(
+        "detections",
+        help="detector outputs (or VG ground truth) as the objects of a converted root",
+        description="Replace the objects of a converted root's images by detector outputs (our JSON-lines + .npy format) or VG ground truth.",
+    )
+    det.add_argument("--into", type=Path, required=True, help="the converted root whose images the detections are of")
+    group = det.add_mutually_exclusive_group(required=True)
+    group.add_argument("--jsonl", type=Path, help="detections, one JSON line per image (docs/convert.md)")
+    group.add_argument("--vg-objects", type=Path, help="VG objects.json: ground truth as a stand-in detector for the COCO images VG shows")
+    det.add_argument("--classes", type=Path, help="with --jsonl: class names, one a line (labels index it)")
+    det.add_argument("--attribute-names", type=Path, default=None, help="with --jsonl: attribute names, one a line")
+    det.add_argument("--features", type=Path, default=None, help="with --jsonl: RoI features, a float .npy [total boxes, D] (feature_offset rows)")
+    det.add_argument("--vg-image-data", type=Path, help="with --vg-objects: VG image_data.json (coco_id, width, height)")
+    det.add_argument("--vg-attributes", type=Path, default=None, help="with --vg-objects: VG attributes.json")
+    det.add_argument(
+        "--max-classes", type=_ranged(int, 1, 100_000), default=vg.DEFAULT_MAX_CLASSES, help=f"with --vg-objects (default {vg.DEFAULT_MAX_CLASSES})"
+    )
+    det.add_argument(
+        "--max-attributes", type=_ranged(int, 0, 100_000), default=vg.DEFAULT_MAX_ATTRIBUTES, help=f"with --vg-objects (default {vg.DEFAULT_MAX_ATTRIBUTES})"
+    )
+    det.add_argument(
+        "--min-score",
+        type=_ranged(float, 0.0, 1.0),
+        default=detections.DEFAULT_MIN_SCORE,
+        help=f"drop boxes scoring below this (default {detections.DEFAULT_MIN_SCORE})",
+    )
+    det.add_argument(
+        "--max-boxes",
+        type=_ranged(int, 1, 10_000),
+        default=detections.DEFAULT_MAX_BOXES,
+        help=f"keep the best this many per image (default {detections.DEFAULT_MAX_BOXES})",
+    )
+    det.add_argument(
+        "--max-bad-fraction",
+        type=_ranged(float, 0.0, 1.0),
+        default=DEFAULT_MAX_BAD_FRACTION,
+        help=f"fail when more records than this are dropped (default {DEFAULT_MAX_BAD_FRACTION})",
+    )
+    det.set_defaults(func=run_detections)
+
 
 def _parse_coco(args: argparse.Namespace) -> ParsedSource:
     if args.annotations:
@@ -278,6 +321,42 @@ def run_add(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         vocabularies=vocabularies,
         shard_size=args.shard_size,
+        progress=print,
+    )
+    return 0
+
+
+def run_detections(args: argparse.Namespace) -> int:
+    report = Report()
+    features = None
+    if args.jsonl:
+        if args.classes is None:
+            raise DataError("--jsonl needs --classes (the class names its labels index)")
+        entries = detections.parse_detections(args.jsonl, report)
+        classes = detections.read_names(args.classes, "class names")
+        attributes = detections.read_names(args.attribute_names, "attribute names") if args.attribute_names else []
+        if args.features:
+            if not args.features.is_file():
+                raise DataError(f"{args.features}: features file not found")
+            features = np.load(args.features, mmap_mode="r")
+            if features.ndim != FEATURE_NDIM:
+                raise DataError(f"{args.features}: expected a [boxes, D] array, found shape {features.shape}")
+    else:
+        if args.vg_image_data is None:
+            raise DataError("--vg-objects needs --vg-image-data (VG's image_data.json: the coco_id of each image)")
+        entries, classes, attributes = detections.vg_detections(
+            args.vg_image_data, args.vg_objects, args.vg_attributes, report, args.max_classes, args.max_attributes
+        )
+    detections.apply_detections(
+        args.into,
+        entries,
+        classes,
+        report,
+        attribute_names=attributes,
+        features=features,
+        min_score=args.min_score,
+        max_boxes=args.max_boxes,
+        max_bad_fraction=args.max_bad_fraction,
         progress=print,
     )
     return 0

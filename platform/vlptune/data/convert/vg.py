@@ -92,52 +92,9 @@ def parse_vg(
             if task is not None and len(task.captions) > before:
                 assert task.caption_boxes is not None  # set for every VG task above
                 task.caption_boxes.append(_box(region))
-    by_image: dict[str, list[dict[str, Any]]] = {}
-    names: Counter[str] = Counter()
-    attrs: Counter[str] = Counter()
-    for source, path in (("objects", objects), ("attributes", attributes)):
-        if path is None:
-            continue
-        for i, entry in enumerate(_list_of(load_json(path, f"VG {source}.json"), path, "images")):
-            require_keys(entry, ("image_id",), f"{path}: [{i}]")
-            image_id = f"vg-{entry['image_id']}"
-            if image_id in dropped:
-                continue
-            for obj in entry.get(source, entry.get("objects", [])):
-                if source == "objects":
-                    report.count_input("objects")
-                    if image_id not in collector.tasks:
-                        report.count_bad("unknown_image", image_id, f"object {obj.get('object_id')}")
-                        continue
-                    name = _name(obj)
-                    if name is None:
-                        continue
-                    names[name] += 1
-                    by_image.setdefault(image_id, []).append({"object_id": obj.get("object_id"), "name": name, "box": _box(obj), "attributes": []})
-                else:  # attributes.json: attach to the object of the same id
-                    values = [str(a).strip().lower() for a in obj.get("attributes") or [] if str(a).strip()]
-                    for target in by_image.get(image_id, []):
-                        if target["object_id"] == obj.get("object_id"):
-                            target["attributes"] = values
-                            attrs.update(values)
-    classes = [n for n, _ in sorted(names.items(), key=lambda kv: (-kv[1], kv[0]))[:max_classes]]
-    attribute_vocab = [a for a, _ in sorted(attrs.items(), key=lambda kv: (-kv[1], kv[0]))[:max_attributes]]
-    class_index = {n: k for k, n in enumerate(classes)}
-    attr_index = {a: k for k, a in enumerate(attribute_vocab)}
+    by_image, classes, attribute_vocab = vg_objects(objects, attributes, collector.tasks, dropped, report, max_classes, max_attributes)
     for image_id, objs in by_image.items():
-        task = collector.tasks[image_id]
-        for obj in objs:
-            if obj["name"] not in class_index:
-                report.count_fix(FIX_OUTSIDE_VOCAB)
-                continue
-            task.objects.append(
-                {
-                    "box": obj["box"],
-                    "label": class_index[obj["name"]],
-                    "name": obj["name"],
-                    "attributes": [attr_index[a] for a in obj["attributes"] if a in attr_index],
-                }
-            )
+        collector.tasks[image_id].objects.extend(objs)
     vocab = empty_vocabularies(classes, attribute_vocab)
     return ParsedSource("vg", collector.finish(), {}, vocab, report, extra={"format": "visual-genome", "dropped_coco_ids": len(drop)})
 
@@ -147,3 +104,69 @@ def coco_eval_ids(karpathy_coco: Path) -> set[int]:
     data = load_json(karpathy_coco, "Karpathy split file of coco")
     require_keys(data, ("images",), str(karpathy_coco))
     return {int(im["cocoid"]) for im in data["images"] if im.get("split") in ("val", "test") and "cocoid" in im}
+
+
+def vg_objects(
+    objects: Path,
+    attributes: Path | None,
+    known: Collection[str],
+    skip: Collection[str],
+    report: Report,
+    max_classes: int = DEFAULT_MAX_CLASSES,
+    max_attributes: int = DEFAULT_MAX_ATTRIBUTES,
+) -> tuple[dict[str, list[dict[str, Any]]], list[str], list[str]]:
+    """VG objects of the ``known`` images (ids ``vg-<image_id>``): per image ``{box, label, name, attributes}``; classes; attributes.
+
+    Objects of ``skip`` images are ignored; of other unknown images counted ``unknown_image``; the
+    vocabularies are the ``max_classes`` / ``max_attributes`` most frequent names (ties by name);
+    an object whose name is outside them is left out (the fix ``object_outside_vocabulary``).
+    """
+    by_image: dict[str, list[dict[str, Any]]] = {}
+    names: Counter[str] = Counter()
+    attrs: Counter[str] = Counter()
+    for source, path in (("objects", objects), ("attributes", attributes)):
+        if path is None:
+            continue
+        for i, entry in enumerate(_list_of(load_json(path, f"VG {source}.json"), path, "images")):
+            require_keys(entry, ("image_id",), f"{path}: [{i}]")
+            image_id = f"vg-{entry['image_id']}"
+            if image_id in skip:
+                continue
+            if source == "attributes":  # attach to the object of the same id
+                targets = {t["object_id"]: t for t in by_image.get(image_id, [])}
+                for obj in entry.get("attributes") or []:
+                    target = targets.get(obj.get("object_id"))
+                    if target is not None:
+                        target["attributes"] = [str(a).strip().lower() for a in obj.get("attributes") or [] if str(a).strip()]
+                        attrs.update(target["attributes"])
+                continue
+            for obj in entry.get("objects", []):
+                report.count_input("objects")
+                if image_id not in known:
+                    report.count_bad("unknown_image", image_id, f"object {obj.get('object_id')}")
+                    continue
+                name = _name(obj)
+                if name is None:
+                    continue
+                names[name] += 1
+                by_image.setdefault(image_id, []).append({"object_id": obj.get("object_id"), "name": name, "box": _box(obj), "attributes": []})
+    classes = [n for n, _ in sorted(names.items(), key=lambda kv: (-kv[1], kv[0]))[:max_classes]]
+    attribute_vocab = [a for a, _ in sorted(attrs.items(), key=lambda kv: (-kv[1], kv[0]))[:max_attributes]]
+    class_index = {n: k for k, n in enumerate(classes)}
+    attr_index = {a: k for k, a in enumerate(attribute_vocab)}
+    out: dict[str, list[dict[str, Any]]] = {}
+    for image_id, objs in by_image.items():
+        kept = out.setdefault(image_id, [])
+        for obj in objs:
+            if obj["name"] not in class_index:
+                report.count_fix(FIX_OUTSIDE_VOCAB)
+                continue
+            kept.append(
+                {
+                    "box": obj["box"],
+                    "label": class_index[obj["name"]],
+                    "name": obj["name"],
+                    "attributes": [attr_index[a] for a in obj["attributes"] if a in attr_index],
+                }
+            )
+    return out, classes, attribute_vocab
