@@ -197,7 +197,7 @@ def ray_rows(tasks: list[tuple[int, ImageTask]], images: ImageOptions, workers: 
     started = False
     if not ray.is_initialized():
         if address:
-            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+            ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
         else:
             ray.init(
                 address="local",
@@ -205,7 +205,7 @@ def ray_rows(tasks: list[tuple[int, ImageTask]], images: ImageOptions, workers: 
                 include_dashboard=False,
                 _node_ip_address="127.0.0.1",
                 log_to_driver=False,
-                logging_level=logging.WARNING,
+                logging_level=logging.ERROR,  # Ray's start-up notices go to its session logs, not the console
             )
         started = True
     try:
@@ -388,19 +388,19 @@ def _convert(parsed: ParsedSource, options: ConvertOptions, out: Path, state: di
                 if options.stop_after_shards is not None and written >= options.stop_after_shards:
                     raise ConversionInterrupted(f"stopped after {written} shard(s) (stop_after_shards)")
             now = time.perf_counter()
-            first_row = first_row if first_row is not None else now
+            if first_row is None:  # the rate and the next line count from here, not from the Ray start-up
+                first_row = last_line = now
             if now - last_line >= PROGRESS_SECONDS or done_images == len(todo):
                 rate = (done_images - 1) / (now - first_row) if now > first_row else 0.0
-                eta = (len(todo) - done_images) / rate if rate > 0 else float("inf")
-                _say(
-                    options, f"  {parsed.name}: {done_images}/{len(todo)} images ({done_images / max(len(todo), 1):.0%}), {rate:.1f} images/s, ETA {eta:.0f} s"
-                )
+                eta = f"{(len(todo) - done_images) / rate:.0f} s" if rate > 0 else "--"
+                _say(options, f"  {parsed.name}: {done_images}/{len(todo)} images ({done_images / max(len(todo), 1):.0%}), {rate:.1f} images/s, ETA {eta}")
                 last_line = now
     finally:
         close = getattr(rows, "close", None)
         if close is not None:
             close()  # stops the Ray Data iteration (and the Ray it started) when interrupted
-    image_seconds = time.perf_counter() - start
+    image_seconds = time.perf_counter() - (first_row if first_row is not None else start)  # Ray's start-up not counted
+    counted = max(done_images - 1, 0) if first_row is not None else 0  # images done after the first one
     report = Report()
     report.merge(parsed.report)
     shards: dict[str, dict[str, list[dict]]] = {TABLE_IMAGE_TEXT: {}}
@@ -426,7 +426,8 @@ def _convert(parsed: ParsedSource, options: ConvertOptions, out: Path, state: di
         "images_read": len(parsed.tasks),
         "images_stored": len(kept),
         "seconds": seconds,
-        "images_per_second": len(todo) / image_seconds if image_seconds > 0 else 0.0,
+        "images_per_second": counted / image_seconds if image_seconds > 0 and counted else 0.0,
+        "startup_seconds": (first_row - start) if first_row is not None else 0.0,
         "resumed_shards": resumed,
     }
     report_path = write_report(out, report, summary)
