@@ -42,6 +42,26 @@ def _ranged(kind: type, low: float, high: float):
     return parse
 
 
+def _max_bad_fraction(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-bad-fraction",
+        type=_ranged(float, 0.0, 1.0),
+        default=DEFAULT_MAX_BAD_FRACTION,
+        help=f"fail when more records than this are dropped (default {DEFAULT_MAX_BAD_FRACTION})",
+    )
+
+
+def _record_limits(parser: argparse.ArgumentParser, texts: str) -> None:
+    """``--max-caption-chars`` and ``--max-bad-fraction``."""
+    parser.add_argument(
+        "--max-caption-chars",
+        type=_ranged(int, 1, 100_000),
+        default=DEFAULT_MAX_CAPTION_CHARS,
+        help=f"truncate longer {texts}, counted (default {DEFAULT_MAX_CAPTION_CHARS})",
+    )
+    _max_bad_fraction(parser)
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output dataset directory (new or empty; see --overwrite, --resume)")
     parser.add_argument(
@@ -75,18 +95,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
         help=f"JPEG quality of re-encoded images (default {DEFAULT_JPEG_QUALITY})",
     )
     parser.add_argument("--reencode-all", action="store_true", help="re-encode every image, also RGB JPEGs that need no fixing (kept byte for byte by default)")
-    parser.add_argument(
-        "--max-caption-chars",
-        type=_ranged(int, 1, 100_000),
-        default=DEFAULT_MAX_CAPTION_CHARS,
-        help=f"truncate longer captions, counted (default {DEFAULT_MAX_CAPTION_CHARS})",
-    )
-    parser.add_argument(
-        "--max-bad-fraction",
-        type=_ranged(float, 0.0, 1.0),
-        default=DEFAULT_MAX_BAD_FRACTION,
-        help=f"fail when more records than this are dropped (default {DEFAULT_MAX_BAD_FRACTION})",
-    )
+    _record_limits(parser, "captions")
     parser.add_argument("--no-phrases", action="store_true", help="skip the spaCy noun-phrase parse (phrases stored empty)")
     parser.add_argument("--resume", action="store_true", help="finish an interrupted conversion with the same command (shards written are kept)")
     parser.add_argument("--overwrite", action="store_true", help="replace the dataset in --out")
@@ -96,20 +105,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def _downstream_common(parser: argparse.ArgumentParser, dataset: str) -> None:
     parser.add_argument("--into", type=Path, required=True, help=f"the converted {dataset} root whose images the records use")
     parser.add_argument("--shard-size", type=_ranged(int, 1, 1_000_000), default=DEFAULT_SHARD_SIZE, help=f"records per shard (default {DEFAULT_SHARD_SIZE})")
-    parser.add_argument(
-        "--max-caption-chars",
-        type=_ranged(int, 1, 100_000),
-        default=DEFAULT_MAX_CAPTION_CHARS,
-        help=f"truncate longer texts, counted (default {DEFAULT_MAX_CAPTION_CHARS})",
-    )
-    parser.add_argument(
-        "--max-bad-fraction",
-        type=_ranged(float, 0.0, 1.0),
-        default=DEFAULT_MAX_BAD_FRACTION,
-        help=f"fail when more records than this are dropped (default {DEFAULT_MAX_BAD_FRACTION})",
-    )
+    _record_limits(parser, "texts")
     parser.add_argument("--overwrite", action="store_true", help="replace the table if the root holds it already")
-    parser.add_argument("--quiet", action="store_true", help="no summary lines but the report")
 
 
 def add_convert_commands(commands: Any) -> None:
@@ -251,12 +248,7 @@ def add_convert_commands(commands: Any) -> None:
         default=detections.DEFAULT_MAX_BOXES,
         help=f"keep the best this many per image (default {detections.DEFAULT_MAX_BOXES})",
     )
-    det.add_argument(
-        "--max-bad-fraction",
-        type=_ranged(float, 0.0, 1.0),
-        default=DEFAULT_MAX_BAD_FRACTION,
-        help=f"fail when more records than this are dropped (default {DEFAULT_MAX_BAD_FRACTION})",
-    )
+    _max_bad_fraction(det)
     det.set_defaults(func=run_detections)
 
 
