@@ -163,3 +163,23 @@ def test_nlvr2_pairs_store_each_image_once_and_sniff_the_bytes(tmp_path):
     assert records["train-10-0-1"]["label"] is False and records["train-10-0-0"]["image_id_right"] == "nlvr2-train-10-0-img1"
     stored = {r["image_id"]: r for r in iter_records(out, "image_text")}
     assert sorted(stored) == ["nlvr2-dev-5-1-img0", "nlvr2-train-10-0-img0", "nlvr2-train-10-0-img1"] and stored["nlvr2-dev-5-1-img0"]["captions"] == []
+
+
+def test_coco_test2015_images_serve_vqa_test_dev(tmp_path, capsys):
+    from convert_fixtures import _noise
+
+    files, images = coco_official(tmp_path)
+    test_dir = tmp_path / "test2015"
+    test_dir.mkdir()
+    (test_dir / "COCO_test2015_000000000777.jpg").write_bytes(jpeg_bytes(_noise(64, 48, 9)))
+    (test_dir / "notes.txt").write_text("not an image")
+    root = tmp_path / "coco"
+    args = ["data", "convert", "coco", "--annotations", *map(str, files), "--images", str(images), "--test-images", str(test_dir), "--out", str(root)]
+    assert main(args + ["--executor", "inline", "--no-phrases", "--max-bad-fraction", "0.5", "--quiet"]) == 0
+    stored = {r["image_id"]: r for r in iter_records(root, "image_text", "test2015")}
+    assert list(stored) == ["coco-777"] and stored["coco-777"]["captions"] == []
+    assert "retrieval" not in read_manifest(root)["counts"] or "test2015" not in read_manifest(root)["counts"]["retrieval"]
+    dev = _write(tmp_path / "v2_OpenEnded_mscoco_test-dev2015_questions.json", {"questions": [{"question_id": 9, "image_id": 777, "question": "what?"}]})
+    assert main(["data", "convert", "vqa", "--questions", str(dev), "--into", str(root)]) == 0
+    assert [(r["question_id"], r["image_id"], r["answers"]) for r in iter_records(root, "vqa")] == [("9", "coco-777", [])]
+    capsys.readouterr()

@@ -20,6 +20,8 @@ from vlptune.data.convert.tasks import DEFAULT_MAX_CAPTION_CHARS, ImageTask, Par
 from vlptune.data.schema import DataError
 
 COCO_OFFICIAL_SPLIT_RE = re.compile(r"(train|val|test)(20\d\d)")
+COCO_FILE_ID_RE = re.compile(r"_0*(\d+)\.(jpe?g|png)$", re.IGNORECASE)  # COCO_test2015_000000000001.jpg -> 1
+COCO_TEST_SPLIT = "test2015"  # VQA v2 test-dev / test ask about these images; they have no captions
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
 
 
@@ -191,3 +193,18 @@ def parse_pairs(path: Path, image_dir: Path, fmt: str, split: str, name: str, ma
             collector.caption(ids[image], caption)
     tasks = collector.finish()
     return ParsedSource(name, tasks, {}, empty_vocabularies(), report, retrieval=True, extra={"format": fmt})
+
+
+def coco_test_images(image_dir: Path, report: Report) -> list[ImageTask]:
+    """COCO's ``test2015/`` images (no captions: VQA v2 test-dev asks about them), split ``test2015``, ids ``coco-<id>``."""
+    image_dir = Path(image_dir)
+    if not image_dir.is_dir():
+        raise DataError(f"{image_dir}: COCO test2015 image folder not found")
+    tasks = []
+    for path in sorted(image_dir.iterdir()):
+        match = COCO_FILE_ID_RE.search(path.name)
+        if not match:
+            continue
+        report.count_input("images")
+        tasks.append(ImageTask(f"coco-{int(match.group(1))}", COCO_TEST_SPLIT, {"path": str(path)}, name=path.name, require_caption=False))
+    return tasks

@@ -127,6 +127,13 @@ def add_convert_commands(commands: Any) -> None:
     group.add_argument("--karpathy", type=Path, help="dataset_coco.json (Karpathy splits train/restval/val/test)")
     coco.add_argument("--images", type=Path, required=True, help="folder holding train2014/ and val2014/ (or the images themselves)")
     coco.add_argument(
+        "--test-images",
+        type=Path,
+        default=None,
+        metavar="TEST2015_DIR",
+        help="COCO's test2015/ folder: stored without captions (split test2015) for VQA v2 test-dev",
+    )
+    coco.add_argument(
         "--restval-into", choices=("train", "val"), default=None, help="the split Karpathy's restval joins (papers: train; default: its own split 'restval')"
     )
     _common(coco)
@@ -256,8 +263,12 @@ def _parse_coco(args: argparse.Namespace) -> ParsedSource:
     if args.annotations:
         if args.restval_into:
             raise DataError("--restval-into applies to Karpathy's split file (--karpathy), not to the official annotations")
-        return captioned.parse_coco_official(args.annotations, args.images, args.max_caption_chars)
-    return captioned.parse_karpathy(args.karpathy, args.images, "coco", args.restval_into, args.max_caption_chars)
+        parsed = captioned.parse_coco_official(args.annotations, args.images, args.max_caption_chars)
+    else:
+        parsed = captioned.parse_karpathy(args.karpathy, args.images, "coco", args.restval_into, args.max_caption_chars)
+    if args.test_images:
+        parsed.tasks.extend(captioned.coco_test_images(args.test_images, parsed.report))
+    return parsed
 
 
 def _parse_flickr(args: argparse.Namespace) -> ParsedSource:
