@@ -8,7 +8,9 @@
 * :mod:`.pipeline`: the Ray Data pipeline (the Ray edge of ``vlptune.data``): chunks,
   resume, shards, manifest, progress;
 * :mod:`.captioned` (COCO, Flickr30k, TSV/JSON-lines), :mod:`.web` (img2dataset tar and
-  Parquet), :mod:`.vg` (Visual Genome), :mod:`.vqa` (VQA v2): the source parsers;
+  Parquet), :mod:`.vg` (Visual Genome), :mod:`.vqa` (VQA v2), :mod:`.reasoning` (NLVR2,
+  SNLI-VE), :mod:`.detections` (detector outputs, VG ground truth): the source parsers;
+* :mod:`.extend`: add downstream tables to a converted root whose images they use;
 * :mod:`.commands`: the ``vlptune data convert`` sub-commands.
 
 docs/convert.md ("Bring your own data") describes every command and format.

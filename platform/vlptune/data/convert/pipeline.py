@@ -8,12 +8,12 @@
   a chunk with none left gives a shard of 0 rows). A shard is a pure function
   of its chunk, so output does not depend on the number of workers nor on
   how often the conversion was interrupted;
-* images are read, fixed, resized and re-encoded by :func:`~.tasks.process_task`,
-  mapped over the tasks with Ray Data (``map_batches``, ``workers`` tasks in
+* images are read, fixed, resized and re-encoded, and their captions' noun
+  phrases parsed with spaCy, by :func:`~.tasks.process_tasks`, mapped over
+  batches of tasks with Ray Data (``map_batches``, ``workers`` tasks in
   parallel) on the embedded local Ray (``address=None``) or a cluster;
   ``executor="inline"`` maps the same function in this process (debugging);
-* the driver gathers each chunk's rows, parses noun phrases with spaCy (one
-  parse per distinct caption), and writes the shard atomically;
+* the driver gathers each chunk's rows and writes the shard atomically;
 * after each shard, ``OUT/.convert/state.json`` (atomic) records it with its
   sha256 and its report counts: ``resume=True`` skips the chunks whose shard
   is there with that checksum and redoes the rest; the state also holds a
@@ -51,8 +51,7 @@ from vlptune.data.convert.report import (
     format_report,
     write_report,
 )
-from vlptune.data.convert.tasks import ImageTask, ParsedSource, process_task
-from vlptune.data.phrases import phrase_extractor
+from vlptune.data.convert.tasks import ImageTask, ParsedSource, process_tasks
 from vlptune.data.schema import TABLE_IMAGE_TEXT, TABLE_RETRIEVAL, TABLES, DataError
 from vlptune.data.shards import (
     DEFAULT_SHARD_SIZE,
@@ -171,25 +170,28 @@ def _chunk_done(out: Path, state: dict[str, Any], key: str) -> bool:
 # ------------------------------------------------------------------ executors
 
 
-def inline_rows(tasks: Iterable[tuple[int, ImageTask]], images: ImageOptions) -> Iterator[tuple[int, dict[str, Any]]]:
-    """The pipeline's map, in this process."""
-    for pos, task in tasks:
-        yield pos, process_task(task, images)
+ROW_COLUMNS = ("ok", "image", "width", "height", "meta", "phrases")
 
 
-def fix_batch(batch: Mapping[str, Any], images: dict[str, Any]) -> dict[str, list[Any]]:
+def inline_rows(tasks: list[tuple[int, ImageTask]], images: ImageOptions, phrases: bool) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The pipeline's map, in this process, batch by batch as Ray Data maps it."""
+    for k in range(0, len(tasks), BATCH_IMAGES):
+        batch = tasks[k : k + BATCH_IMAGES]
+        yield from zip((pos for pos, _ in batch), process_tasks([task for _, task in batch], images, phrases))
+
+
+def fix_batch(batch: Mapping[str, Any], images: dict[str, Any], phrases: bool) -> dict[str, list[Any]]:
     """The Ray Data ``map_batches`` function: ``{"key", "task"}`` columns in, processed rows out."""
-    options = ImageOptions(**images)
-    out: dict[str, list[Any]] = {"key": [], "ok": [], "image": [], "width": [], "height": [], "meta": []}
-    for key, text in zip(batch["key"], batch["task"]):
-        row = process_task(ImageTask.from_json(str(text)), options)
-        out["key"].append(int(key))
-        for name in ("ok", "image", "width", "height", "meta"):
-            out[name].append(row[name])
+    rows = process_tasks([ImageTask.from_json(str(text)) for text in batch["task"]], ImageOptions(**images), phrases)
+    out: dict[str, list[Any]] = {"key": [int(key) for key in batch["key"]]}
+    for name in ROW_COLUMNS:
+        out[name] = [row[name] for row in rows]
     return out
 
 
-def ray_rows(tasks: list[tuple[int, ImageTask]], images: ImageOptions, workers: int, address: str | None) -> Iterator[tuple[int, dict[str, Any]]]:
+def ray_rows(
+    tasks: list[tuple[int, ImageTask]], images: ImageOptions, phrases: bool, workers: int, address: str | None
+) -> Iterator[tuple[int, dict[str, Any]]]:
     """The pipeline's map on Ray Data (starts the embedded local Ray when none is running; stops what it started)."""
     import ray  # the Ray edge of vlptune.data: only conversions import Ray
     import ray.data  # Ray Data registers itself on import
@@ -218,7 +220,7 @@ def ray_rows(tasks: list[tuple[int, ImageTask]], images: ImageOptions, workers: 
         blocks = max(concurrency, math.ceil(len(items) / BATCH_IMAGES))
         ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
             fix_batch,
-            fn_kwargs={"images": asdict(images)},
+            fn_kwargs={"images": asdict(images), "phrases": phrases},
             batch_size=BATCH_IMAGES,
             batch_format="numpy",
             compute=ray.data.TaskPoolStrategy(size=concurrency),
@@ -235,8 +237,9 @@ def ray_rows(tasks: list[tuple[int, ImageTask]], images: ImageOptions, workers: 
 # ------------------------------------------------------------------ records
 
 
-def image_record(task: ImageTask, row: Mapping[str, Any], phrases: list[list[dict]] | None) -> dict[str, Any]:
+def image_record(task: ImageTask, row: Mapping[str, Any]) -> dict[str, Any]:
     meta = json.loads(row["meta"])
+    phrases = json.loads(row["phrases"]) if row.get("phrases") else None
     return {
         "image_id": task.image_id,
         "split": task.split,
@@ -261,9 +264,7 @@ def image_record(task: ImageTask, row: Mapping[str, Any], phrases: list[list[dic
     }
 
 
-def _write_chunk(
-    out: Path, split: str, index: int, positions: list[int], tasks: list[ImageTask], rows: dict[int, dict[str, Any]], use_phrases: bool
-) -> tuple[dict, Report]:
+def _write_chunk(out: Path, split: str, index: int, positions: list[int], tasks: list[ImageTask], rows: dict[int, dict[str, Any]]) -> tuple[dict, Report]:
     report = Report()
     good = []
     for pos in positions:
@@ -277,10 +278,7 @@ def _write_chunk(
         for _ in range(meta["bad_boxes"]):
             report.count_bad("bad_box", task.image_id, "box empty after clipping to the image")
         good.append((task, row))
-    phrases: list[list[list[dict]]] | list[None] = [None] * len(good)
-    if use_phrases and good:
-        phrases = phrase_extractor().phrases([t.captions for t, _ in good])
-    records = [image_record(t, r, p) for (t, r), p in zip(good, phrases)]
+    records = [image_record(t, r) for t, r in good]
     return write_shard(out, TABLE_IMAGE_TEXT, split, index, records), report
 
 
@@ -368,9 +366,9 @@ def _convert(parsed: ParsedSource, options: ConvertOptions, out: Path, state: di
     waiting: dict[int, dict[int, dict[str, Any]]] = {}
     items = [(pos, parsed.tasks[pos]) for pos in todo]
     if options.executor == "inline":
-        rows = inline_rows(items, options.images)
+        rows = inline_rows(items, options.images, options.phrases)
     else:
-        rows = ray_rows(items, options.images, options.workers, options.address)
+        rows = ray_rows(items, options.images, options.phrases, options.workers, options.address)
     done_images, written, last_line = 0, 0, time.perf_counter()
     first_row = None  # the rate counts from the first image done (not the Ray start-up)
     try:
@@ -380,7 +378,7 @@ def _convert(parsed: ParsedSource, options: ConvertOptions, out: Path, state: di
             done_images += 1
             split, index, positions = pending[chunk]
             if len(waiting[chunk]) == len(positions):
-                entry, chunk_report = _write_chunk(out, split, index, positions, parsed.tasks, waiting.pop(chunk), options.phrases)
+                entry, chunk_report = _write_chunk(out, split, index, positions, parsed.tasks, waiting.pop(chunk))
                 state["chunks"][f"{TABLE_IMAGE_TEXT}/{shard_name(split, index)}"] = {"entry": entry, "report": chunk_report.to_json()}
                 atomic_write_text(_state_path(out), json.dumps(state) + "\n")
                 written += 1

@@ -7,7 +7,9 @@ records (``vqa``, ``nlvr2``, ``ve``, ``retrieval``) that refer to images by
 ``image_id``, never by copying them. :func:`process_task` is the function the
 Ray Data pipeline maps over tasks: read the bytes, fix the image, move the
 boxes; it returns a plain row (so it travels between Ray workers) and never
-raises for a bad image (the row carries the reason).
+raises for a bad image (the row carries the reason). :func:`process_tasks`
+does it for a batch and parses the captions' noun phrases with spaCy there,
+on the workers (one parse per distinct caption and process).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import pyarrow.parquet as pq
 
 from vlptune.data.convert.images import BadImage, ImageOptions, fix_image, move_boxes
 from vlptune.data.convert.report import Report
+from vlptune.data.phrases import phrase_extractor
 
 DEFAULT_MAX_CAPTION_CHARS = 512  # longer captions (web alt-text dumps) are truncated and counted
 MISSING_FILE = "missing_file"
@@ -139,3 +142,15 @@ def process_task(task: ImageTask, options: ImageOptions) -> dict[str, Any]:
         caption_boxes = [next(moved_c) if b is not None else None for b in task.caption_boxes]
     meta = {"fixes": list(fixed.fixes), "objects": objects, "caption_boxes": caption_boxes, "bad_boxes": bad_boxes}
     return {"ok": True, "image": fixed.data, "width": fixed.width, "height": fixed.height, "meta": json.dumps(meta)}
+
+
+def process_tasks(tasks: list[ImageTask], options: ImageOptions, phrases: bool = True) -> list[dict[str, Any]]:
+    """:func:`process_task` of each task, plus ``phrases`` (JSON: per caption its noun phrases; "" when not parsed)."""
+    rows = [process_task(task, options) for task in tasks]
+    for row in rows:
+        row["phrases"] = ""
+    good = [(row, task) for row, task in zip(rows, tasks) if row["ok"] and task.captions]
+    if phrases and good:
+        for (row, _), parsed in zip(good, phrase_extractor().phrases([task.captions for _, task in good])):
+            row["phrases"] = json.dumps(parsed)
+    return rows
