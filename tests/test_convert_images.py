@@ -57,6 +57,13 @@ def test_bad_files_are_refused_with_their_reason(folder, name):
     assert info.value.reason == EXPECTED_BAD[name]
 
 
+@pytest.mark.parametrize("data", [b"<html>404 Not Found</html>", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40])
+def test_bytes_no_decoder_reads_are_undecodable(data):  # a web server's error page saved as .jpg; a PNG header with garbage
+    with pytest.raises(BadImage) as info:
+        fix_image(data, SMALL, "x.jpg")
+    assert info.value.reason == "undecodable_image"
+
+
 def test_the_fixes_are_named(folder):
     def fixes(name):
         return set(fix_image((folder / name).read_bytes(), SMALL, name).fixes)
