@@ -69,7 +69,8 @@ log = logging.getLogger(__name__)
 STATE_DIR = ".convert"
 STATE_NAME = "state.json"
 LOG_NAME = "convert.log"
-BATCH_IMAGES = 16  # images per Ray Data batch (one map task)
+BATCH_IMAGES = 16  # images per Ray Data batch (one map task), at most
+BATCHES_PER_WORKER = 4  # at least this many batches per worker when there are few images (load balance)
 PROGRESS_SECONDS = 5.0  # at most one progress line per this many seconds
 CREATED_BY = "vlptune data convert"
 RETRIEVAL_SPLITS = ("val", "test")
@@ -217,11 +218,12 @@ def ray_rows(
         ctx.enable_progress_bars = False  # our own progress line (images/s, ETA)
         concurrency = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         items = [{"key": pos, "task": task.to_json()} for pos, task in tasks]
-        blocks = max(concurrency, math.ceil(len(items) / BATCH_IMAGES))
+        batch_size = max(1, min(BATCH_IMAGES, math.ceil(len(items) / (concurrency * BATCHES_PER_WORKER))))
+        blocks = max(1, math.ceil(len(items) / batch_size))
         ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
             fix_batch,
             fn_kwargs={"images": asdict(images), "phrases": phrases},
-            batch_size=BATCH_IMAGES,
+            batch_size=batch_size,
             batch_format="numpy",
             compute=ray.data.TaskPoolStrategy(size=concurrency),
             num_cpus=1,
