@@ -161,3 +161,27 @@ def test_flickr30k_ids_are_the_file_stems(tmp_path):
     parsed = parse_karpathy(_karpathy(tmp_path, "flickr30k"), tmp_path / "imgs", "flickr30k")
     assert [t.image_id for t in parsed.tasks][:2] == ["flickr30k-plain_0", "flickr30k-plain_1"]
     assert verify(convert(parsed, options(tmp_path / "f30k"))["out_dir"]) == []
+
+
+def test_schema_version_1_datasets_still_read_and_a_newer_one_is_refused(coco, tmp_path):
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from vlptune.data.shards import sha256_file, write_manifest
+
+    old = tmp_path / "v1"
+    shutil.copytree(coco["out"], old)
+    manifest = read_manifest(old)
+    for entries in manifest["shards"]["image_text"].values():
+        for entry in entries:  # a version-1 shard: without the column version 2 added
+            path = old / entry["path"]
+            pq.write_table(pq.read_table(path).drop_columns(["caption_boxes"]), path)
+            entry["sha256"] = sha256_file(path)
+    write_manifest(old, {**manifest, "schema_version": 1})
+    assert verify(old) == []
+    records = list(iter_records(old, "image_text"))
+    assert len(records) == 8 and all(r["caption_boxes"] is None for r in records)
+    write_manifest(old, {**manifest, "schema_version": 3})
+    with pytest.raises(DataError, match="field 'schema_version' is 3; this vlptune reads schema versions 1, 2"):
+        read_manifest(old)
