@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_ray:
             import ray  # the bench starts the embedded Ray once, before timing (the pipeline reuses it)
 
-            ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False, logging_level=logging.WARNING)
+            ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False, logging_level=logging.ERROR)
             try:
                 ours(tsv, tmp / "ray-warm", "ray", 2)
                 one, two = [], []
