@@ -191,9 +191,17 @@ def fix_batch(batch: Mapping[str, Any], images: dict[str, Any], phrases: bool) -
 
 
 def ray_rows(
-    tasks: list[tuple[int, ImageTask]], images: ImageOptions, phrases: bool, workers: int, address: str | None
+    tasks: list[tuple[int, ImageTask]],
+    images: ImageOptions,
+    phrases: bool,
+    workers: int,
+    address: str | None,
+    on_ready: Callable[[], None] | None = None,
 ) -> Iterator[tuple[int, dict[str, Any]]]:
-    """The pipeline's map on Ray Data (starts the embedded local Ray when none is running; stops what it started)."""
+    """The pipeline's map on Ray Data (starts the embedded local Ray when none is running; stops what it started).
+
+    ``on_ready`` is called once Ray is up (the conversion's rate counts from there).
+    """
     import ray  # the Ray edge of vlptune.data: only conversions import Ray
     import ray.data  # Ray Data registers itself on import
 
@@ -211,6 +219,8 @@ def ray_rows(
                 logging_level=logging.ERROR,  # Ray's start-up notices go to its session logs, not the console
             )
         started = True
+    if on_ready is not None:
+        on_ready()
     try:
         logging.getLogger("ray.data").setLevel(logging.ERROR)  # its notices go to Ray's session logs
         ctx = ray.data.DataContext.get_current()
@@ -367,12 +377,17 @@ def _convert(parsed: ParsedSource, options: ConvertOptions, out: Path, state: di
     owner = {pos: i for i, (_, _, positions) in enumerate(pending) for pos in positions}
     waiting: dict[int, dict[int, dict[str, Any]]] = {}
     items = [(pos, parsed.tasks[pos]) for pos in todo]
+    done_images, written = 0, 0
+    ready = [time.perf_counter()]  # when the map started (after Ray's start-up): rates count from there
+
+    def mark_ready() -> None:
+        ready[0] = time.perf_counter()
+
     if options.executor == "inline":
         rows = inline_rows(items, options.images, options.phrases)
     else:
-        rows = ray_rows(items, options.images, options.phrases, options.workers, options.address)
-    done_images, written, last_line = 0, 0, time.perf_counter()
-    first_row = None  # the rate counts from the first image done (not the Ray start-up)
+        rows = ray_rows(items, options.images, options.phrases, options.workers, options.address, on_ready=mark_ready)
+    last_line = time.perf_counter()
     try:
         for pos, row in rows:
             chunk = owner[pos]
@@ -388,10 +403,8 @@ def _convert(parsed: ParsedSource, options: ConvertOptions, out: Path, state: di
                 if options.stop_after_shards is not None and written >= options.stop_after_shards:
                     raise ConversionInterrupted(f"stopped after {written} shard(s) (stop_after_shards)")
             now = time.perf_counter()
-            if first_row is None:  # the rate and the next line count from here, not from the Ray start-up
-                first_row = last_line = now
             if now - last_line >= PROGRESS_SECONDS or done_images == len(todo):
-                rate = (done_images - 1) / (now - first_row) if now > first_row else 0.0
+                rate = done_images / (now - ready[0]) if now > ready[0] else 0.0
                 eta = f"{(len(todo) - done_images) / rate:.0f} s" if rate > 0 else "--"
                 _say(options, f"  {parsed.name}: {done_images}/{len(todo)} images ({done_images / max(len(todo), 1):.0%}), {rate:.1f} images/s, ETA {eta}")
                 last_line = now
@@ -399,8 +412,7 @@ def _convert(parsed: ParsedSource, options: ConvertOptions, out: Path, state: di
         close = getattr(rows, "close", None)
         if close is not None:
             close()  # stops the Ray Data iteration (and the Ray it started) when interrupted
-    image_seconds = time.perf_counter() - (first_row if first_row is not None else start)  # Ray's start-up not counted
-    counted = max(done_images - 1, 0) if first_row is not None else 0  # images done after the first one
+    image_seconds = time.perf_counter() - ready[0]  # Ray's start-up not counted
     report = Report()
     report.merge(parsed.report)
     shards: dict[str, dict[str, list[dict]]] = {TABLE_IMAGE_TEXT: {}}
@@ -426,8 +438,8 @@ def _convert(parsed: ParsedSource, options: ConvertOptions, out: Path, state: di
         "images_read": len(parsed.tasks),
         "images_stored": len(kept),
         "seconds": seconds,
-        "images_per_second": counted / image_seconds if image_seconds > 0 and counted else 0.0,
-        "startup_seconds": (first_row - start) if first_row is not None else 0.0,
+        "images_per_second": done_images / image_seconds if image_seconds > 0 else 0.0,
+        "startup_seconds": ready[0] - start,
         "resumed_shards": resumed,
     }
     report_path = write_report(out, report, summary)
