@@ -154,8 +154,9 @@ def _prepare_out(out: Path, options: ConvertOptions, wanted: str) -> dict[str, A
         for name in (*TABLES, STATE_DIR):
             if (out / name).is_dir():
                 shutil.rmtree(out / name)
-        for name in (MANIFEST_NAME, REPORT_NAME):
-            (out / name).unlink(missing_ok=True)
+        (out / MANIFEST_NAME).unlink(missing_ok=True)
+        for report in out.glob(REPORT_NAME.replace(".json", "*.json")):  # also those of tables added with --into
+            report.unlink()
     out.mkdir(parents=True, exist_ok=True)
     return {"fingerprint": wanted, "chunks": {}}
 
