@@ -7,9 +7,11 @@ a record whose image the root does not hold is dropped (``unknown_image``).
 The report is written and ``--max-bad-fraction`` checked first; then the new
 shards (each atomically), then the root's manifest (atomically) with the new
 tables, their vocabularies and the report's name; then shards of a replaced
-table that the new one lacks are removed. An interrupted run leaves the old
-manifest in force (``vlptune data verify`` names any shard it does not list),
-and running the command again finishes the job.
+table that the new one lacks are removed. An interrupted first run leaves the
+old manifest in force (``vlptune data verify`` names the shards it does not
+list); an interrupted ``--overwrite`` may have replaced shards of the old
+table in place, which ``verify`` then reports as sha256 mismatches. Either
+way, running the command again finishes the job.
 """
 
 from __future__ import annotations
