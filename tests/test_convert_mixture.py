@@ -134,3 +134,15 @@ def test_vlptune_train_runs_and_logs_on_converted_roots(roots, root, tmp_path, c
     acc.Reload()
     losses = {e.step: e.value for e in acc.Scalars("train/loss")}
     assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) and v > 0 for v in losses.values())
+
+
+def test_each_rank_mixes_its_own_share_with_equal_lengths(roots, tmp_path):
+    from vlptune.data.dataset import build_dataset
+
+    sources = [{"root": str(roots / "coco"), "weight": 1.0}, {"root": str(roots / "vg"), "weight": 1.0}]
+    recipe = load_recipe(_recipe_file(roots, tmp_path, sources=sources))
+    ranks = [build_dataset(recipe, "train", roots / "coco", rank=r, world_size=2) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 3 + 4  # COCO 6 -> 3 a rank, VG 9 -> 4 a rank (drop_last)
+    shares = [set(ds.sources[i].image_ids) for ds in ranks for i in (0, 1)]
+    assert not shares[0] & shares[2] and not shares[1] & shares[3]  # the ranks' records are disjoint, per source
+    assert [ds.index.tolist() for ds in ranks][0] == build_dataset(recipe, "train", roots / "coco", rank=0, world_size=2).index.tolist()
