@@ -38,13 +38,13 @@ def run(argv: list[str], capsys) -> tuple[int, str]:
 
 
 def test_train_without_data_names_the_path_and_how_to_make_it(tmp_path, monkeypatch, capsys, one_thread):
-    monkeypatch.chdir(tmp_path)  # light.yaml's data.root is data/pretrain, relative: absent here
+    monkeypatch.chdir(tmp_path)  # light.yaml's data.root is data/coco, relative: absent here
     _, err = run(["train", LIGHT, "--out", tmp_path / "run", "--quiet"], capsys)
-    assert "data.root 'data/pretrain'" in err and "data/pretrain/manifest.json not found: no such directory" in err
+    assert "data.root 'data/coco'" in err and "data/coco/manifest.json not found: no such directory" in err
     assert "data.synthesize: false" in err
-    assert "`vlptune data synth --out data/pretrain --train 2000 --val 200 " in err  # light.yaml's data.synth (the defaults)
+    assert "`vlptune data synth --out data/coco --train 2000 --val 200 " in err  # light.yaml's data.synth (the defaults)
     assert "-o data.synthesize=true" in err
-    assert "converters to Parquet shards are not built yet" in err and "manifest.json and the Parquet shards it lists, see docs/data.md" in err
+    assert "`vlptune data convert SOURCE ... --out data/coco` (docs/convert.md)" in err and "manifest.json and the Parquet shards it lists" in err
     assert len(err.strip().splitlines()) == 1  # one paragraph
 
 

@@ -34,6 +34,7 @@ def test_paper_recipes_describe_the_paper_settings():
     assert light.model.fusion.init == "bert-base-uncased"
     assert (full.model.backbone.depth, full.model.fusion.layers) == (101, 12)
     assert full.model.vd.size == light.model.vd.size  # inherited through base:
+    assert [(s.root, s.weight) for s in full.data.sources] == [("data/coco", 1.0), ("data/vg", 1.0)]  # SOHO: COCO + VG
 
 
 def test_base_inheritance_deep_merges(tmp_path):

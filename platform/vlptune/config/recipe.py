@@ -54,10 +54,23 @@ class SynthConfig(Section):
     )
 
 
+class SourceConfig(Section):
+    """One converted dataset of a pretraining mixture (``data.sources``)."""
+
+    root: str = Field(..., min_length=1, description="directory of a converted dataset (manifest.json + shards), e.g. data/coco")
+    weight: float = Field(1.0, gt=0.0, le=1000.0, description="sampling weight: this source's share of an epoch is weight / sum of the weights")
+
+
 class DataConfig(Section):
     root: str = Field("data/synth", description="directory of Parquet shards with a manifest.json (relative paths: to the working directory)")
     synthesize: bool = Field(True, description="generate the synthetic world into root when it has no manifest")
     synth: SynthConfig = Field(default_factory=SynthConfig, description="synthetic world settings, used when synthesize is on")
+    sources: list[SourceConfig] = Field(
+        default_factory=list,
+        max_length=64,
+        description="pretraining mixture: roots sampled by weight for training (empty: data.root alone); "
+        "data.root still gives the vocabularies (object classes) the heads use",
+    )
     train_split: str = Field("train", min_length=1, description="split used for training")
     val_split: str = Field("val", min_length=1, description="split used for evaluation")
     image_size: int = Field(600, ge=16, le=2048, description="resize the shorter side to this many pixels (square mode: both sides)")

@@ -1,4 +1,4 @@
-"""`vlptune data ...`: synth (generate the synthetic world), inspect and verify a dataset.
+"""`vlptune data ...`: synth (generate the synthetic world), convert a real dataset, inspect and verify a dataset.
 
 The top-level `vlptune` parser calls `add_commands(subparsers)`; every
 sub-command sets `func`, a callable taking the parsed Namespace and
@@ -12,12 +12,11 @@ import argparse
 import sys
 
 from vlptune.data.captions import CAPTION_STYLES, DEFAULT_CAPTION_STYLE
-from vlptune.data.schema import ROI_FEATURE_DIM_DEFAULT, DataError
-from vlptune.data.shards import DEFAULT_SHARD_SIZE
-from vlptune.data.synth import DEFAULT_CAPTIONS_PER_IMAGE
-from vlptune.data.shards import read_manifest, verify
+from vlptune.data.convert.commands import add_convert_commands
 from vlptune.data.inspect import inspect_dataset
-from vlptune.data.synth import make_world
+from vlptune.data.schema import ROI_FEATURE_DIM_DEFAULT, DataError
+from vlptune.data.shards import DEFAULT_SHARD_SIZE, read_manifest, verify
+from vlptune.data.synth import DEFAULT_CAPTIONS_PER_IMAGE, make_world
 
 MIN_IMAGE_SIZE = 32
 DEFAULT_IMAGE_SIZE = 96
@@ -42,7 +41,7 @@ def add_commands(subparsers) -> argparse.ArgumentParser:
         "data", help="generate and inspect datasets (Parquet shards)",
         description="Generate the synthetic vision-language world; inspect a dataset directory.",
     )
-    commands = data.add_subparsers(dest="data_command", metavar="{synth,inspect,verify}")
+    commands = data.add_subparsers(dest="data_command", metavar="{synth,convert,inspect,verify}")
     commands.required = True
 
     synth = commands.add_parser(
@@ -75,6 +74,8 @@ def add_commands(subparsers) -> argparse.ArgumentParser:
                        help="replace the dataset already in --out")
     synth.add_argument("--quiet", action="store_true", help="no progress lines")
     synth.set_defaults(func=run_synth)
+
+    add_convert_commands(commands)
 
     inspect = commands.add_parser(
         "inspect", help="counts, manifest check and one decoded sample of a dataset",

@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vlptune.config import Recipe
 from vlptune.data.collate import SOHOCollate, pad_images
+from vlptune.data.mixture import VOCABULARY_KEYS, MixtureDataset, check_vocabularies
 from vlptune.data.schema import TABLE_IMAGE_TEXT, DataError
 from vlptune.data.shards import decode_image, decode_segmentation, list_shards, read_manifest, read_shard
 from vlptune.data.prepare import ensure_data
@@ -368,6 +369,41 @@ class SOHOLoader(DataLoader):
         self.dataset.set_epoch(epoch)
 
 
+class ObjectlessShardDataset(ShardDataset):
+    """A mixture source whose objects use another vocabulary than ``data.root``'s empty one: read without its objects."""
+
+    def __init__(self, recipe: Recipe, split: str, vocab: Vocab, **kw: Any):
+        super().__init__(recipe, split, **kw)
+        self.vocab = vocab
+
+    def _row(self, i: int, columns: Sequence[str] | None = None) -> dict:
+        row = super()._row(i, columns)
+        if "objects" in row:
+            row["objects"] = []
+            row["phrase_label_sim"] = None
+        return row
+
+
+def build_dataset(recipe: Recipe, split: str, root: Path, rank: int = 0, world_size: int = 1, train: bool = True, epoch: int = 0) -> Dataset:
+    """``split`` of ``root`` for one rank; for training with ``data.sources``, the weighted mixture of those roots (vlptune.data.mixture)."""
+    sources = recipe.data.sources
+    if not train or not sources:
+        return ShardDataset(recipe, split, rank=rank, world_size=world_size, train=train, epoch=epoch, root=root)
+    primary = read_manifest(root)["vocabularies"]
+    datasets: list[ShardDataset] = []
+    for source in sources:
+        path = Path(source.root).expanduser()
+        theirs = read_manifest(path)["vocabularies"]
+        kw: dict[str, Any] = {"rank": rank, "world_size": world_size, "train": train, "epoch": epoch, "root": path}
+        if any(theirs.get(k) for k in VOCABULARY_KEYS) and not any(primary.get(k) for k in VOCABULARY_KEYS):
+            log.warning("data.sources: %s has object classes but data.root=%s has none: its objects are not read (set data.root to it to use them)", path, root)
+            datasets.append(ObjectlessShardDataset(recipe, split, Vocab.from_manifest({"vocabularies": primary}), **kw))
+            continue
+        check_vocabularies(primary, {str(path): theirs}, str(root))
+        datasets.append(ShardDataset(recipe, split, **kw))
+    return MixtureDataset(datasets, [s.weight for s in sources], seed=recipe.train.seed, train=train, epoch=epoch)
+
+
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # N workers x M threads would oversubscribe the CPUs
 
@@ -392,7 +428,7 @@ def build_loader(
     if split is None:
         split = data.train_split if train else data.val_split
     root = ensure_data(recipe)
-    dataset = ShardDataset(recipe, split, rank=rank, world_size=world_size, train=train, epoch=epoch, root=root)
+    dataset = build_dataset(recipe, split, root, rank=rank, world_size=world_size, train=train, epoch=epoch)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(data.tokenizer)
     collate = SOHOCollate(recipe, tokenizer, train=train, manifest=read_manifest(root))
     drop_last = train and len(dataset) >= data.batch_images

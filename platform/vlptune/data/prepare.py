@@ -119,7 +119,7 @@ def missing_data_message(recipe: Any, root: Path, needs_phrase_similarity: bool)
             "(this recipe's data.synth settings), or set data.synthesize: true (or -o data.synthesize=true) to generate it on first use."
         )
     real = (
-        "For real data (COCO, VG, ...), the converters to Parquet shards are not built yet (issue 14 adds them); "
-        f"a dataset directory must hold a {MANIFEST_NAME} and the Parquet shards it lists, see docs/data.md."
+        f"For real data (COCO, VG, Flickr30k, web tars, ...), convert it with `vlptune data convert SOURCE ... --out {recipe.data.root}` "
+        f"(docs/convert.md); a dataset directory holds a {MANIFEST_NAME} and the Parquet shards it lists."
     )
     return f"{head} {synth} {real}"

@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Versions this code reads: version 1 shards lack only the optional columns version 2 added
+# (image_text.caption_boxes, vqa.answer_type), which read as nulls.
+READABLE_SCHEMA_VERSIONS = (1, 2)
 
 ROI_FEATURE_DIM_DEFAULT = 32
 BOX_LEN = 4  # [x0, y0, x1, y1] in pixels
@@ -85,12 +88,16 @@ IMAGE_TEXT_SCHEMA = pa.schema(
         # KD-VLP phrase-label similarity alpha(z, n): per caption, per phrase, per object
         # (vlptune.data.similarity); optional: absent from older shards
         pa.field("phrase_label_sim", pa.list_(pa.list_(pa.list_(pa.float32()))), nullable=True),
+        # per caption, the box of the region it describes (Visual Genome region descriptions), null
+        # for a caption of the whole image; optional (schema version 2)
+        pa.field("caption_boxes", pa.list_(pa.list_(pa.float32(), BOX_LEN)), nullable=True),
     ]
 )
 
 # Columns a shard may lack entirely (read as nulls); each must be nullable in its schema.
 OPTIONAL_COLUMNS: dict[str, tuple[str, ...]] = {
-    TABLE_IMAGE_TEXT: ("phrase_label_sim",),
+    TABLE_IMAGE_TEXT: ("phrase_label_sim", "caption_boxes"),
+    "vqa": ("answer_type",),
 }
 
 VQA_ANSWER_TYPE = pa.struct(
@@ -107,6 +114,8 @@ VQA_SCHEMA = pa.schema(
         pa.field("image_id", pa.string(), nullable=False),
         pa.field("question", pa.string(), nullable=False),
         pa.field("answers", pa.list_(VQA_ANSWER_TYPE), nullable=False),
+        # VQA v2's answer_type ("yes/no", "number", "other"); optional (schema version 2)
+        pa.field("answer_type", pa.string(), nullable=True),
     ]
 )
 

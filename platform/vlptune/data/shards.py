@@ -31,7 +31,7 @@ import os
 import re
 import struct
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +40,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from vlptune.io import atomic_write_bytes
 from vlptune.data.schema import (
+    READABLE_SCHEMA_VERSIONS,
     RECORD_ID_FIELD,
     SCHEMA_VERSION,
     TABLES,
@@ -51,6 +51,7 @@ from vlptune.data.schema import (
     schema_for,
     validate_schema,
 )
+from vlptune.io import atomic_write_bytes
 
 MANIFEST_NAME = "manifest.json"
 SHARD_SUFFIX = ".parquet"
@@ -221,7 +222,6 @@ class ShardWriter:
         self.extra = dict(extra or {})
         self._buffers: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
         self._shards: dict[str, dict[str, list[dict]]] = {}
-        self._counts: dict[str, dict[str, int]] = {}
         self.manifest: dict | None = None
         self._closed = False
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -261,44 +261,12 @@ class ShardWriter:
 
     # -- shards ------------------------------------------------------------
 
-    def _to_arrow(self, table: str, records: list[Mapping[str, Any]], path: Path) -> pa.Table:
-        schema = schema_for(table)
-        try:
-            return pa.Table.from_pylist(records, schema=schema)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as exc:
-            # find the offending record so the message can name it
-            for record in records:
-                try:
-                    pa.Table.from_pylist([record], schema=schema)
-                except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as one:
-                    raise DataError(
-                        f"{path}: table {table!r}, record {_record_id(table, record)}: {one}"
-                    ) from one
-            raise DataError(f"{path}: table {table!r}: {exc}") from exc
-
     def _flush(self, table: str, split: str) -> None:
         records = self._buffers.pop((table, split), [])
         if not records:
             return
         split_shards = self._shards.setdefault(table, {}).setdefault(split, [])
-        rel = Path(table) / shard_name(split, len(split_shards))
-        path = self.out_dir / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        arrow = self._to_arrow(table, records, path)
-        tmp = _tmp_path(path)
-        try:
-            pq.write_table(
-                arrow, tmp, compression=PARQUET_COMPRESSION, row_group_size=ROW_GROUP_SIZE
-            )
-            _fsync_and_replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        split_shards.append(
-            {"path": rel.as_posix(), "records": len(records), "sha256": sha256_file(path)}
-        )
-        counts = self._counts.setdefault(table, {})
-        counts[split] = counts.get(split, 0) + len(records)
+        split_shards.append(write_shard(self.out_dir, table, split, len(split_shards), records))
 
     def close(self) -> dict:
         """Flush every buffer, write the manifest, return it."""
@@ -308,14 +276,7 @@ class ShardWriter:
         for table, split in sorted(self._buffers):
             self._flush(table, split)
         self._closed = True
-        self.manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "created_by": self.created_by,
-            "vocabularies": self.vocabularies,
-            "counts": {t: dict(sorted(self._counts[t].items())) for t in TABLES if t in self._counts},
-            "shards": {t: dict(sorted(self._shards[t].items())) for t in TABLES if t in self._shards},
-            **self.extra,
-        }
+        self.manifest = build_manifest(self.vocabularies, self.created_by, self._shards, self.extra)
         write_manifest(self.out_dir, self.manifest)
         return self.manifest
 
@@ -324,7 +285,7 @@ class ShardWriter:
         self._buffers.clear()
         self._closed = True
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -332,6 +293,53 @@ class ShardWriter:
             self.close()
         else:
             self.abort()
+
+
+def records_to_arrow(table: str, records: Sequence[Mapping[str, Any]], path: Path) -> pa.Table:
+    """``records`` as an Arrow table of ``table``'s schema; DataError naming ``path`` and the offending record."""
+    schema = schema_for(table)
+    try:
+        return pa.Table.from_pylist(list(records), schema=schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as exc:
+        # find the offending record so the message can name it
+        for record in records:
+            try:
+                pa.Table.from_pylist([record], schema=schema)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as one:
+                raise DataError(f"{path}: table {table!r}, record {_record_id(table, record)}: {one}") from one
+        raise DataError(f"{path}: table {table!r}: {exc}") from exc
+
+
+def write_shard(out_dir: str | os.PathLike, table: str, split: str, index: int, records: Sequence[Mapping[str, Any]]) -> dict:
+    """Write shard ``index`` of ``table``/``split`` atomically (``.tmp``, fsync, rename); its manifest entry.
+
+    ``records`` may be empty (a converter's chunk whose records were all bad): the shard then holds 0 rows.
+    """
+    _check_split_name(split)
+    rel = Path(table) / shard_name(split, index)
+    path = Path(out_dir) / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrow = records_to_arrow(table, list(records), path)
+    tmp = _tmp_path(path)
+    try:
+        pq.write_table(arrow, tmp, compression=PARQUET_COMPRESSION, row_group_size=ROW_GROUP_SIZE)
+        _fsync_and_replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return {"path": rel.as_posix(), "records": len(records), "sha256": sha256_file(path)}
+
+
+def build_manifest(vocabularies: Mapping[str, Any], created_by: str, shards: Mapping[str, Mapping[str, list[dict]]], extra: Mapping[str, Any] | None = None) -> dict:
+    """The manifest of a dataset whose shards (per table and split, in order) are ``shards``; counts summed from them."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "created_by": created_by,
+        "vocabularies": dict(vocabularies),
+        "counts": {t: {s: sum(int(e["records"]) for e in shards[t][s]) for s in sorted(shards[t])} for t in TABLES if t in shards},
+        "shards": {t: {s: list(shards[t][s]) for s in sorted(shards[t])} for t in TABLES if t in shards},
+        **dict(extra or {}),
+    }
 
 
 # --------------------------------------------------------------------------
@@ -370,10 +378,10 @@ def read_manifest(data_dir: str | os.PathLike) -> dict:
     if missing:
         raise DataError(f"{path}: missing key(s) {missing}")
     version = manifest["schema_version"]
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_SCHEMA_VERSIONS:
         raise DataError(
             f"{path}: field 'schema_version' is {version!r}; this vlptune reads "
-            f"schema version {SCHEMA_VERSION} (regenerate or convert the data)"
+            f"schema versions {', '.join(map(str, READABLE_SCHEMA_VERSIONS))} (regenerate or convert the data)"
         )
     vocab = manifest["vocabularies"]
     if not isinstance(vocab, dict):
