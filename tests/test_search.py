@@ -171,12 +171,16 @@ def test_tiny_search_with_the_real_loop(tiny_experiment):
 
 def test_results_read_tunes_state_without_ray(tiny_experiment):
     """The plain-JSON reading of Tune's state says what Ray's ExperimentAnalysis says, and `vlptune results` imports no Ray or torch."""
-    from vlptune.search import results
-    from vlptune.search.tune_state import read_tune_trials
+    from vlptune.search.tune_state import TuneTrial, read_tune_trials
 
     exp_dir = tiny_experiment["exp_dir"]
     plain = {t.trial_id: t for t in read_tune_trials(exp_dir)}
-    by_ray = {t.trial_id: t for t in results._tune_trials(exp_dir)}
+    from ray.tune import ExperimentAnalysis  # the test's own reference reading (it unpickles: our own experiment)
+
+    by_ray = {
+        t.trial_id: TuneTrial(t.trial_id, t.status, Path(t.path) if t.path else None, dict(t.config), getattr(t.run_metadata, "error_filename", None))
+        for t in ExperimentAnalysis(str(exp_dir)).trials
+    }
     assert set(plain) == set(by_ray) and len(plain) == 2
     for trial_id, t in by_ray.items():
         assert plain[trial_id] == t

@@ -136,7 +136,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     search.add_argument(
         "--resume",
         metavar="EXP_DIR",
-        help="continue an interrupted experiment (a directory or a URI): finished trials are kept, unfinished ones resume from their checkpoints",
+        help="continue an interrupted experiment (a directory or a URI): finished trials are kept, unfinished ones resume from their checkpoints. "
+        "Ray Tune's restore unpickles the experiment's tuner.pkl and search-state files: resume only experiments you trust "
+        "(reading commands such as results, board, promote, importance unpickle nothing; docs/search.md, 'Trust boundary')",
     )
     search.add_argument("--num-cpus", type=int, help="CPUs of the local cluster (default: all of this machine's)")
     search.add_argument("--num-gpus", type=int, help="GPUs of the local cluster (default: detected)")

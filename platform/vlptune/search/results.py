@@ -1,7 +1,9 @@
 """Results of a search experiment: one row per trial, the best trial's recipe.
 
-Sources: Tune's experiment state (trial status, config, every reported
-result in each trial's ``result.json``), the Optuna study (how each finished
+Sources, all plain JSON, CSV or SQLite (nothing from an experiment directory
+is ever unpickled here: :mod:`vlptune.search.tune_state`): Tune's experiment
+state (trial status, config, every reported result in each trial's
+``result.json``), the Optuna study (how each finished
 trial was told: completed, pruned, failed, with its stop reason) and the
 experiment's saved base recipe (to resolve a trial's full recipe).
 """
@@ -10,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from vlptune.config import recipe_to_dict, set_dotted, validate_recipe
 from vlptune.io import finite
 from vlptune.search.layout import BASE_COPY, TB_DIR, TRIAL_RECIPE, SearchError, local_view, read_meta, study_url
 from vlptune.search.trainable import STARTUP_KEY
-from vlptune.search.tune_state import TuneTrial, read_tune_trials
+from vlptune.search.tune_state import TuneStateError, read_tune_trials
 
 TUNE_STATUS_WORDS = {"TERMINATED": "terminated", "ERROR": "error", "RUNNING": "running", "PENDING": "pending", "PAUSED": "paused"}
 
@@ -101,31 +102,16 @@ def _optuna_trials(meta: dict[str, Any], exp_dir: Path | None = None) -> dict[st
     return {t.user_attrs["ray_trial_id"]: t for t in study.get_trials(deepcopy=False) if "ray_trial_id" in t.user_attrs}
 
 
-def _tune_trials(exp_dir: Path) -> list[TuneTrial]:
-    """The trials of Tune's experiment state, read with Ray's ``ExperimentAnalysis`` (empty before Tune saved any)."""
-    from ray.tune import ExperimentAnalysis  # ray: heavy, only for a state its JSON alone does not describe
-
-    analysis_log = logging.getLogger("ray.tune.analysis.experiment_analysis")
-    level = analysis_log.level
-    analysis_log.setLevel(logging.ERROR)  # it warns about trials without results yet
-    try:
-        trials = ExperimentAnalysis(str(exp_dir)).trials
-    except (ValueError, FileNotFoundError):  # no experiment state written yet
-        return []
-    finally:
-        analysis_log.setLevel(level)
-    return [TuneTrial(t.trial_id, t.status, Path(t.path) if t.path else None, dict(t.config), getattr(t.run_metadata, "error_filename", None)) for t in trials]
-
-
 def collect(exp_dir: str | Path, mirror_dir: str | Path | None = None) -> ExperimentResults:
     """Read an experiment (finished, running or interrupted): a directory, or a URI
     (``s3://...``, ``file://...``) downloaded first into ``mirror_dir`` (see :func:`local_view`)."""
     exp_dir = local_view(exp_dir, mirror_dir).resolve()
     meta = read_meta(exp_dir)
     metric, mode = meta["metric"], meta["mode"]
-    trials = read_tune_trials(exp_dir)  # plain JSON: no Ray, no unpickling
-    if trials is None:  # a state only Ray can read
-        trials = _tune_trials(exp_dir)
+    try:
+        trials = read_tune_trials(exp_dir)  # plain JSON: no Ray, nothing unpickled (docs/search.md, "Trust boundary")
+    except TuneStateError as exc:
+        raise SearchError(str(exc)) from None
     studied = _optuna_trials(meta, exp_dir)
     rows = []
     for t in trials:
