@@ -41,7 +41,6 @@ without Ray's records.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import shutil
@@ -56,7 +55,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vlptune.io import atomic_write_text
+from vlptune.io import atomic_write_text, finite
 
 CHECKPOINT_DIR = "checkpoints"  # under the run directory
 LATEST = "latest"  # pointer file: the name of the newest complete checkpoint
@@ -325,12 +324,13 @@ def local_entries(root: Path) -> list[Entry]:
 
 
 def _rank(entry: Entry, metric: str | None, mode: str | None) -> tuple[int, float, int, str]:
-    """Sort key, better last: a finite-or-infinite score before none (missing, NaN, no metric), then
-    the score in ``mode``'s direction, then the later step (Ray breaks ties by report order)."""
+    """Sort key, better last: a finite score before none (missing, NaN, infinite, no metric: a
+    non-finite score is never a good one), then the score in ``mode``'s direction, then the later
+    step (Ray breaks ties by report order)."""
     if mode is not None and mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     value = entry.metrics.get(metric) if metric and mode else None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+    if not finite(value):
         return (0, 0.0, entry.step, entry.name)
     return (1, float(value) if mode == "max" else -float(value), entry.step, entry.name)
 

@@ -73,9 +73,13 @@ def gt_ranks(tier: Tensor, score: Tensor, relevant: Tensor) -> Tensor:
     ``tier`` and ``score`` [Q,C] order the items lexicographically (a higher
     tier first, then a higher score); ``relevant`` bool [Q,C] marks the ground
     truth. The rank is the number of non-relevant items ordered at or above the
-    best relevant one.
+    best relevant one. A non-finite score (NaN, an infinity: a diverged model)
+    is the lowest score, tied with the others like it: a ground truth scored
+    NaN ranks behind every finite candidate and every other NaN one, so a
+    model that scores NaN everywhere gets recall 0, never 100.
     """
     neg_inf = torch.finfo(score.dtype).min
+    score = torch.where(torch.isfinite(score), score, torch.full_like(score, neg_inf))
     best_tier = torch.where(relevant, tier, torch.full_like(tier, -1)).amax(dim=1, keepdim=True)
     in_best_tier = relevant & (tier == best_tier)
     best_score = torch.where(in_best_tier, score, torch.full_like(score, neg_inf)).amax(dim=1, keepdim=True)
