@@ -47,6 +47,7 @@ class TrialRow:
     trial_dir: str | None = None
     history: list[tuple[int, float]] = field(default_factory=list)
     startup: dict[str, float] = field(default_factory=dict)  # every startup/* figure of the first report
+    skipped: int | None = None  # corrupt training records skipped (the last report's data/skipped_records)
 
 
 @dataclass
@@ -105,6 +106,8 @@ def _optuna_trials(meta: dict[str, Any], exp_dir: Path | None = None) -> dict[st
 def collect(exp_dir: str | Path, mirror_dir: str | Path | None = None) -> ExperimentResults:
     """Read an experiment (finished, running or interrupted): a directory, or a URI
     (``s3://...``, ``file://...``) downloaded first into ``mirror_dir`` (see :func:`local_view`)."""
+    from vlptune.data.shard_checks import SKIPPED_KEY  # shard_checks imports pyarrow: only when results are read
+
     exp_dir = local_view(exp_dir, mirror_dir).resolve()
     meta = read_meta(exp_dir)
     metric, mode = meta["metric"], meta["mode"]
@@ -169,11 +172,18 @@ def collect(exp_dir: str | Path, mirror_dir: str | Path | None = None) -> Experi
                 trial_dir=str(trial_dir) if trial_dir else None,
                 history=history,
                 startup={k: float(v) for k, v in first.items() if k.startswith(STARTUP_PREFIX) and isinstance(v, (int, float))},
+                skipped=_last_count(results, SKIPPED_KEY),
             )
         )
     sign = -1.0 if mode == "max" else 1.0
     rows.sort(key=lambda r: (0, sign * r.metric) if finite(r.metric) else (1, 0.0))
     return ExperimentResults(str(exp_dir), metric, mode, int(meta["max_fidelity"]), list(meta["parameters"]), rows)
+
+
+def _last_count(results: list[dict[str, Any]], key: str) -> int | None:
+    """The last report's count ``key`` (a running total), or None when no report holds it."""
+    counts = [r[key] for r in results if finite(r.get(key))]
+    return int(counts[-1]) if counts else None
 
 
 def trial_recipe(results: ExperimentResults, row: TrialRow) -> dict[str, Any]:
@@ -204,7 +214,7 @@ def _fmt(value: Any) -> str:
 
 
 def table_columns(results: ExperimentResults) -> list[str]:
-    return ["trial", *results.parameters, results.metric, "best", "step", "status", "wall_s", "startup_s"]
+    return ["trial", *results.parameters, results.metric, "best", "step", "status", "wall_s", "startup_s", "skipped"]
 
 
 def table_rows(results: ExperimentResults) -> list[list[Any]]:
@@ -213,7 +223,7 @@ def table_rows(results: ExperimentResults) -> list[list[Any]]:
         status = r.status
         if r.error and status == "error":
             status = f"error: {r.error}"
-        out.append([r.trial_id, *[r.params.get(p) for p in results.parameters], r.metric, r.best, r.fidelity, status, r.wall_s, r.startup_s])
+        out.append([r.trial_id, *[r.params.get(p) for p in results.parameters], r.metric, r.best, r.fidelity, status, r.wall_s, r.startup_s, r.skipped])
     return out
 
 
@@ -222,7 +232,7 @@ def format_table(results: ExperimentResults, max_status: int = 60) -> str:
     body = []
     for row in table_rows(results):
         cells = [_fmt(c) for c in row]
-        status_index = len(header) - 3
+        status_index = header.index("status")
         if len(cells[status_index]) > max_status:
             cells[status_index] = cells[status_index][: max_status - 3] + "..."
         body.append(cells)
