@@ -235,3 +235,25 @@ def test_a_worker_restarts_from_rays_copy_after_the_local_one_was_dropped(tmp_pa
     copies = [p for p in (exp / "train" / trial_id).glob("checkpoint_*") if p.is_dir()]
     assert len(copies) == 1
     assert not [p for p in ckpt.checkpoint_root(exp / "tb" / trial_id).iterdir() if p.is_dir()]
+
+
+def test_keep_pruned_keeps_the_last_checkpoint_of_trials_that_end_early(monkeypatch, capsys):
+    from vlptune.cli import main
+    from vlptune.search import cli as search_cli
+
+    seen = {}
+
+    class Started(Exception):
+        pass
+
+    def fake_run_search(file, exp_dir, overrides=(), **kwargs):
+        seen["space"] = search_cli.load_space(file, overrides)
+        raise Started  # stands in for the search (no Ray here)
+
+    monkeypatch.setattr(search_cli, "run_search", fake_run_search)
+    for flags, policy in (([], "none"), (["--keep-pruned"], "last")):
+        with pytest.raises(Started):
+            main(["search", str(Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"), *flags])
+        assert seen["space"].base_recipe.train.keep_when_stopped == policy
+    assert main(["search", "--resume", "runs/none", "--keep-pruned"]) == 2
+    assert "--keep-pruned applies to a new search" in capsys.readouterr().err
