@@ -148,3 +148,16 @@ def test_results_list_a_nan_trial_after_every_finite_one(tmp_path):
     assert metrics[: len(finite_part)] == finite_part and math.isnan(metrics[-1])
     nan_row = next(r for r in collected.rows if r.metric is not None and math.isnan(r.metric))
     assert nan_row.status == "nan" and collected.best is not None and collected.best.trial_id != nan_row.trial_id
+
+
+def test_a_nonfinite_validation_loss_reports_no_scores():
+    from vlptune.train.evaluate import diverged_as_worst
+
+    metrics = {"val/loss": NAN, "val/itm_acc": 0.9, "val/mvm_chance": 0.3, "retrieval/rsum": 450.0, "retrieval/tr_r1": 50.0}
+    metrics |= {"retrieval/chance_rsum": 300.0, "retrieval/images": 4, "step": 10}
+    out = diverged_as_worst(metrics)
+    assert [k for k, v in out.items() if isinstance(v, float) and math.isnan(v)] == ["val/loss", "val/itm_acc", "retrieval/rsum", "retrieval/tr_r1"]
+    assert out["retrieval/chance_rsum"] == 300.0 and out["val/mvm_chance"] == 0.3 and out["retrieval/images"] == 4
+    finite_loss = {**metrics, "val/loss": 2.0}
+    assert diverged_as_worst(finite_loss) is finite_loss and diverged_as_worst({"retrieval/rsum": 1.0}) == {"retrieval/rsum": 1.0}
+    assert diverged_as_worst({"val/loss": INF, "val/mlm_acc": 1.0})["val/mlm_acc"] != 1.0

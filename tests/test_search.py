@@ -16,7 +16,6 @@ import json
 import math
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import hparams_experiment, hparams_sessions, import_by_value, stop_process, tiny_loop_fixed
+from helpers import hparams_experiment, hparams_sessions, import_by_value, kill_driver_when, stop_process, tiny_loop_fixed
 from helpers import standin_space as make_standin_space
 from vlptune.train.tensorboard import FIXED_HPARAMS
 
@@ -550,27 +549,14 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     driver = tmp_path / "driver.py"
     driver.write_text(RESUME_DRIVER)
     cmd = [sys.executable, str(driver), str(tmp_path / "standin_loop.py"), str(space), "start", str(exp_dir)]
-    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        # wait until one trial is complete and the next one has reported a checkpoint
-        deadline = time.time() + 420
-        while time.time() < deadline:
-            time.sleep(2)
-            if not (exp_dir / "optuna.db").exists():
-                continue
-            try:
-                trials = optuna_trials(exp_dir)
-            except Exception:
-                continue
-            done = [t for t in trials.values() if t.state.name == "COMPLETE"]
-            running = [t for t in trials.values() if t.state.name == "RUNNING" and t.intermediate_values]
-            if done and running:
-                break
-        else:
-            pytest.fail("the search did not get going in time")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
-        proc.wait()
+
+    def one_complete_and_one_reported() -> bool:  # one trial is complete and the next one has reported a checkpoint
+        if not (exp_dir / "optuna.db").exists():
+            return False
+        trials = optuna_trials(exp_dir).values()
+        return any(t.state.name == "COMPLETE" for t in trials) and any(t.state.name == "RUNNING" and t.intermediate_values for t in trials)
+
+    kill_driver_when(cmd, REPO, one_complete_and_one_reported)  # SIGKILL: the driver and everything it started
     before = optuna_trials(exp_dir)
     completed_before = {tid: t.value for tid, t in before.items() if t.state.name == "COMPLETE"}
     interrupted = [tid for tid, t in before.items() if t.state.name == "RUNNING" and t.intermediate_values]

@@ -34,6 +34,7 @@ dropout), MVM's random choices from a fixed seed.
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,7 @@ from vlptune.config.objectives import pair_scorer_names
 from vlptune.data.collate import pad_images
 from vlptune.data.dataset import load_retrieval_set
 from vlptune.data.text import load_tokenizer, tokenize_texts
+from vlptune.io import finite
 from vlptune.model.visual_dictionary import perplexity
 from vlptune.objectives.base import MetricMeter, Pretrainer, pair_scorer
 from vlptune.train.optim import autocast
@@ -99,6 +101,19 @@ def recall_metrics(ranks_tr: Tensor, ranks_ir: Tensor, image_captions: list[int]
     out["rsum"] = sum(out[f"{d}_r{k}"] for d in ("tr", "ir") for k in RECALL_AT)
     out["chance_rsum"] = sum(out[f"chance_{d}_r{k}"] for d in ("tr", "ir") for k in RECALL_AT)
     return out
+
+
+SCORE_KEY = re.compile(r"^(val/\w+_acc|retrieval/(rsum|(tr|ir)_r\d+))$")  # what a diverged model cannot be credited with
+
+
+def diverged_as_worst(metrics: dict[str, Any]) -> dict[str, Any]:
+    """``metrics`` with every score (:data:`SCORE_KEY`: accuracies, recalls, RSUM) NaN when the
+    validation loss is non-finite: a diverged model reports no score, and NaN is the worst value to
+    every ranking (:func:`vlptune.io.rank_value`, the searcher, the schedulers, ``vlptune results``).
+    Chance levels and counts stay."""
+    if "val/loss" not in metrics or finite(metrics["val/loss"]):
+        return metrics
+    return {k: math.nan if SCORE_KEY.match(k) else v for k, v in metrics.items()}
 
 
 # --------------------------------------------------------------------------- encoding & scoring

@@ -54,7 +54,7 @@ from vlptune.data.shard_checks import SKIPPED_KEY, skip_share_exceeded
 from vlptune.io import atomic_write_text
 from vlptune.objectives.base import MetricMeter, Pretrainer, build_pretrainer, pair_scorer, prepare_dataset
 from vlptune.train import checkpoint as ckpt
-from vlptune.train.evaluate import RetrievalInputs, evaluate_losses, evaluate_retrieval, to_device
+from vlptune.train.evaluate import RetrievalInputs, diverged_as_worst, evaluate_losses, evaluate_retrieval, to_device
 from vlptune.train.optim import (
     Optimizers,
     accumulation_steps,
@@ -329,7 +329,7 @@ class Evaluation:
             box = [metrics]
             dist.broadcast_object_list(box, src=0)
             metrics = box[0]
-        return metrics, picture
+        return diverged_as_worst(metrics), picture
 
 
 # --------------------------------------------------------------------------- the loop
