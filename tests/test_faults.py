@@ -9,7 +9,6 @@ driver killed mid-trial is tests/test_search.py::test_resume_after_the_driver_is
 from __future__ import annotations
 
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from helpers import import_by_value, kill_driver_when
-from test_search import REPO, RESUME_DRIVER, optuna_trials, standin_space
+from test_search import REPO, driver_commands, optuna_trials, standin_space
 
 # The stand-in loop of tests/test_search.py, with two changes: its checkpoint's state.json holds the
 # evaluation reported with it (as the real loop's does), and with {"hang_at_end": true} the first trial
@@ -64,19 +63,10 @@ def test_a_trial_finished_before_the_driver_was_killed_is_not_relaunched(tmp_pat
     space = standin_space(
         tmp_path,
         {"sleep": 0.05, "hang_at_end": True},
-        """
-        num_samples: 2
-        max_concurrent: 1
-        scheduler: {type: fifo}
-        searcher: {type: random, seed: 0}
-        parameters:
-          objectives.mvm.weight: {uniform: [0.25, 2.0]}
-        """,
+        "parameters: {objectives.mvm.weight: {uniform: [0.25, 2.0]}}\nnum_samples: 2\nmax_concurrent: 1\nscheduler: {type: fifo}\nsearcher: {type: random, seed: 0}\n",
     )
     exp_dir = tmp_path / "exp"
-    driver = tmp_path / "driver.py"
-    driver.write_text(RESUME_DRIVER)
-    cmd = [sys.executable, str(driver), str(tmp_path / "standin_loop.py"), str(space), "start", str(exp_dir)]
+    cmd, resume = driver_commands(tmp_path, space, exp_dir)
     hung: list[str] = []
 
     def first_trial_hangs_after_its_last_report() -> bool:
@@ -92,7 +82,6 @@ def test_a_trial_finished_before_the_driver_was_killed_is_not_relaunched(tmp_pat
     assert (tmp_path / "data" / "hung").read_text() == tid
     value = optuna_trials(exp_dir)[tid].intermediate_values[40]
 
-    resume = [sys.executable, str(driver), str(tmp_path / "standin_loop.py"), str(space), "resume", str(exp_dir)]
     subprocess.run(resume, cwd=REPO, check=True, timeout=600, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     after = optuna_trials(exp_dir)

@@ -530,6 +530,14 @@ RESUME_DRIVER = textwrap.dedent(
 )
 
 
+def driver_commands(tmp_path: Path, space: Path, exp_dir: Path) -> tuple[list[str], list[str]]:
+    """The commands that start and resume a search of ``space`` with the stand-in loop in ``tmp_path``."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(RESUME_DRIVER)
+    base = [sys.executable, str(driver), str(tmp_path / "standin_loop.py"), str(space)]
+    return [*base, "start", str(exp_dir)], [*base, "resume", str(exp_dir)]
+
+
 @pytest.mark.slow
 def test_resume_after_the_driver_is_killed(tmp_path):
     standin_module(tmp_path)  # writes standin_loop.py
@@ -546,9 +554,7 @@ def test_resume_after_the_driver_is_killed(tmp_path):
         """,
     )
     exp_dir = tmp_path / "exp"
-    driver = tmp_path / "driver.py"
-    driver.write_text(RESUME_DRIVER)
-    cmd = [sys.executable, str(driver), str(tmp_path / "standin_loop.py"), str(space), "start", str(exp_dir)]
+    cmd, resume = driver_commands(tmp_path, space, exp_dir)
 
     def one_complete_and_one_reported() -> bool:  # one trial is complete and the next one has reported a checkpoint
         if not (exp_dir / "optuna.db").exists():
@@ -563,7 +569,6 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     assert completed_before and interrupted
     attempts_before = {tid: (exp_dir / "tb" / tid / "attempts.jsonl").read_text() for tid in completed_before}
 
-    resume = [sys.executable, str(driver), str(tmp_path / "standin_loop.py"), str(space), "resume", str(exp_dir)]
     subprocess.run(resume, cwd=REPO, check=True, timeout=600, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     after = optuna_trials(exp_dir)
