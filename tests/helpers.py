@@ -140,6 +140,33 @@ def stop_process(proc, timeout_s: float) -> None:
         proc.wait()
 
 
+def kill_driver_when(cmd: list[str], cwd: Path, ready, timeout_s: float = 420.0, poll_s: float = 2.0) -> None:
+    """Start the search driver ``cmd`` in its own session, call ``ready()`` every ``poll_s`` until it
+    is true (exceptions count as not yet), then SIGKILL the driver and everything it started (its
+    Ray cluster); fail the test when it is not ready within ``timeout_s``."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import pytest
+
+    proc = subprocess.Popen(cmd, cwd=cwd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            time.sleep(poll_s)
+            try:
+                if ready():
+                    return
+            except Exception:
+                continue
+        pytest.fail("the search did not get going in time")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def build_with_data(recipe: Recipe) -> Pretrainer:
     """``build_pretrainer`` handed the dataset's info, as the training loop builds it (heads sized from the vocabularies)."""
     return build_pretrainer(recipe, prepare_dataset(recipe))

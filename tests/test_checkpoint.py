@@ -102,8 +102,9 @@ def test_writes_are_atomic_and_old_checkpoints_pruned(tmp_path, monkeypatch):
     root = ckpt.checkpoint_root(tmp_path)
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step_00000002", "step_00000003"]
     assert ckpt.latest_checkpoint(tmp_path).name == "step_00000003"
-    ckpt.save_checkpoint(tmp_path, 3, model, opts)  # re-saving a step (after a resume), keep=1 by default
-    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step_00000003"]
+    resaved = ckpt.save_checkpoint(tmp_path, 3, model, opts)  # re-saving a step (after a resume), keep=1 by default
+    assert [p for p in root.iterdir() if p.is_dir()] == [resaved] and ckpt.checkpoint_step(resaved) == 3
+    assert ckpt.latest_checkpoint(tmp_path) == resaved
 
     def boom(*args, **kwargs):
         raise OSError("disk full")
@@ -111,7 +112,7 @@ def test_writes_are_atomic_and_old_checkpoints_pruned(tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt, "save_file", boom)
     with pytest.raises(OSError):
         ckpt.save_checkpoint(tmp_path, 4, model, opts)
-    assert ckpt.latest_checkpoint(tmp_path).name == "step_00000003"  # the old one still stands
+    assert ckpt.latest_checkpoint(tmp_path) == resaved  # the old one still stands
     assert not [p for p in root.iterdir() if p.name.startswith(".tmp")]  # nothing half-written left
 
 
@@ -123,6 +124,101 @@ def test_loading_into_another_model_is_refused(tmp_path):
     (path / "state.safetensors").unlink()
     with pytest.raises(ckpt.CheckpointError, match="missing"):
         ckpt.load_checkpoint(path, model)
+
+
+def _fsynced_paths(monkeypatch) -> list[str]:
+    """Record the path of every fsync (files and directories) from now on, in order."""
+    import os
+
+    seen: list[str] = []
+    real = os.fsync
+
+    def fsync(fd):
+        seen.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return seen
+
+
+def test_every_file_and_directory_is_fsynced_before_the_rename(tmp_path, monkeypatch):
+    import os
+
+    model, opts = _trained(0)
+    seen = _fsynced_paths(monkeypatch)
+    renamed: list[tuple[str, str, list[str]]] = []
+    real_replace = os.replace
+    monkeypatch.setattr(ckpt.os, "replace", lambda a, b: renamed.append((str(a), str(b), list(seen))) or real_replace(a, b))
+    path = ckpt.save_checkpoint(tmp_path, 1, model, opts)
+    tmp, final, before = renamed[0]
+    assert final == str(path) and Path(tmp).name.startswith(ckpt.TMP_PREFIX)
+    assert {f"{tmp}/{n}" for n in (ckpt.MODEL_FILE, ckpt.TENSORS_FILE, ckpt.STATE_FILE)} | {tmp} <= set(before)
+    root = str(ckpt.checkpoint_root(tmp_path))
+    after = seen[len(before) :]
+    assert after.count(root) >= 2  # the rename of the directory and the one of `latest`
+    assert any(p.startswith(f"{root}/.{ckpt.LATEST}.") for p in after)  # `latest`'s own file, before its rename
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_killed_writes_leftovers_are_removed_by_the_next_write(tmp_path):
+    import os
+
+    model, opts = _trained(0)
+    ckpt.save_checkpoint(tmp_path, 1, model, opts)
+    root = ckpt.checkpoint_root(tmp_path)
+    dead = _dead_pid()
+    # what a writer killed mid-way (SIGKILL: no cleanup ran) leaves: a half-written checkpoint, a half-removed one
+    leftovers = [f"{ckpt.TMP_PREFIX}step_00000002-{dead}-1", f"{ckpt.OLD_PREFIX}step_00000001-{dead}-2"]
+    for name in leftovers:
+        (root / name).mkdir()
+        (root / name / ckpt.MODEL_FILE).write_bytes(b"\0" * 1000)
+    live = root / f"{ckpt.TMP_PREFIX}step_00000002-{os.getppid()}-3"  # a live process's write in progress
+    live.mkdir()
+    path = ckpt.save_checkpoint(tmp_path, 2, model, opts)
+    assert sorted(p.name for p in root.iterdir()) == sorted([ckpt.LATEST, path.name, live.name])
+    assert ckpt.remove_interrupted(root) == [] and live.is_dir()  # still alive: left alone
+    # the same when the next start installs Ray's copy instead of writing one
+    (root / leftovers[0]).mkdir()
+    ckpt.install_checkpoint(tmp_path, path)
+    assert not (root / leftovers[0]).exists()
+
+
+def test_replacing_a_checkpoint_of_the_same_step_never_leaves_latest_dangling(tmp_path, monkeypatch):
+    model, opts = _trained(0)
+    first = ckpt.save_checkpoint(tmp_path, 3, model, opts)
+    root = ckpt.checkpoint_root(tmp_path)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # the process dies here
+
+    def loads(path):
+        fresh, _ = _trained(1)
+        return ckpt.load_checkpoint(path, fresh, restore_rng_state=False)["step"] == 3
+
+    # killed after the new copy is in place, before `latest` names it: the old one stands
+    with monkeypatch.context() as patch:
+        patch.setattr(ckpt, "atomic_write_text", crash)
+        with pytest.raises(KeyboardInterrupt):
+            ckpt.save_checkpoint(tmp_path, 3, model, opts)
+    assert ckpt.latest_checkpoint(tmp_path) == first and loads(first)
+    # killed after `latest` names the new copy, before the old one is removed: the new one stands
+    with monkeypatch.context() as patch:
+        patch.setattr(ckpt, "remove_checkpoint", crash)
+        with pytest.raises(KeyboardInterrupt):
+            ckpt.install_checkpoint(tmp_path, first)  # Ray's copy of the same step installed over it
+    latest = ckpt.latest_checkpoint(tmp_path)
+    assert latest is not None and latest != first and ckpt.checkpoint_step(latest) == 3 and loads(latest)
+    # a normal write later tidies up: one checkpoint (keep=1), `latest` its own
+    final = ckpt.save_checkpoint(tmp_path, 4, model, opts)
+    assert [p for p in root.iterdir() if p.is_dir()] == [final] and ckpt.latest_checkpoint(tmp_path) == final
 
 
 # --------------------------------------------------------------------------- which checkpoints stay

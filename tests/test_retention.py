@@ -235,3 +235,40 @@ def test_a_worker_restarts_from_rays_copy_after_the_local_one_was_dropped(tmp_pa
     copies = [p for p in (exp / "train" / trial_id).glob("checkpoint_*") if p.is_dir()]
     assert len(copies) == 1
     assert not [p for p in ckpt.checkpoint_root(exp / "tb" / trial_id).iterdir() if p.is_dir()]
+
+
+def test_keep_pruned_keeps_the_last_checkpoint_of_trials_that_end_early(monkeypatch, capsys):
+    from vlptune.cli import main
+    from vlptune.search import cli as search_cli
+
+    seen = {}
+
+    class Started(Exception):
+        pass
+
+    def fake_run_search(file, exp_dir, overrides=(), **kwargs):
+        seen["space"] = search_cli.load_space(file, overrides)
+        raise Started  # stands in for the search (no Ray here)
+
+    monkeypatch.setattr(search_cli, "run_search", fake_run_search)
+    for flags, policy in (([], "none"), (["--keep-pruned"], "last")):
+        with pytest.raises(Started):
+            main(["search", str(Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"), *flags])
+        assert seen["space"].base_recipe.train.keep_when_stopped == policy
+    assert main(["search", "--resume", "runs/none", "--keep-pruned"]) == 2
+    assert "--keep-pruned applies to a new search" in capsys.readouterr().err
+
+
+def test_a_trial_whose_final_checkpoint_is_stored_is_completed_from_it(tmp_path):
+    from vlptune.search.run_storage import COMPLETED_FROM_CHECKPOINT_KEY, finished_result
+
+    fs = pafs.LocalFileSystem()
+    fake_trial(tmp_path, "done", MAX_STEPS, SCORES)  # reported its last step, then the driver died
+    fake_trial(tmp_path, "half", 20, SCORES)  # still has steps to train
+    result = finished_result(fs, str(tmp_path / "train" / "done"), MAX_STEPS)
+    assert result == {METRIC: SCORES[MAX_STEPS], "step": MAX_STEPS, COMPLETED_FROM_CHECKPOINT_KEY: 1.0}
+    assert finished_result(fs, str(tmp_path / "train" / "half"), MAX_STEPS) is None
+    assert finished_result(fs, str(tmp_path / "train" / "never-ran"), MAX_STEPS) is None
+    # a final checkpoint without its evaluation (not a report's) is no finished result
+    write_state(tmp_path / "train" / "bare" / "checkpoint_x", MAX_STEPS, None)
+    assert finished_result(fs, str(tmp_path / "train" / "bare"), MAX_STEPS) is None

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import hparams_experiment, hparams_sessions, import_by_value, stop_process, tiny_loop_fixed
+from helpers import hparams_experiment, hparams_sessions, import_by_value, kill_driver_when, stop_process, tiny_loop_fixed
 from helpers import standin_space as make_standin_space
 from vlptune.train.tensorboard import FIXED_HPARAMS
 
@@ -171,12 +170,16 @@ def test_tiny_search_with_the_real_loop(tiny_experiment):
 
 def test_results_read_tunes_state_without_ray(tiny_experiment):
     """The plain-JSON reading of Tune's state says what Ray's ExperimentAnalysis says, and `vlptune results` imports no Ray or torch."""
-    from vlptune.search import results
-    from vlptune.search.tune_state import read_tune_trials
+    from vlptune.search.tune_state import TuneTrial, read_tune_trials
 
     exp_dir = tiny_experiment["exp_dir"]
     plain = {t.trial_id: t for t in read_tune_trials(exp_dir)}
-    by_ray = {t.trial_id: t for t in results._tune_trials(exp_dir)}
+    from ray.tune import ExperimentAnalysis  # the test's own reference reading (it unpickles: our own experiment)
+
+    by_ray = {
+        t.trial_id: TuneTrial(t.trial_id, t.status, Path(t.path) if t.path else None, dict(t.config), getattr(t.run_metadata, "error_filename", None))
+        for t in ExperimentAnalysis(str(exp_dir)).trials
+    }
     assert set(plain) == set(by_ray) and len(plain) == 2
     for trial_id, t in by_ray.items():
         assert plain[trial_id] == t
@@ -527,6 +530,14 @@ RESUME_DRIVER = textwrap.dedent(
 )
 
 
+def driver_commands(tmp_path: Path, space: Path, exp_dir: Path) -> tuple[list[str], list[str]]:
+    """The commands that start and resume a search of ``space`` with the stand-in loop in ``tmp_path``."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(RESUME_DRIVER)
+    base = [sys.executable, str(driver), str(tmp_path / "standin_loop.py"), str(space)]
+    return [*base, "start", str(exp_dir)], [*base, "resume", str(exp_dir)]
+
+
 @pytest.mark.slow
 def test_resume_after_the_driver_is_killed(tmp_path):
     standin_module(tmp_path)  # writes standin_loop.py
@@ -543,37 +554,21 @@ def test_resume_after_the_driver_is_killed(tmp_path):
         """,
     )
     exp_dir = tmp_path / "exp"
-    driver = tmp_path / "driver.py"
-    driver.write_text(RESUME_DRIVER)
-    cmd = [sys.executable, str(driver), str(tmp_path / "standin_loop.py"), str(space), "start", str(exp_dir)]
-    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        # wait until one trial is complete and the next one has reported a checkpoint
-        deadline = time.time() + 420
-        while time.time() < deadline:
-            time.sleep(2)
-            if not (exp_dir / "optuna.db").exists():
-                continue
-            try:
-                trials = optuna_trials(exp_dir)
-            except Exception:
-                continue
-            done = [t for t in trials.values() if t.state.name == "COMPLETE"]
-            running = [t for t in trials.values() if t.state.name == "RUNNING" and t.intermediate_values]
-            if done and running:
-                break
-        else:
-            pytest.fail("the search did not get going in time")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
-        proc.wait()
+    cmd, resume = driver_commands(tmp_path, space, exp_dir)
+
+    def one_complete_and_one_reported() -> bool:  # one trial is complete and the next one has reported a checkpoint
+        if not (exp_dir / "optuna.db").exists():
+            return False
+        trials = optuna_trials(exp_dir).values()
+        return any(t.state.name == "COMPLETE" for t in trials) and any(t.state.name == "RUNNING" and t.intermediate_values for t in trials)
+
+    kill_driver_when(cmd, REPO, one_complete_and_one_reported)  # SIGKILL: the driver and everything it started
     before = optuna_trials(exp_dir)
     completed_before = {tid: t.value for tid, t in before.items() if t.state.name == "COMPLETE"}
     interrupted = [tid for tid, t in before.items() if t.state.name == "RUNNING" and t.intermediate_values]
     assert completed_before and interrupted
     attempts_before = {tid: (exp_dir / "tb" / tid / "attempts.jsonl").read_text() for tid in completed_before}
 
-    resume = [sys.executable, str(driver), str(tmp_path / "standin_loop.py"), str(space), "resume", str(exp_dir)]
     subprocess.run(resume, cwd=REPO, check=True, timeout=600, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     after = optuna_trials(exp_dir)

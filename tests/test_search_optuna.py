@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import pickle
 import textwrap
@@ -165,6 +166,8 @@ def test_save_restore_keeps_history_and_running_trials(tmp_path):
     searcher.on_trial_result("b", result(10, 12.0))
     ckpt = tmp_path / "searcher.pkl"
     searcher.save(str(ckpt))
+    saved = json.loads(ckpt.read_text())  # plain JSON (Tune's file name says .pkl): nothing pickled, no sampler
+    assert saved["live"].keys() == {"b", "c"} and "sampler" not in saved and "space" not in saved
     # after the save the driver asked one more trial, then died: Tune never recorded it
     searcher.suggest("lost")
 
@@ -186,6 +189,36 @@ def test_save_restore_keeps_history_and_running_trials(tmp_path):
     assert by_id["lost"].state == TrialState.FAIL and by_id["lost"].user_attrs["outcome"] == "lost"
     assert by_id["d"].state == TrialState.RUNNING
     assert [t.number for t in study.get_trials()] == [0, 1, 2, 3, 4]
+
+
+def test_a_pickled_searcher_state_is_refused_not_unpickled(tmp_path):
+    searcher = make_searcher(tmp_path)
+    mark = tmp_path / "ran"
+    ckpt = tmp_path / "searcher-state.pkl"
+    ckpt.write_bytes(pickle.dumps({"x": _Payload(mark)}))
+    with pytest.raises(ValueError):
+        searcher.restore(str(ckpt))
+    assert not mark.exists()
+
+
+def test_a_restored_sampler_does_not_repeat_the_first_samples(tmp_path):
+    """The sampler is rebuilt from the space, its seed advanced by the study's trials: no repeat of trial 0's values."""
+    searcher = make_searcher(tmp_path)
+    first = [searcher.suggest(f"t{i}") for i in range(3)]
+    ckpt = tmp_path / "s.json"
+    searcher.save(str(ckpt))
+    restored = pickle.loads(pickle.dumps(searcher))
+    restored.restore(str(ckpt))
+    again = restored.suggest("t3")
+    assert again not in first
+
+
+class _Payload:
+    def __init__(self, mark):
+        self.mark = mark
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.mark)!r}, 'w').write('ran')",))
 
 
 def test_restored_searcher_finds_trials_by_their_tune_id(tmp_path):

@@ -89,6 +89,16 @@ class DataConfig(Section):
     batch_images: int = Field(8, ge=1, le=4096, description="images per worker per step (each with positives+negatives captions)")
     num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes per training worker")
     max_objects: int = Field(8, ge=1, le=256, description="objects kept per image (boxes, labels, grid masks)")
+    verify_shards: bool = Field(
+        True,
+        description="check each shard's sha256 against the manifest when a run first opens it (once per process; a mismatch stops the run naming the shard)",
+    )
+    max_skip_fraction: float = Field(
+        0.05,
+        ge=0.0,
+        le=1.0,
+        description="a run whose share of corrupt (skipped) training records exceeds this stops with that reason (checked at each evaluation once 100 records were read; 1 = never)",
+    )
 
 
 # -------------------------------------------------------------------------- model

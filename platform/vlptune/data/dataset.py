@@ -42,7 +42,8 @@ from vlptune.config import Recipe
 from vlptune.data.collate import SOHOCollate, pad_images
 from vlptune.data.mixture import VOCABULARY_KEYS, MixtureDataset, check_vocabularies
 from vlptune.data.schema import TABLE_IMAGE_TEXT, DataError
-from vlptune.data.shards import decode_image, decode_segmentation, list_shards, read_manifest, read_shard
+from vlptune.data.shard_checks import read_checked_shard, shard_entries, verify_hint
+from vlptune.data.shards import decode_image, decode_segmentation, list_shards, read_manifest
 from vlptune.data.prepare import ensure_data
 from vlptune.data.text import load_tokenizer
 from vlptune.data.transforms import ImageTransform
@@ -192,8 +193,11 @@ def _phrase_similarity(value: Any, phrases: list, num_objects: int, rid: str) ->
     return out
 
 
-def _read_rows(paths: Sequence[Path], counts: Sequence[int], wanted: np.ndarray) -> pa.Table:
-    """Rows ``wanted`` (global indices over the shards, any order, repeats allowed) as one table in that order."""
+def _read_rows(paths: Sequence[Path], counts: Sequence[int], wanted: np.ndarray, root: Path, checksums: Sequence[str] | None = None) -> pa.Table:
+    """Rows ``wanted`` (global indices over the shards, any order, repeats allowed) as one table in that order.
+
+    ``checksums``: the manifest's sha256 of each shard, checked once per process
+    (``data.verify_shards``); a shard error names the shard and how to check ``root``."""
     if len(wanted) == 0:
 
         return schema_for(TABLE).empty_table()
@@ -205,12 +209,24 @@ def _read_rows(paths: Sequence[Path], counts: Sequence[int], wanted: np.ndarray)
         local = unique[(unique >= lo) & (unique < hi)] - lo
         if len(local) == 0:
             continue
-        shard = read_shard(path, TABLE)
+        shard = read_checked_shard(path, TABLE, root, checksums[s] if checksums is not None else None)
         if shard.num_rows != hi - lo:
-            raise DataError(f"{path}: holds {shard.num_rows} records, the manifest says {hi - lo}")
+            raise DataError(f"{path}: holds {shard.num_rows} records, the manifest says {hi - lo}; {verify_hint(root)}")
         pieces.append(shard.take(pa.array(local)))
     table = pa.concat_tables(pieces)  # rows in the order of `unique`
     return table.take(pa.array(np.searchsorted(unique, wanted)))
+
+
+# ------------------------------------------------------------------ corrupt records over the ranks
+
+
+def skipped_over_ranks(skipped: int, device: torch.device) -> int:
+    """``skipped`` summed over the ranks when torch.distributed runs (a collective: every rank calls it)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return skipped
+    total = torch.tensor([float(skipped)], device=device)
+    torch.distributed.all_reduce(total)
+    return int(total.item())
 
 
 # ------------------------------------------------------------------ the dataset
@@ -238,6 +254,7 @@ class ShardDataset(Dataset):
         entries = manifest["shards"].get(TABLE, {}).get(split, [])
         self.paths = list_shards(self.root, TABLE, split)
         self.counts = [int(e["records"]) for e in entries]
+        self.checksums = [str(e["sha256"]) for e in entries] if recipe.data.verify_shards else None
         if len(self.paths) != len(self.counts):  # pragma: no cover - same manifest, same order
             raise DataError(f"{self.root}: manifest lists {len(self.counts)} shards for {TABLE}/{split}, found {len(self.paths)}")
         self.total = int(sum(self.counts))
@@ -258,7 +275,7 @@ class ShardDataset(Dataset):
             return
         self.epoch = int(epoch)
         self.positions = rank_positions(self.total, self.rank, self.world_size, self.recipe.train.seed, self.epoch, shuffle=self.train, drop_last=self.train)
-        self.table = _read_rows(self.paths, self.counts, self.positions)
+        self.table = _read_rows(self.paths, self.counts, self.positions, self.root, self.checksums)
         self.image_ids = [str(x) for x in self.table.column("image_id").to_pylist()]
         self._bad = {}
 
@@ -488,10 +505,10 @@ def load_retrieval_set(recipe: Recipe, split: str | None = None, max_images: int
     stride = grid_stride(recipe.model.backbone.pool)
     out = RetrievalSet(image_ids=[], images=[], captions=[], caption_image=torch.zeros(0, dtype=torch.int64))
     owners: list[int] = []
-    for path in list_shards(root, TABLE, split):
+    for entry in shard_entries(root, TABLE, split):
         if len(out.images) >= max_images:
             break
-        shard = read_shard(path, TABLE)
+        shard = read_checked_shard(root / entry["path"], TABLE, root, str(entry["sha256"]) if recipe.data.verify_shards else None)
         for row in shard.to_batches():
             for rec in row.to_pylist():
                 if len(out.images) >= max_images:

@@ -161,8 +161,23 @@ class PredictionTransform(nn.Sequential):
         init_head_weights(self)
 
 
+NO_PREDICTION = -1  # the class "predicted" by a row of logits holding a non-finite value: never a label
+
+
+def predicted(logits: Tensor, dim: int = -1) -> Tensor:
+    """The argmax along ``dim``, and :data:`NO_PREDICTION` where that row holds a NaN or an infinity.
+
+    The one "non-finite is never right" rule of every accuracy: torch's argmax
+    takes NaN for the largest value, so a diverged head would score the
+    share of labels equal to the first NaN's index (often class 0) instead
+    of nothing.
+    """
+    return logits.argmax(dim).masked_fill(~torch.isfinite(logits).all(dim), NO_PREDICTION)
+
+
 def accuracy(logits: Tensor, labels: Tensor) -> Tensor:
-    return (logits.argmax(-1) == labels).float().mean().detach()
+    """Share of rows whose prediction (:func:`predicted`) is the label; a non-finite row is wrong."""
+    return (predicted(logits) == labels).float().mean().detach()
 
 
 def majority_share(labels: Tensor) -> Tensor:

@@ -55,7 +55,7 @@ from vlptune.model.decoder import (
     special_ids,
 )
 from vlptune.model.vlp import VLPModel
-from vlptune.objectives.base import HEAD_INIT_STD, Objective, ObjectiveOutput, StepContext, init_head_weights
+from vlptune.objectives.base import HEAD_INIT_STD, Objective, ObjectiveOutput, StepContext, init_head_weights, predicted
 from vlptune.objectives.matching import batched_hungarian_match
 from vlptune.objectives.registry import register
 
@@ -200,7 +200,7 @@ class Detection(Objective):
         parts["giou"] = (1.0 - giou).sum() / num_boxes
         parts["attr"] = F.binary_cross_entropy_with_logits(pattrs[batch_idx, query_idx], attrs[batch_idx, target_idx].float())
         with torch.no_grad():
-            extra["class_acc"] = (logits[batch_idx, query_idx].argmax(-1) == matched_labels).float().mean()
+            extra["class_acc"] = (predicted(logits[batch_idx, query_idx]) == matched_labels).float().mean()
             extra["iou"] = torch.diagonal(pairwise_iou(src_xyxy, tgt_xyxy)[0]).mean()
         return parts, extra
 
@@ -216,7 +216,7 @@ class Detection(Objective):
         batch_idx = torch.cat([torch.full_like(r, i) for i, (r, _) in enumerate(matches)]).to(labels.device)
         query_idx = torch.cat([r for r, _ in matches]).to(labels.device)
         target_idx = torch.cat([c for _, c in matches]).to(labels.device)
-        hit = logits[batch_idx, query_idx].argmax(-1) == labels[batch_idx, target_idx]
+        hit = predicted(logits[batch_idx, query_idx]) == labels[batch_idx, target_idx]
         iou = pairwise_iou(box_cxcywh_to_xyxy(pboxes[batch_idx, query_idx]), box_cxcywh_to_xyxy(boxes[batch_idx, target_idx].float()))[0]
         return {"class_chance": hit.float().mean(), "iou_chance": torch.diagonal(iou).mean()}
 

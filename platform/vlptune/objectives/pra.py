@@ -33,7 +33,7 @@ from vlptune.config import Recipe
 from vlptune.config.objectives import PRAConfig
 from vlptune.data.info import DatasetInfo
 from vlptune.model.vlp import VLPModel
-from vlptune.objectives.base import Objective, ObjectiveOutput, StepContext
+from vlptune.objectives.base import Objective, ObjectiveOutput, StepContext, predicted
 from vlptune.objectives.itm import clean_view
 from vlptune.objectives.pooling import object_cells, pool_phrases, pool_under_masks
 from vlptune.objectives.registry import register
@@ -63,7 +63,7 @@ def alignment_loss(
     logt = torch.log_softmax((alpha.float() / label_temperature).masked_fill(~valid, neg), dim=-1)
     target = logt.exp() * valid
     kl = (target * (logt - logp)).masked_fill(~valid, 0.0).sum(-1)
-    hit = cos.masked_fill(~valid, neg).argmax(-1) == alpha.float().masked_fill(~valid, neg).argmax(-1)
+    hit = predicted(cos.masked_fill(~valid, neg)) == alpha.float().masked_fill(~valid, neg).argmax(-1)
     return kl, used, hit, objects
 
 

@@ -30,7 +30,7 @@ from vlptune.config import Recipe
 from vlptune.config.objectives import SEGLConfig
 from vlptune.data.info import DatasetInfo
 from vlptune.model.vlp import VLPModel
-from vlptune.objectives.base import Objective, ObjectiveOutput, StepContext, accuracy, init_head_weights
+from vlptune.objectives.base import Objective, ObjectiveOutput, StepContext, accuracy, init_head_weights, predicted
 from vlptune.objectives.pooling import visual_states
 from vlptune.objectives.registry import register
 
@@ -68,7 +68,7 @@ class SEGL(Objective):
         loss = F.cross_entropy(logits, wanted)
         counts = wanted.bincount(minlength=self.num_classes)
         chance = counts.max().float() / wanted.numel()
-        hits = wanted[logits.argmax(-1) == wanted].bincount(minlength=self.num_classes)
+        hits = wanted[predicted(logits) == wanted].bincount(minlength=self.num_classes)
         present = counts > 0
         class_acc = (hits[present].float() / counts[present].float()).mean()
         return ObjectiveOutput(

@@ -34,7 +34,7 @@ from vlptune.config import ConfigError, Recipe
 from vlptune.config.objectives import SPLConfig
 from vlptune.data.info import DatasetInfo
 from vlptune.model.vlp import VLPModel
-from vlptune.objectives.base import HEAD_INIT_STD, Objective, ObjectiveOutput, StepContext, init_head_weights
+from vlptune.objectives.base import HEAD_INIT_STD, Objective, ObjectiveOutput, StepContext, init_head_weights, predicted
 from vlptune.objectives.matching import batched_hungarian_match
 from vlptune.objectives.pooling import visual_states
 from vlptune.objectives.registry import register
@@ -111,7 +111,7 @@ class SPL(Objective):
         logits = self.classifier(hidden).float()  # [R,Q,C+1]
         targets, matched = match_targets(logits.softmax(-1), labels, self.no_object)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), weight=self.class_weight)
-        pred = logits.argmax(-1)
+        pred = predicted(logits)
         metrics: dict[str, Any] = {"spl_loss": loss.detach()}
         if bool(matched.any()):
             wanted = targets[matched]

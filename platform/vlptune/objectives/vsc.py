@@ -51,7 +51,7 @@ from vlptune.config import ConfigError, Recipe
 from vlptune.config.objectives import VSCConfig
 from vlptune.data.info import DatasetInfo
 from vlptune.model.vlp import VLPModel
-from vlptune.objectives.base import Objective, ObjectiveOutput, StepContext, init_head_weights
+from vlptune.objectives.base import NO_PREDICTION, Objective, ObjectiveOutput, StepContext, init_head_weights, predicted
 from vlptune.objectives.registry import register
 
 VSC_ATTR = "vsc"  # name of the VSC heads on the VLPModel
@@ -263,8 +263,9 @@ class VSC(Objective):
         t2i = -(F.log_softmax(logits.t(), dim=1) * (target.t() / target.t().sum(1, keepdim=True))).sum(1).mean()
         loss = (i2t + t2i) / 2
         with torch.no_grad():
-            hit_i2t = vsc.positives.gather(1, logits.argmax(1, keepdim=True)).float().mean()
-            hit_t2i = vsc.positives.t().gather(1, logits.t().argmax(1, keepdim=True)).float().mean()
+            pick_i2t, pick_t2i = predicted(logits, 1), predicted(logits.t(), 1)
+            hit_i2t = (vsc.positives.gather(1, pick_i2t.clamp(min=0)[:, None])[:, 0] & (pick_i2t != NO_PREDICTION)).float().mean()
+            hit_t2i = (vsc.positives.t().gather(1, pick_t2i.clamp(min=0)[:, None])[:, 0] & (pick_t2i != NO_PREDICTION)).float().mean()
             chance = target.mean()
         return ObjectiveOutput(
             loss,

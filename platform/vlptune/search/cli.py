@@ -21,6 +21,8 @@ from vlptune.search.location import DEFAULT_MIRROR_ROOT
 from vlptune.search.runner import run_search
 from vlptune.search.space import load_space
 
+KEEP_PRUNED_OVERRIDE = "train.keep_when_stopped=last"  # what --keep-pruned means
+
 SPACE_OVERRIDE_HELP = (
     "a recipe field applied to every trial (-o train.max_steps=30), or a space setting "
     "(-o num_samples=4, -o scheduler.grace_period=10, -o searcher.seed=3); repeatable"
@@ -59,21 +61,25 @@ def _search(args: argparse.Namespace) -> int:
         "mirror_dir": args.mirror_dir,
         "shared_storage": args.shared_storage,
     }
+    overrides = [*args.override, KEEP_PRUNED_OVERRIDE] if args.keep_pruned else args.override
     if args.resume:
+        if args.keep_pruned:
+            print("error: --keep-pruned applies to a new search (a resumed one keeps its saved settings)", file=sys.stderr)
+            return 2
         grid = run_search(args.file, exp_dir=args.resume, resume=True, **common)
         exp_dir = args.resume if is_uri(args.resume) else Path(args.resume).resolve()
     else:
         if args.file is None:
             print("error: give a search-space file (or --resume EXP_DIR)", file=sys.stderr)
             return 2
-        space = load_space(args.file, args.override)  # refuse a bad file before anything starts
+        space = load_space(args.file, overrides)  # refuse a bad file before anything starts
         exp_dir = default_exp_dir(space, args.storage, args.name)
         if is_uri(str(exp_dir)):
             mirror = experiment_location(exp_dir, args.mirror_dir).local
             print(f"experiment: {exp_dir} (the driver's files and the Optuna study: {mirror}, uploaded there)", flush=True)
         else:
             print(f"experiment directory: {exp_dir}", flush=True)
-        grid = run_search(args.file, exp_dir=exp_dir, overrides=args.override, **common)
+        grid = run_search(args.file, exp_dir=exp_dir, overrides=overrides, **common)
     collected = res.collect(exp_dir, args.mirror_dir)
     print(res.summary(collected))
     print(res.format_table(collected))
@@ -136,7 +142,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     search.add_argument(
         "--resume",
         metavar="EXP_DIR",
-        help="continue an interrupted experiment (a directory or a URI): finished trials are kept, unfinished ones resume from their checkpoints",
+        help="continue an interrupted experiment (a directory or a URI): finished trials are kept, unfinished ones resume from their checkpoints. "
+        "Ray Tune's restore unpickles the experiment's tuner.pkl and search-state files: resume only experiments you trust "
+        "(reading commands such as results, board, promote, importance unpickle nothing; docs/search.md, 'Trust boundary')",
     )
     search.add_argument("--num-cpus", type=int, help="CPUs of the local cluster (default: all of this machine's)")
     search.add_argument("--num-gpus", type=int, help="GPUs of the local cluster (default: detected)")
@@ -154,6 +162,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="log level of the training workers on the console (INFO shows the loop's step lines); full logs stay in Ray's session directory",
     )
     _override_arg(search)
+    search.add_argument(
+        "--keep-pruned",
+        action="store_true",
+        help="keep the last checkpoint of every trial that ends before train.max_steps (pruned by the scheduler, stopped, failed): "
+        f"the same as -o {KEEP_PRUNED_OVERRIDE}; by default they are removed when the trial ends (train.keep_when_stopped=none)",
+    )
     search.set_defaults(func=_search)
 
     results = sub.add_parser("results", help="table of a search's trials, sorted by the metric, and the best trial's recipe")

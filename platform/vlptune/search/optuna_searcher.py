@@ -19,14 +19,19 @@ on one another (``when:``) need define-by-run sampling.
 The study lives in an RDB storage (SQLite in the experiment directory by
 default), so ``optuna-dashboard sqlite:///EXP_DIR/optuna.db`` opens it and a
 resumed experiment keeps its history. ``save``/``restore`` keep the mapping
-of Tune trials to Optuna trials and the sampler's state.
+of Tune trials to Optuna trials as plain JSON (``searcher-state-*.pkl`` is
+Tune's file name; its content is JSON, never unpickled). The sampler is not
+saved: the study is the source of truth, and a restored searcher builds its
+sampler afresh from the space (:func:`resumed_sampler`: TPE and CMA-ES learn
+from the study's trials; the seed is advanced by the number of trials the
+study holds, so a resumed search does not repeat its first samples).
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import logging
-import pickle
 import random
 import warnings
 from typing import Any
@@ -51,8 +56,17 @@ OUTCOME_ATTR = "outcome"  # completed | pruned | failed | nan | error | lost
 STORAGE_RELOCATIONS: dict[str, str] = {}
 
 
-def make_sampler(space: SearchSpace) -> optuna.samplers.BaseSampler:
-    s = space.searcher
+SEED_MODULUS = 2**32  # Optuna's samplers take a seed in [0, 2**32)
+STATE_VERSION = 1  # the searcher state's JSON layout
+
+
+def make_sampler(space: SearchSpace, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
+    """The space's sampler; ``seed_offset`` advances a set seed (see :func:`resumed_sampler`)."""
+    s = (
+        space.searcher.model_copy(update={"seed": (space.searcher.seed + seed_offset) % SEED_MODULUS})
+        if space.searcher.seed is not None and seed_offset
+        else space.searcher
+    )
     if s.type == "tpe":
         with warnings.catch_warnings():  # `group` is marked experimental in Optuna
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -74,6 +88,16 @@ def make_sampler(space: SearchSpace) -> optuna.samplers.BaseSampler:
         return optuna.samplers.CmaEsSampler(**kwargs)
     # random, and grid (whose points are enqueued, see grid_points)
     return optuna.samplers.RandomSampler(seed=s.seed)
+
+
+def resumed_sampler(space: SearchSpace, trials_so_far: int) -> optuna.samplers.BaseSampler:
+    """The sampler of a restored searcher: built from the space, its seed advanced by the study's trial count.
+
+    Nothing of the old sampler is read back (it would have to be unpickled):
+    TPE and CMA-ES model the study's stored trials, random sampling needs only
+    a fresh seed, and grid points are the study's WAITING trials.
+    """
+    return make_sampler(space, seed_offset=trials_so_far)
 
 
 def grid_points(space: SearchSpace) -> list[dict[str, Any]]:
@@ -264,36 +288,38 @@ class OptunaSearcher(Searcher):
     # ------------------------------------------------------------ persistence
 
     def get_state(self) -> dict[str, Any]:
+        """The searcher's own state, plain JSON values only (the sampler is rebuilt, not saved)."""
         return {
+            "version": STATE_VERSION,
             "storage_url": self.storage_url,
             "study_name": self.study_name,
             "live": dict(self._live),
             "last_step": dict(self._last_step),
             "suggested": self._suggested,
             "grid_enqueued": self._grid_enqueued,
-            "sampler": pickle.dumps(self._sampler),
-            "space": self.space,
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"searcher state version {state.get('version')!r}, this code reads {STATE_VERSION}")
         self.storage_url = STORAGE_RELOCATIONS.get(state["storage_url"], state["storage_url"])
         self.study_name = state["study_name"]
-        self._live = dict(state["live"])
-        self._last_step = dict(state["last_step"])
-        self._suggested = state["suggested"]
-        self._grid_enqueued = state["grid_enqueued"]
-        self._sampler = pickle.loads(state["sampler"])
-        self.space = state["space"]
+        self._live = {str(k): int(v) for k, v in state["live"].items()}
+        self._last_step = {str(k): int(v) for k, v in state["last_step"].items()}
+        self._suggested = int(state["suggested"])
+        self._grid_enqueued = bool(state["grid_enqueued"])
         self._study = None
+        self._sampler = resumed_sampler(self.space, len(self.study.get_trials(deepcopy=False)))
+        self._study = None  # reopened with the new sampler
         self._fail_lost_trials()
 
     def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(self.get_state(), f)
+        with open(checkpoint_path, "w") as f:
+            json.dump(self.get_state(), f)
 
     def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            self.set_state(pickle.load(f))
+        with open(checkpoint_path) as f:
+            self.set_state(json.load(f))
 
     def _fail_lost_trials(self) -> None:
         """Optuna trials left RUNNING by an interrupted driver whose Tune trial was never recorded."""

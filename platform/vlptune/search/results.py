@@ -1,7 +1,9 @@
 """Results of a search experiment: one row per trial, the best trial's recipe.
 
-Sources: Tune's experiment state (trial status, config, every reported
-result in each trial's ``result.json``), the Optuna study (how each finished
+Sources, all plain JSON, CSV or SQLite (nothing from an experiment directory
+is ever unpickled here: :mod:`vlptune.search.tune_state`): Tune's experiment
+state (trial status, config, every reported result in each trial's
+``result.json``), the Optuna study (how each finished
 trial was told: completed, pruned, failed, with its stop reason) and the
 experiment's saved base recipe (to resolve a trial's full recipe).
 """
@@ -10,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from vlptune.config import recipe_to_dict, set_dotted, validate_recipe
 from vlptune.io import finite
 from vlptune.search.layout import BASE_COPY, TB_DIR, TRIAL_RECIPE, SearchError, local_view, read_meta, study_url
 from vlptune.search.trainable import STARTUP_KEY
-from vlptune.search.tune_state import TuneTrial, read_tune_trials
+from vlptune.search.tune_state import TuneStateError, read_tune_trials
 
 TUNE_STATUS_WORDS = {"TERMINATED": "terminated", "ERROR": "error", "RUNNING": "running", "PENDING": "pending", "PAUSED": "paused"}
 
@@ -46,6 +47,7 @@ class TrialRow:
     trial_dir: str | None = None
     history: list[tuple[int, float]] = field(default_factory=list)
     startup: dict[str, float] = field(default_factory=dict)  # every startup/* figure of the first report
+    skipped: int | None = None  # corrupt training records skipped (the last report's data/skipped_records)
 
 
 @dataclass
@@ -101,31 +103,18 @@ def _optuna_trials(meta: dict[str, Any], exp_dir: Path | None = None) -> dict[st
     return {t.user_attrs["ray_trial_id"]: t for t in study.get_trials(deepcopy=False) if "ray_trial_id" in t.user_attrs}
 
 
-def _tune_trials(exp_dir: Path) -> list[TuneTrial]:
-    """The trials of Tune's experiment state, read with Ray's ``ExperimentAnalysis`` (empty before Tune saved any)."""
-    from ray.tune import ExperimentAnalysis  # ray: heavy, only for a state its JSON alone does not describe
-
-    analysis_log = logging.getLogger("ray.tune.analysis.experiment_analysis")
-    level = analysis_log.level
-    analysis_log.setLevel(logging.ERROR)  # it warns about trials without results yet
-    try:
-        trials = ExperimentAnalysis(str(exp_dir)).trials
-    except (ValueError, FileNotFoundError):  # no experiment state written yet
-        return []
-    finally:
-        analysis_log.setLevel(level)
-    return [TuneTrial(t.trial_id, t.status, Path(t.path) if t.path else None, dict(t.config), getattr(t.run_metadata, "error_filename", None)) for t in trials]
-
-
 def collect(exp_dir: str | Path, mirror_dir: str | Path | None = None) -> ExperimentResults:
     """Read an experiment (finished, running or interrupted): a directory, or a URI
     (``s3://...``, ``file://...``) downloaded first into ``mirror_dir`` (see :func:`local_view`)."""
+    from vlptune.data.shard_checks import SKIPPED_KEY  # shard_checks imports pyarrow: only when results are read
+
     exp_dir = local_view(exp_dir, mirror_dir).resolve()
     meta = read_meta(exp_dir)
     metric, mode = meta["metric"], meta["mode"]
-    trials = read_tune_trials(exp_dir)  # plain JSON: no Ray, no unpickling
-    if trials is None:  # a state only Ray can read
-        trials = _tune_trials(exp_dir)
+    try:
+        trials = read_tune_trials(exp_dir)  # plain JSON: no Ray, nothing unpickled (docs/search.md, "Trust boundary")
+    except TuneStateError as exc:
+        raise SearchError(str(exc)) from None
     studied = _optuna_trials(meta, exp_dir)
     rows = []
     for t in trials:
@@ -183,11 +172,18 @@ def collect(exp_dir: str | Path, mirror_dir: str | Path | None = None) -> Experi
                 trial_dir=str(trial_dir) if trial_dir else None,
                 history=history,
                 startup={k: float(v) for k, v in first.items() if k.startswith(STARTUP_PREFIX) and isinstance(v, (int, float))},
+                skipped=_last_count(results, SKIPPED_KEY),
             )
         )
     sign = -1.0 if mode == "max" else 1.0
     rows.sort(key=lambda r: (0, sign * r.metric) if finite(r.metric) else (1, 0.0))
     return ExperimentResults(str(exp_dir), metric, mode, int(meta["max_fidelity"]), list(meta["parameters"]), rows)
+
+
+def _last_count(results: list[dict[str, Any]], key: str) -> int | None:
+    """The last report's count ``key`` (a running total), or None when no report holds it."""
+    counts = [r[key] for r in results if finite(r.get(key))]
+    return int(counts[-1]) if counts else None
 
 
 def trial_recipe(results: ExperimentResults, row: TrialRow) -> dict[str, Any]:
@@ -218,7 +214,7 @@ def _fmt(value: Any) -> str:
 
 
 def table_columns(results: ExperimentResults) -> list[str]:
-    return ["trial", *results.parameters, results.metric, "best", "step", "status", "wall_s", "startup_s"]
+    return ["trial", *results.parameters, results.metric, "best", "step", "status", "wall_s", "startup_s", "skipped"]
 
 
 def table_rows(results: ExperimentResults) -> list[list[Any]]:
@@ -227,7 +223,7 @@ def table_rows(results: ExperimentResults) -> list[list[Any]]:
         status = r.status
         if r.error and status == "error":
             status = f"error: {r.error}"
-        out.append([r.trial_id, *[r.params.get(p) for p in results.parameters], r.metric, r.best, r.fidelity, status, r.wall_s, r.startup_s])
+        out.append([r.trial_id, *[r.params.get(p) for p in results.parameters], r.metric, r.best, r.fidelity, status, r.wall_s, r.startup_s, r.skipped])
     return out
 
 
@@ -236,7 +232,7 @@ def format_table(results: ExperimentResults, max_status: int = 60) -> str:
     body = []
     for row in table_rows(results):
         cells = [_fmt(c) for c in row]
-        status_index = len(header) - 3
+        status_index = header.index("status")
         if len(cells[status_index]) > max_status:
             cells[status_index] = cells[status_index][: max_status - 3] + "..."
         body.append(cells)

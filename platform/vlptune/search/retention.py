@@ -41,13 +41,12 @@ from ray.tune import Callback
 
 from vlptune.config import Recipe, validate_recipe
 from vlptune.search.layout import TB_DIR, TRAIN_DIR
+from vlptune.search.run_storage import run_storage_checkpoints
 from vlptune.search.space import TIME_ATTR
 from vlptune.search.trainable import apply_config
 from vlptune.train import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
-
-RAY_CHECKPOINT_PREFIX = "checkpoint_"  # Ray Train's checkpoint directories in a run's storage
 
 
 def ending_policy(recipe: Recipe, last_result: dict[str, Any], failed: bool) -> str:
@@ -62,23 +61,13 @@ def prune_run_storage(fs: Any, run_path: str, policy: str, metric: str | None, m
 
     A directory without a readable ``state.json`` (an upload cut short) is never kept.
     """
-    from pyarrow import fs as pafs  # pyarrow.fs: only for URI storage
-
-    infos = fs.get_file_info(pafs.FileSelector(run_path, allow_not_found=True))
-    dirs = [i for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith(RAY_CHECKPOINT_PREFIX)]
-    entries = []
-    for info in dirs:
-        try:
-            with fs.open_input_stream(f"{info.path}/{ckpt.STATE_FILE}") as stream:
-                entries.append(ckpt.parse_entry(info.base_name, stream.read().decode("utf-8")))
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
+    paths, entries = run_storage_checkpoints(fs, run_path)
     kept = ckpt.kept_when_ended(entries, policy, metric, mode)
     removed = []
-    for info in dirs:
-        if info.base_name not in kept:
-            fs.delete_dir(info.path)
-            removed.append(info.path)
+    for path in paths:
+        if path.rstrip("/").rsplit("/", 1)[-1] not in kept:
+            fs.delete_dir(path)
+            removed.append(path)
     return removed
 
 

@@ -76,13 +76,15 @@ def connect(address: str | None, **kwargs: Any) -> str | None:
 
 
 def make_scheduler(space: SearchSpace):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler, MedianStoppingRule  # heavy dependency kept lazy
+    from ray.tune.schedulers import FIFOScheduler  # heavy dependency kept lazy
+
+    from vlptune.search.schedulers import ASHA, HyperBand, MedianStopping  # imports Ray Tune: kept lazy
 
     s = space.scheduler
     if s.type == "asha":
         # stop_last_trials=False: a trial at the last rung ends by itself, so its final
         # evaluation, checkpoint and TensorBoard events are written, never cut off.
-        return ASHAScheduler(
+        return ASHA(
             time_attr=TIME_ATTR,
             max_t=space.max_fidelity,
             grace_period=space.grace_period,
@@ -91,9 +93,9 @@ def make_scheduler(space: SearchSpace):
             stop_last_trials=False,
         )
     if s.type == "hyperband":
-        return HyperBandScheduler(time_attr=TIME_ATTR, max_t=space.max_fidelity, reduction_factor=s.reduction_factor, stop_last_trials=False)
+        return HyperBand(time_attr=TIME_ATTR, max_t=space.max_fidelity, reduction_factor=s.reduction_factor, stop_last_trials=False)
     if s.type == "median":
-        return MedianStoppingRule(
+        return MedianStopping(
             time_attr=TIME_ATTR,
             grace_period=space.grace_period,
             min_samples_required=s.min_samples_required,

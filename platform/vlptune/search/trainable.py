@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from vlptune.cluster.storage import is_uri, open_uri
 from vlptune.config import Recipe, recipe_to_dict, set_dotted, validate_recipe
 from vlptune.search.layout import TB_DIR, TRAIN_DIR, TRIAL_RECIPE
 from vlptune.search.lean_train import lean_trainer_class
@@ -236,6 +237,23 @@ def apply_config(base_raw: dict[str, Any], config: dict[str, Any], source: str) 
     return raw
 
 
+def complete_from_storage(train_storage: str, trial_id: str, max_steps: int) -> bool:
+    """Report the stored final result of a trial that already reached ``max_steps`` (Tune relaunched
+    it after the driver was killed) and say so; False when its run must go on (workers are started)."""
+    from pyarrow import fs as pafs  # pyarrow.fs: only when a trial starts
+    from ray import tune  # ray: heavy, only when this runs
+
+    from vlptune.search.run_storage import finished_result  # imports torch: only when a trial starts
+
+    fs, root = open_uri(train_storage) if is_uri(train_storage) else (pafs.LocalFileSystem(), train_storage)
+    result = finished_result(fs, f"{root.rstrip('/')}/{trial_id}", max_steps)
+    if result is None:
+        return False
+    log.info("trial %s: its checkpoint of step %d is stored: completed from its saved evaluation, no workers started", trial_id, max_steps)
+    tune.report(result)
+    return True
+
+
 def make_trainable(
     exp_dir: Path,
     base_raw: dict[str, Any],
@@ -287,6 +305,8 @@ def make_trainable(
         trial_dir = Path(ctx.get_trial_dir())
         trial_dir.mkdir(parents=True, exist_ok=True)
         (trial_dir / TRIAL_RECIPE).write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+        if complete_from_storage(train_storage, trial_id, recipe.train.max_steps):
+            return
         res = recipe.resources
         score = {"checkpoint_score_attribute": metric, "checkpoint_score_order": mode} if metric and mode else {}
         per_worker = {"CPU": res.cpus_per_worker}

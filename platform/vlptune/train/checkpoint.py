@@ -15,11 +15,18 @@ Nested states (optimiser state dicts, RNG tuples) are flattened by
 under a path-like key; dicts (whatever their key types), lists and tuples
 become tagged JSON. Nothing is ever unpickled.
 
-Writing is atomic: the files go to a temporary sibling directory that is
-renamed onto its final name, then the ``latest`` pointer file is replaced
-with ``os.replace``. A crash leaves either the previous checkpoint or the new
-one, never half of one. Removing is atomic too: a checkpoint is renamed out of
-the ``step_*`` names before its files go.
+Writing is atomic (:func:`_publish`): the files go to a temporary sibling
+directory (``.tmp-*``), every file and directory in it is fsynced, it is
+renamed onto its final name (the directory fsynced), then the ``latest``
+pointer file is replaced with ``os.replace``. A crash leaves either the
+previous checkpoint or the new one, never half of one. Replacing a checkpoint
+of the same step (Ray's copy installed over the local one, a re-save) writes
+the new one beside the old (``step_N-r<ns>``), points ``latest`` at it, and
+only then removes the old: ``latest`` never names a missing directory.
+Removing is atomic too: a checkpoint is renamed out of the ``step_*`` names
+(``.old-*``) before its files go. The ``.tmp-*`` / ``.old-*`` directories
+of a writer that was killed are removed by the next write
+(:func:`remove_interrupted`; those of live processes are left alone).
 
 Which checkpoints stay (``train.keep_checkpoints``, ``train.keep_when_done``,
 ``train.keep_when_stopped``) is decided by two pure rules over
@@ -41,7 +48,6 @@ without Ray's records.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import shutil
@@ -56,7 +62,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vlptune.io import atomic_write_text
+from vlptune.io import atomic_write_text, finite, fsync_dir, fsync_tree
 
 CHECKPOINT_DIR = "checkpoints"  # under the run directory
 LATEST = "latest"  # pointer file: the name of the newest complete checkpoint
@@ -68,6 +74,7 @@ STEP_PREFIX = "step_"
 STEP_DIGITS = 8
 TMP_PREFIX = ".tmp-"  # a checkpoint being written
 OLD_PREFIX = ".old-"  # a checkpoint being removed
+REPLACEMENT_SEP = "-r"  # step_N-r<ns>: a checkpoint that replaced another of its step
 METRICS_KEY = "metrics"  # in state.json's extra: the evaluation reported with the checkpoint
 KEEP_BEST, KEEP_LAST, KEEP_NONE = "best", "last", "none"  # what a run keeps once it has ended
 MODES = ("max", "min")
@@ -199,8 +206,8 @@ def save_checkpoint(
     """
     root = checkpoint_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / step_dir_name(step)
-    tmp = root / f"{TMP_PREFIX}{final.name}-{os.getpid()}-{time.monotonic_ns()}"
+    remove_interrupted(root)
+    tmp = _tmp_dir(root, step)
     tmp.mkdir()
     try:
         model_tensors, aliases = _model_tensors(module)
@@ -219,23 +226,86 @@ def save_checkpoint(
             "nested": encode_tree(nested, other, "s"),
         }
         save_file(other, str(tmp / TENSORS_FILE))
-        with open(tmp / STATE_FILE, "w") as f:
-            json.dump(state, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        if final.exists():  # re-saving a step (after a resume): move the old one aside first
-            _discard(final)
-        os.replace(tmp, final)
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+        final = _publish(root, tmp, step)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    atomic_write_text(root / LATEST, final.name + "\n")
     entries = local_entries(root)
     kept = kept_while_running(entries, keep) | {final.name}
     for old in _step_dirs(root):
         if old.name not in kept:
             remove_checkpoint(old)
     return final
+
+
+def _tmp_dir(root: Path, step: int) -> Path:
+    """A fresh temporary directory name for a checkpoint of ``step`` being written by this process."""
+    return root / f"{TMP_PREFIX}{step_dir_name(step)}-{os.getpid()}-{time.monotonic_ns()}"
+
+
+def _same_step(name: str, step: int) -> bool:
+    """Is ``name`` a checkpoint directory name of ``step`` (``step_N`` or ``step_N-r<ns>``)?"""
+    base = step_dir_name(step)
+    return name == base or name.startswith(base + REPLACEMENT_SEP)
+
+
+def _publish(root: Path, tmp: Path, step: int) -> Path:
+    """Make the complete checkpoint in ``tmp`` the checkpoint of ``step`` and the ``latest``; returns it.
+
+    Its files and directories are fsynced first; a checkpoint of the same step
+    already there stays until ``latest`` names the new one (which takes the
+    name ``step_N-r<ns>`` beside it), then goes: at no moment does ``latest``
+    name a missing or partial directory.
+    """
+    fsync_tree(tmp)
+    final = root / step_dir_name(step)
+    if final.exists():
+        final = root / f"{final.name}{REPLACEMENT_SEP}{time.monotonic_ns()}"
+    os.replace(tmp, final)
+    fsync_dir(root)
+    atomic_write_text(root / LATEST, final.name + "\n")
+    for old in _step_dirs(root):
+        if old != final and _same_step(old.name, step):
+            remove_checkpoint(old)
+    return final
+
+
+def _writer_pid(name: str) -> int | None:
+    """The process id in a ``.tmp-<name>-<pid>-<ns>`` / ``.old-<name>-<pid>-<ns>`` name, or None."""
+    parts = name.rsplit("-", 2)
+    return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def remove_interrupted(root: str | Path) -> list[str]:
+    """Remove the ``.tmp-*`` (writes) and ``.old-*`` (removals) directories under a ``checkpoints/``
+    directory whose process is gone (killed mid-way); returns their names.
+
+    Those of this process and of other live processes on this machine (a
+    concurrent installer) are left alone; none is ever a checkpoint."""
+    root = Path(root)
+    removed: list[str] = []
+    if not root.is_dir():
+        return removed
+    for path in root.iterdir():
+        if not (path.is_dir() and path.name.startswith((TMP_PREFIX, OLD_PREFIX))):
+            continue
+        pid = _writer_pid(path.name)
+        if pid is not None and (pid == os.getpid() or _alive(pid)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path.name)
+    return removed
 
 
 def _discard(path: Path) -> None:
@@ -325,12 +395,13 @@ def local_entries(root: Path) -> list[Entry]:
 
 
 def _rank(entry: Entry, metric: str | None, mode: str | None) -> tuple[int, float, int, str]:
-    """Sort key, better last: a finite-or-infinite score before none (missing, NaN, no metric), then
-    the score in ``mode``'s direction, then the later step (Ray breaks ties by report order)."""
+    """Sort key, better last: a finite score before none (missing, NaN, infinite, no metric: a
+    non-finite score is never a good one), then the score in ``mode``'s direction, then the later
+    step (Ray breaks ties by report order)."""
     if mode is not None and mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     value = entry.metrics.get(metric) if metric and mode else None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+    if not finite(value):
         return (0, 0.0, entry.step, entry.name)
     return (1, float(value) if mode == "max" else -float(value), entry.step, entry.name)
 
@@ -384,11 +455,11 @@ def install_checkpoint(run_dir: str | Path, src: str | Path) -> Path:
     """Copy the complete checkpoint directory ``src`` (a copy kept elsewhere, e.g. by Ray Train)
     into ``run_dir`` as the checkpoint of its step, and make it the ``latest``; returns its directory.
 
-    The same protocol as :func:`save_checkpoint`: the files are copied to a
-    temporary sibling (``.tmp-*``), an existing checkpoint of that step is
-    renamed aside (``.old-*``) and the copy renamed onto the name, then the
-    ``latest`` pointer is replaced atomically. A crash leaves the previous
-    checkpoint or the new one, never half of one. The caller keeps other
+    The same protocol as :func:`save_checkpoint` (:func:`_publish`): the files
+    are copied to a temporary sibling (``.tmp-*``), fsynced and renamed into
+    place, ``latest`` repointed, and only then an existing checkpoint of that
+    step removed. A crash leaves the previous checkpoint or the new one, never
+    half of one. The caller keeps other
     writers of ``run_dir`` out (the loop's own saves, another installer).
     """
     step = checkpoint_step(src)
@@ -396,18 +467,14 @@ def install_checkpoint(run_dir: str | Path, src: str | Path) -> Path:
         raise CheckpointError(f"{src}: not a checkpoint ({STATE_FILE} is missing)")
     root = checkpoint_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / step_dir_name(step)
-    tmp = root / f"{TMP_PREFIX}{final.name}-{os.getpid()}-{time.monotonic_ns()}"
+    remove_interrupted(root)
+    tmp = _tmp_dir(root, step)
     try:
         shutil.copytree(src, tmp)
-        if final.exists():
-            _discard(final)
-        os.replace(tmp, final)
+        return _publish(root, tmp, step)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    atomic_write_text(root / LATEST, final.name + "\n")
-    return final
 
 
 def load_checkpoint(

@@ -26,6 +26,7 @@ from vlptune.train.reporting import LocalReporter
 DEFAULT_RUNS_DIR = "runs"
 EXIT_OK = 0
 EXIT_STOPPED = 1  # the run stopped early (non-finite losses)
+EXIT_BAD_DATA = 2  # the run stopped on its data (more corrupt records than data.max_skip_fraction), like a bad-input error
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -61,6 +62,8 @@ def format_results(metrics: dict[str, Any]) -> str:
     for key in ("val/itm_acc", "val/mlm_acc", "val/mvm_acc", "val/mvm_chance"):
         if key in metrics:
             lines.append(f"{key} = {metrics[key]:.4f}")
+    if "skipped_records" in metrics:
+        lines.append(f"corrupt training records skipped: {metrics['skipped_records']} (data.max_skip_fraction={metrics.get('max_skip_fraction', '-')})")
     lines.append(f"stop reason: {metrics.get('stop_reason')}; step {metrics.get('step')}; run dir {metrics.get('run_dir')}")
     return "\n".join(lines)
 
@@ -74,6 +77,7 @@ def overridden_hparams(recipe: Recipe, overrides: list[str]) -> HParamsPlan:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from vlptune.data.shard_checks import SKIP_STOP_PREFIX  # shard_checks imports pyarrow: only when this runs
     from vlptune.train.loop import STOP_MAX_STEPS, train_worker  # loop imports torch: only when this runs
 
     recipe = load_recipe(args.recipe, args.override)
@@ -84,5 +88,7 @@ def run_train(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     print(f"training {recipe.name} into {out} (tensorboard --logdir {out})", flush=True)
     result = train_worker(recipe, LocalReporter(), out, resume=args.resume, hparams=overridden_hparams(recipe, args.override))
-    print(format_results(result), flush=True)
-    return EXIT_OK if result["stop_reason"] == STOP_MAX_STEPS else EXIT_STOPPED
+    print(format_results({**result, "max_skip_fraction": recipe.data.max_skip_fraction}), flush=True)
+    if result["stop_reason"] == STOP_MAX_STEPS:
+        return EXIT_OK
+    return EXIT_BAD_DATA if str(result["stop_reason"]).startswith(SKIP_STOP_PREFIX) else EXIT_STOPPED

@@ -34,6 +34,7 @@ dropout), MVM's random choices from a fixed seed.
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,7 @@ from vlptune.config.objectives import pair_scorer_names
 from vlptune.data.collate import pad_images
 from vlptune.data.dataset import load_retrieval_set
 from vlptune.data.text import load_tokenizer, tokenize_texts
+from vlptune.io import finite
 from vlptune.model.visual_dictionary import perplexity
 from vlptune.objectives.base import MetricMeter, Pretrainer, pair_scorer
 from vlptune.train.optim import autocast
@@ -73,9 +75,13 @@ def gt_ranks(tier: Tensor, score: Tensor, relevant: Tensor) -> Tensor:
     ``tier`` and ``score`` [Q,C] order the items lexicographically (a higher
     tier first, then a higher score); ``relevant`` bool [Q,C] marks the ground
     truth. The rank is the number of non-relevant items ordered at or above the
-    best relevant one.
+    best relevant one. A non-finite score (NaN, an infinity: a diverged model)
+    is the lowest score, tied with the others like it: a ground truth scored
+    NaN ranks behind every finite candidate and every other NaN one, so a
+    model that scores NaN everywhere gets recall 0, never 100.
     """
     neg_inf = torch.finfo(score.dtype).min
+    score = torch.where(torch.isfinite(score), score, torch.full_like(score, neg_inf))
     best_tier = torch.where(relevant, tier, torch.full_like(tier, -1)).amax(dim=1, keepdim=True)
     in_best_tier = relevant & (tier == best_tier)
     best_score = torch.where(in_best_tier, score, torch.full_like(score, neg_inf)).amax(dim=1, keepdim=True)
@@ -95,6 +101,19 @@ def recall_metrics(ranks_tr: Tensor, ranks_ir: Tensor, image_captions: list[int]
     out["rsum"] = sum(out[f"{d}_r{k}"] for d in ("tr", "ir") for k in RECALL_AT)
     out["chance_rsum"] = sum(out[f"chance_{d}_r{k}"] for d in ("tr", "ir") for k in RECALL_AT)
     return out
+
+
+SCORE_KEY = re.compile(r"^(val/\w+_acc|retrieval/(rsum|(tr|ir)_r\d+))$")  # what a diverged model cannot be credited with
+
+
+def diverged_as_worst(metrics: dict[str, Any]) -> dict[str, Any]:
+    """``metrics`` with every score (:data:`SCORE_KEY`: accuracies, recalls, RSUM) NaN when the
+    validation loss is non-finite: a diverged model reports no score, and NaN is the worst value to
+    every ranking (:func:`vlptune.io.rank_value`, the searcher, the schedulers, ``vlptune results``).
+    Chance levels and counts stay."""
+    if "val/loss" not in metrics or finite(metrics["val/loss"]):
+        return metrics
+    return {k: math.nan if SCORE_KEY.match(k) else v for k, v in metrics.items()}
 
 
 # --------------------------------------------------------------------------- encoding & scoring

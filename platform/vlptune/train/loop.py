@@ -48,12 +48,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from vlptune.config import Recipe, dump_recipe, recipe_to_dict, validate_recipe
-from vlptune.data.dataset import build_loader
+from vlptune.data.dataset import build_loader, skipped_over_ranks
 from vlptune.data.info import DatasetInfo
+from vlptune.data.shard_checks import SKIPPED_KEY, skip_share_exceeded
 from vlptune.io import atomic_write_text
 from vlptune.objectives.base import MetricMeter, Pretrainer, build_pretrainer, pair_scorer, prepare_dataset
 from vlptune.train import checkpoint as ckpt
-from vlptune.train.evaluate import RetrievalInputs, evaluate_losses, evaluate_retrieval, to_device
+from vlptune.train.evaluate import RetrievalInputs, diverged_as_worst, evaluate_losses, evaluate_retrieval, to_device
 from vlptune.train.optim import (
     Optimizers,
     accumulation_steps,
@@ -328,7 +329,7 @@ class Evaluation:
             box = [metrics]
             dist.broadcast_object_list(box, src=0)
             metrics = box[0]
-        return metrics, picture
+        return diverged_as_worst(metrics), picture
 
 
 # --------------------------------------------------------------------------- the loop
@@ -384,7 +385,7 @@ def train_worker(
     ``stop_reason`` (``"max_steps"``, or why the run stopped early),
     ``checkpoint`` (the last checkpoint directory still on disk, or None), ``run_dir``,
     ``train_seconds``, ``images_seen`` (over all ranks) and
-    ``skipped_records`` (corrupt training records skipped by this rank).
+    ``skipped_records`` (corrupt training records skipped over all ranks; each report's ``data/skipped_records``).
     """
     recipe = as_recipe(recipe)
     run_dir = Path(out_dir)
@@ -488,7 +489,7 @@ def train_worker(
         every = recipe.train.checkpoint_every
         is_ckpt = (every > 0 and step % every == 0) or (every == 0 and is_eval) or step == max_steps
         if is_eval:
-            result = run_evaluation(evaluation, pretrainer, writer, step, stream.epoch)
+            result = run_evaluation(evaluation, pretrainer, writer, step, stream.epoch, {SKIPPED_KEY: skipped_over_ranks(stream.skipped, device)})
         written = None
         if is_ckpt:
             extra = {
@@ -505,10 +506,13 @@ def train_worker(
         if is_eval:
             reporter.report({**result, **phases.pop_report(), "step": step, "epoch": stream.epoch}, written)
             drop_persisted_copy(reporter, written, run_dir)
+            stop_reason = skip_share_exceeded(int(result[SKIPPED_KEY]), images_seen, recipe.data.max_skip_fraction, recipe.data.root) or stop_reason
+            if stop_reason != STOP_MAX_STEPS:  # data.max_skip_fraction
+                break
 
     # ---- finish
     if not result and stop_reason == STOP_MAX_STEPS:  # resumed a finished run: evaluate it once more
-        result = run_evaluation(evaluation, pretrainer, writer, step, stream.epoch)
+        result = run_evaluation(evaluation, pretrainer, writer, step, stream.epoch, {SKIPPED_KEY: skipped_over_ranks(stream.skipped, device)})
         reporter.report({**result, "step": step, "epoch": stream.epoch}, last_ckpt if workers.is_main else None)
         drop_persisted_copy(reporter, last_ckpt if workers.is_main else None, run_dir)
     if workers.is_main and stop_reason == STOP_MAX_STEPS:
@@ -526,7 +530,7 @@ def train_worker(
         "checkpoint": last_ckpt,
         "run_dir": str(run_dir),
         "train_seconds": time.perf_counter() - train_start,
-        "skipped_records": stream.skipped,
+        "skipped_records": skipped_over_ranks(stream.skipped, device),
         "images_seen": images_seen,
     }
     if stop_reason != STOP_MAX_STEPS:
@@ -581,8 +585,9 @@ def log_window(writer: RunWriter | None, meter: MetricMeter, window: dict[str, A
     log.info("step %d epoch %d %s grad_norm=%.3g %.1f img/s", step, epoch, shown, grad, speed["images_per_s"])
 
 
-def run_evaluation(evaluation: Evaluation, pretrainer: Pretrainer, writer: RunWriter | None, step: int, epoch: int) -> dict[str, float]:
+def run_evaluation(evaluation: Evaluation, pretrainer: Pretrainer, writer: RunWriter | None, step: int, epoch: int, extra: dict | None = None) -> dict:
     metrics, picture = evaluation(pretrainer)
+    metrics.update(extra or {})  # the loop's own figures of this step (data/skipped_records)
     if writer is not None:
         writer.scalars(metrics, step)
         writer.hparams_experiment(metrics)
