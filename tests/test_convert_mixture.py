@@ -16,6 +16,8 @@ from vlptune.data.convert.vg import parse_vg
 from vlptune.data.dataset import ObjectlessShardDataset, build_loader
 from vlptune.data.mixture import MixtureDataset, check_vocabularies, source_counts
 from vlptune.data.schema import DataError
+from vlptune.search.layout import SearchError
+from vlptune.search.preflight import prepare_recipes_data
 
 
 class Fake:
@@ -109,8 +111,10 @@ def test_the_loader_mixes_converted_coco_and_vg(roots, tmp_path):
     val = build_loader(recipe, train=False)
     assert not isinstance(val.dataset, MixtureDataset)  # evaluation: data.root's val split
     missing = load_recipe(_recipe_file(roots, tmp_path, sources=[{"root": str(tmp_path / "nowhere")}]))
-    with pytest.raises(DataError, match="nowhere"):
+    with pytest.raises(DataError, match=r"data.sources\[0\].root .*nowhere.*vlptune data convert"):
         build_loader(missing, train=True)
+    with pytest.raises(SearchError, match=r"data.sources\[0\].root .*nowhere"):  # a search refuses it before any trial starts
+        prepare_recipes_data([missing])
 
 
 @pytest.mark.slow  # 26 s each on 2 shared cores

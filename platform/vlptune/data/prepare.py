@@ -67,6 +67,7 @@ def ensure_data(recipe: Recipe, columns: Collection[str] = ()) -> Path:
     ``image_text`` columns the caller needs (the objectives say which, see
     ``vlptune.objectives.base.prepare_dataset``); a world generated here fills
     them (``phrase_label_sim``: phrase-label similarities)."""
+    check_sources(recipe)
     root = data_root(recipe)
     if (root / "manifest.json").is_file():
         if recipe.data.synthesize:
@@ -91,6 +92,18 @@ def ensure_data(recipe: Recipe, columns: Collection[str] = ()) -> Path:
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return root
+
+
+def check_sources(recipe: Recipe) -> None:
+    """Refuse a mixture (``data.sources``) naming a root that holds no converted dataset, before anything is read."""
+    for i, source in enumerate(recipe.data.sources):
+        path = Path(source.root).expanduser()
+        if not (path / MANIFEST_NAME).is_file():
+            state = "the directory exists but has no manifest: an unfinished conversion?" if path.is_dir() else "no such directory"
+            raise DataError(
+                f"data.sources[{i}].root {source.root!r} holds no dataset ({path / MANIFEST_NAME} not found: {state}); "
+                f"convert it with `vlptune data convert SOURCE ... --out {source.root}` (docs/convert.md) or remove it from data.sources"
+            )
 
 
 def synth_command(out: str, synth: Any) -> str:

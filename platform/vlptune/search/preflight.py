@@ -19,7 +19,8 @@ from vlptune.cluster.storage import StorageError, check_storage
 from vlptune.config import Recipe
 from vlptune.config.objectives import required_columns
 from vlptune.data.info import DatasetInfo, describe_columns
-from vlptune.data.prepare import ensure_data
+from vlptune.data.prepare import check_sources, ensure_data
+from vlptune.data.schema import DataError
 from vlptune.data.shards import MANIFEST_NAME
 from vlptune.search.layout import SearchError
 from vlptune.search.location import Location
@@ -43,6 +44,10 @@ def prepare_recipes_data(recipes: list[Recipe]) -> None:
     """
     by_root: dict[Path, tuple[Recipe, frozenset[str]]] = {}
     for recipe in recipes:
+        try:
+            check_sources(recipe)
+        except DataError as exc:
+            raise SearchError(str(exc)) from None
         root = Path(recipe.data.root).resolve()
         columns = required_columns(recipe)
         first, wanted = by_root.get(root, (recipe, frozenset()))
