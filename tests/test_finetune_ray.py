@@ -56,5 +56,6 @@ def test_finetune_command_with_ray_runs_two_ddp_workers(pretrained, tmp_path):
     assert "vqa: score = " in text and "(chance " in text, text
     state = json.loads((out / FINETUNE_STATE).read_text())
     assert state["task"] == "vqa" and Path(state["pretrained"]).is_dir() and state["best"]["downstream/vqa/score"] >= 0.0
-    assert any((out / "checkpoints").iterdir())  # the best checkpoint, kept by rank 0
+    kept = [p for p in (out / "ray").rglob("checkpoint_*") if p.is_dir()]
+    assert len(kept) == 1 and f"best checkpoint {kept[0]}" in text, (kept, text)  # Ray Train keeps the best one
     assert list(out.glob("events.out.tfevents.*")), list(out.iterdir())  # TensorBoard in the run directory

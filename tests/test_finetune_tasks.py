@@ -21,6 +21,7 @@ from helpers import small_recipe
 from vlptune.cli import main
 from vlptune.config import ConfigError, recipe_to_dict, validate_recipe
 from vlptune.data.synth import make_world
+from vlptune.search.space import metric_problem
 from vlptune.train.finetune import FINETUNE_STATE, finetune_worker
 from vlptune.train.loop import train_worker
 from vlptune.train.reporting import LocalReporter
@@ -51,10 +52,10 @@ def finetune(root: Path, out: Path, task: str, seed: int = 0, checkpoint: Any = 
 RECORD_FIELDS = {"batch_size": 16, "eval_records": 200, "pooling": "mean", "patience": 0}
 
 
-def pretrain(root: Path, out: Path, steps: int, **downstream: Any) -> Path:
-    """A pretraining run of the small recipe (MLM + ITM) with ``downstream`` as its downstream section; its run directory."""
+def pretrain(root: Path, out: Path, steps: int, seed: int = 0, **downstream: Any) -> Path:
+    """A pretraining run of the small recipe (MLM + ITM, ``train.seed``) with ``downstream`` as its downstream section; its run directory."""
     spec = recipe_to_dict(small_recipe("pre", root, PRETRAIN_OBJECTIVES, size=WORLD_SIZE))
-    spec["train"].update({"max_steps": steps, "eval_every": steps})
+    spec["train"].update({"max_steps": steps, "eval_every": steps, "seed": seed})
     spec["eval"].update({"max_images": 8, "loss_batches": 0})
     spec["resources"]["torch_threads"] = 1
     spec["downstream"] = downstream
@@ -129,3 +130,5 @@ def test_unknown_task_and_bad_field_are_clear_errors(world, tmp_path, capsys):
         task_recipe(world, "vqa", lr=-1.0)
     assert main(["finetune", str(tmp_path), "--task", "vqa"]) == 2  # not a checkpoint nor a run directory
     assert "neither a checkpoint directory" in capsys.readouterr().err
+    problem = metric_problem("downstream/vqa/score", task_recipe(world, "vqa"))  # what a search or study with this metric is refused with
+    assert problem is not None and "not built yet" in problem and "vlptune finetune" in problem

@@ -110,23 +110,26 @@ class VQAConfig(TaskConfig, PooledHeadMixin, task="vqa"):
     hidden_mult: int = Field(2, ge=1, le=8, description="width of the MLP's hidden layer as a multiple of the encoder width")
 
 
-class NLVR2Config(TaskConfig, PooledHeadMixin, task="nlvr2"):
+class LabelTaskConfig(TaskConfig, PooledHeadMixin):
+    """A classifier over one label per record, scored by accuracy against the train split's majority label."""
+
+    main_metric: ClassVar[str] = "acc"
+    chance_metric: ClassVar[str] = "chance_acc"
+
+
+class NLVR2Config(LabelTaskConfig, task="nlvr2"):
     """NLVR2: the statement with each image through the encoder, the two pooled states concatenated, a binary classifier."""
 
     table: ClassVar[str] = "nlvr2"
-    main_metric: ClassVar[str] = "acc"
-    chance_metric: ClassVar[str] = "chance_acc"
 
     epochs: float = Field(10.0, gt=0.0, le=1000.0, description="finetuning epochs over the train split")
     decay_epochs: list[float] = Field(default_factory=lambda: [6.0, 8.0], description="epochs of the x gamma decays")
 
 
-class SNLIVEConfig(TaskConfig, PooledHeadMixin, task="snli_ve"):
+class SNLIVEConfig(LabelTaskConfig, task="snli_ve"):
     """SNLI-VE: a three-way classifier (entailment, neutral, contradiction) on the pooled state (SOHO: 6 epochs, 1e-4 -> 1e-5)."""
 
     table: ClassVar[str] = "ve"
-    main_metric: ClassVar[str] = "acc"
-    chance_metric: ClassVar[str] = "chance_acc"
 
     epochs: float = Field(6.0, gt=0.0, le=1000.0, description="finetuning epochs over the train split (SOHO: 6)")
     decay_epochs: list[float] = Field(default_factory=list, description="epochs of the x gamma decays; empty: cosine from lr to lr * min_lr_ratio")

@@ -18,6 +18,7 @@ Ray is imported inside the functions (heavy dependency kept lazy).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +28,7 @@ from typing import Any
 from vlptune.cliutil import add_override_arg
 from vlptune.cluster.session import connect
 from vlptune.config import Recipe, recipe_to_dict
-from vlptune.config.downstream import main_metric_key
+from vlptune.config.downstream import config_class, main_metric_key
 from vlptune.config.downstream import names as task_names
 from vlptune.search.lean_train import lean_trainer_class
 from vlptune.search.trainable import RayTrainReporter, materialize_ray_checkpoint, plain
@@ -50,7 +51,12 @@ def finetune_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def fit_finetune(recipe: Recipe, task: str, checkpoint: str | None, out_dir: Path, storage: str, name: str, failures_max: int = 0) -> dict[str, Any]:
-    """Finetune ``checkpoint`` on ``task`` as a Ray Train run (``recipe.resources`` workers); the best evaluation's metrics."""
+    """Finetune ``checkpoint`` on ``task`` as a Ray Train run (``recipe.resources`` workers); the best evaluation's metrics.
+
+    The result is rank 0's, read from ``out_dir/finetune.json`` (Ray's
+    ``Result.metrics`` is a checkpointed report, not the run's summary), so
+    ``out_dir`` must be on storage the driver sees (shared storage on a cluster).
+    """
     import ray.train  # heavy dependency kept lazy
     from ray.train.torch import TorchTrainer  # ray: heavy, only when this runs
 
@@ -64,12 +70,22 @@ def fit_finetune(recipe: Recipe, task: str, checkpoint: str | None, out_dir: Pat
             name=name,
             storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=failures_max),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=main_metric_key(task), checkpoint_score_order="max"),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute=main_metric_key(task), checkpoint_score_order=config_class(task).mode
+            ),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
     result = trainer.fit()
-    return dict(result.metrics or {})
+    from vlptune.train.finetune import FINETUNE_STATE  # imports torch: kept out of the CLI's start-up
+
+    metrics = dict(result.metrics or {})  # Ray's: a checkpointed report, not necessarily the last
+    state = out_dir / FINETUNE_STATE  # rank 0's summary (the run directory must be reachable here: shared storage on a cluster)
+    if state.is_file():
+        metrics.update(json.loads(state.read_text()).get("result", {}))
+    if result.checkpoint is not None:  # the one Ray Train kept: the best by the main metric (the workers' local copies are dropped)
+        metrics["checkpoint"] = result.checkpoint.path
+    return metrics
 
 
 def finetune_tasks(

@@ -24,7 +24,8 @@ worker (DDP), exactly like ``train_worker``, which it calls with a
 ``checkpoint=None`` finetunes from random initialisation (the baseline that
 shows what pretraining is worth). The run directory holds TensorBoard
 events, the finetuning ``recipe.yaml``, ``finetune.json`` (task, source
-checkpoint, the task's own state such as the VQA answer vocabulary) and
+checkpoint, the best evaluation, the run's result, the task's own state such
+as the VQA answer vocabulary) and
 ``checkpoints/``.
 """
 
@@ -314,7 +315,6 @@ def finetune_worker(
             "heads_loaded": plan.heads_loaded,
             **impl.extra_state(),
         }
-        atomic_write_text(run_dir / FINETUNE_STATE, json.dumps(state, indent=1, default=str) + "\n")
     final = {**result, **{k: v for k, v in plan.best.items() if k.startswith(metric_key(task, ""))}}
     final.update(
         {
@@ -323,4 +323,7 @@ def finetune_worker(
             "best_step": plan.best.get("step"),
         }
     )
+    if workers.is_main:
+        state["result"] = final  # what a Ray Train run's driver returns (search/finetune.py)
+        atomic_write_text(run_dir / FINETUNE_STATE, json.dumps(state, indent=1, default=str) + "\n")
     return final
