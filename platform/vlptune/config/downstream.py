@@ -1,10 +1,11 @@
 """Downstream task configs: each finetuning task's own recipe section, registered by name (torch-free).
 
 A recipe's ``downstream`` section maps a registered task name (``vqa``,
-``nlvr2``, ``snli_ve``, ``retrieval``) to its config; a trial that lists tasks
-there finetunes its pretrained checkpoint on each of them after pretraining
-(docs/finetuning.md). ``vlptune finetune CHECKPOINT --task NAME`` reads the
-same configs (defaults, then ``-o downstream.NAME.field=value``).
+``nlvr2``, ``snli_ve``, ``retrieval``, ``captioning``) to its config;
+``vlptune finetune CHECKPOINT --task NAME`` reads it from the pretraining
+run's recipe (defaults, then ``-o downstream.NAME.field=value``). Trials that
+pretrain then finetune inside a search or study are not built yet
+(docs/finetuning.md).
 
 Like objectives, a task has two halves under one name: its config here
 (``class VQAConfig(TaskConfig, task="vqa")``) and its implementation in
@@ -14,9 +15,8 @@ the papers' (SOHO's finetuning settings), written as epochs and decay epochs;
 then scale with it, as fractions of the run).
 
 Every metric a task reports is named ``downstream/<task>/<metric>``
-(:func:`metric_key`); its main one (``main_metric``) is what early stopping,
-the best checkpoint and a search ``metric`` such as ``downstream/vqa/score``
-read.
+(:func:`metric_key`); its main one (``main_metric``) is what early stopping
+and the best checkpoint read.
 """
 
 from __future__ import annotations
@@ -154,6 +154,24 @@ class RetrievalConfig(TaskConfig, task="retrieval"):
     captions_per_image: int = Field(5, ge=1, le=32, description="captions per test image used as queries (COCO: 5)")
     candidates: int = Field(128, ge=0, le=100_000, description="re-rank only the top-N candidates of the cheap first pass; 0 = score every pair")
     eval_split: str = Field("test", min_length=1, description="split the ranking is evaluated on (a split with no records falls back to val)")
+
+
+class CaptioningTaskConfig(TaskConfig, task="captioning"):
+    """Captioning: the E2E-VLP decoder finetuned on the captions (teacher forcing), scored by BLEU-4 and CIDEr of greedy or beam captions."""
+
+    table: ClassVar[str] = "image_text"
+    main_metric: ClassVar[str] = "cider"
+    chance_metric: ClassVar[str] = "chance_cider"
+    generates_captions: ClassVar[bool] = True
+
+    epochs: float = Field(10.0, gt=0.0, le=1000.0, description="finetuning epochs over the train images")
+    batch_size: int = Field(8, ge=1, le=4096, description="images per worker per step (each with data.itm_positives captions)")
+    decoder_layers: int = Field(
+        0, ge=0, le=24, description="decoder layers when the pretraining recipe had no decoder; 0 = the pretrained one's, else 6 (E2E-VLP)"
+    )
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0, description="label smoothing of the token cross-entropy")
+    beam: int = Field(1, ge=1, le=32, description="beam size of the evaluation captions; 1 = greedy")
+    eval_images: int = Field(200, ge=2, le=1_000_000, description="images of eval_split captioned at each evaluation (every caption of each a reference)")
 
 
 def names() -> list[str]:

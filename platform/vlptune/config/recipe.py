@@ -223,8 +223,8 @@ class Recipe(Section):
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="workers and devices")
     downstream: dict[str, Any] = Field(
         default_factory=dict,
-        description="downstream tasks by registered name (vqa, nlvr2, snli_ve, retrieval), each with its finetuning budget and settings; "
-        "a search or study trial finetunes on each after pretraining (docs/finetuning.md)",
+        description="downstream tasks by registered name (vqa, nlvr2, snli_ve, retrieval, captioning), each with its finetuning budget and settings; "
+        "read by vlptune finetune (docs/finetuning.md)",
     )
 
     @field_validator("downstream", mode="before")

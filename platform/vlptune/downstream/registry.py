@@ -13,7 +13,7 @@ from typing import TypeVar
 
 from vlptune.config import downstream as configs
 
-BUILTIN_MODULES = ("vlptune.downstream.vqa", "vlptune.downstream.classify", "vlptune.downstream.retrieval")
+BUILTIN_MODULES = ("vlptune.downstream.vqa", "vlptune.downstream.classify", "vlptune.downstream.retrieval", "vlptune.downstream.captioning")
 
 T = TypeVar("T", bound=type)
 

@@ -127,7 +127,7 @@ def finetune_tasks(
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     finetune = subparsers.add_parser(
         "finetune",
-        help="finetune a pretraining checkpoint on a downstream task (vqa, nlvr2, snli_ve, retrieval) and print its metric against chance",
+        help="finetune a pretraining checkpoint on a downstream task (vqa, nlvr2, snli_ve, retrieval, captioning) and print its metric against chance",
         description="Load CHECKPOINT_OR_RUN (a checkpoint directory, or a run directory: its latest checkpoint; the pretraining recipe "
         "is the run's recipe.yaml), add the task's head and finetune with the one training loop: the task's optimiser defaults "
         "(downstream.<task>.* of the recipe; -o to change them), no augmentation, early stopping on the evaluation metric, the best "

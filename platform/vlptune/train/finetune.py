@@ -49,6 +49,7 @@ from vlptune.data.info import DatasetInfo
 from vlptune.data.schema import RECORD_ID_FIELD
 from vlptune.downstream import registry
 from vlptune.downstream.base import DownstreamTask, RecordTask
+from vlptune.downstream.captioning import CaptioningTask
 from vlptune.downstream.retrieval import RetrievalTask
 from vlptune.io import atomic_write_text, finite
 from vlptune.model.vlp import VLPModel
@@ -96,12 +97,14 @@ def load_source(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     return checkpoint, load_recipe(recipe_path, overrides)
 
 
-def load_pretrained(pretrainer: Pretrainer, checkpoint: Path) -> list[str]:
+def load_pretrained(pretrainer: Pretrainer, checkpoint: Path, model_keys: set[str] | None = None) -> list[str]:
     """Load a pretraining checkpoint's weights into the finetuning model; returns the head keys taken over too.
 
-    Every ``model.*`` tensor must be there with its shape (CheckpointError
-    otherwise: another recipe's checkpoint); a head's tensor is taken when
-    the checkpoint has one of the same name and shape (retrieval's ITM head).
+    Every ``model.*`` tensor of the pretraining recipe's model (``model_keys``,
+    default all: a task head may add modules to the model, e.g. captioning's
+    decoder) must be there with its shape (CheckpointError otherwise: another
+    recipe's checkpoint); any other tensor is taken when the checkpoint has
+    one of the same name and shape (retrieval's ITM head, a pretrained decoder).
     """
     state = json.loads((checkpoint / ckpt.STATE_FILE).read_text())
     tensors = load_file(str(checkpoint / ckpt.MODEL_FILE))
@@ -109,13 +112,14 @@ def load_pretrained(pretrainer: Pretrainer, checkpoint: Path) -> list[str]:
         tensors[alias] = tensors[source]
     target = pretrainer.state_dict()
     wanted = {k: v for k, v in tensors.items() if k in target and tuple(v.shape) == tuple(target[k].shape)}
-    missing = [k for k in target if k.startswith(MODEL_PREFIX) and k not in wanted]
+    required = {MODEL_PREFIX + k for k in model_keys} if model_keys is not None else {k for k in target if k.startswith(MODEL_PREFIX)}
+    missing = [k for k in target if k in required and k not in wanted]
     if missing:
         raise ckpt.CheckpointError(
             f"{checkpoint}: the checkpoint does not fit the pretraining recipe's model (missing or reshaped: {missing[:8]}); was it written by another recipe?"
         )
     pretrainer.load_state_dict(wanted, strict=False)
-    return sorted(k for k in wanted if not k.startswith(MODEL_PREFIX))
+    return sorted(k for k in wanted if k not in required)
 
 
 # --------------------------------------------------------------------------- the finetuning recipe
@@ -181,6 +185,9 @@ class TaskEvaluation(Evaluation):
                 if self._retrieval is None:
                     self._retrieval = RetrievalInputs.load(ranking)
                 metrics, _ = evaluate_retrieval(pretrainer, ranking, self._retrieval, self.device, self.precision)
+            elif self.workers.is_main and isinstance(self.task, CaptioningTask):
+                with autocast(self.precision, self.device):
+                    metrics = self.task.evaluate(pretrainer, self.device)
             if self.workers.active:
                 box = [metrics]
                 dist.broadcast_object_list(box, src=0)
@@ -226,10 +233,11 @@ class FinetunePlan:
 
     def build(self, recipe: Recipe, info: DatasetInfo) -> Pretrainer:
         model = VLPModel(recipe)
+        model_keys = set(model.state_dict())  # before the heads: what the pretraining checkpoint must hold
         torch.manual_seed(self.cfg.seed)  # the heads' initial weights: the task's seed
         pretrainer = Pretrainer(model, self.task.heads(model, info))
         if self.pretrained is not None:
-            self.heads_loaded = load_pretrained(pretrainer, self.pretrained)
+            self.heads_loaded = load_pretrained(pretrainer, self.pretrained, model_keys)
             log.info("finetuning %s from %s (heads taken over: %s)", self.task.name, self.pretrained, ", ".join(self.heads_loaded) or "none")
         return pretrainer
 
