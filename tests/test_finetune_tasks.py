@@ -12,6 +12,7 @@ measured over task seeds 0, 1, 2 (values beside each assertion), with a margin.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,14 @@ def test_retrieval_takes_over_the_pretrained_itm_head_and_ranks_its_protocol(wor
     assert best["downstream/retrieval/images"] == 12 and best["downstream/retrieval/texts"] == 24  # 12 images x 2 captions
     assert best["downstream/retrieval/chance_tr_r1"] == pytest.approx(100.0 * 2 / 24, rel=1e-6)  # 2 right captions of 24
     assert 0.0 <= best["downstream/retrieval/rsum"] <= 600.0
+    # a checkpoint away from its run directory (a search trial's, in Ray's storage) needs its recipe named
+    from vlptune.tasks.finetune import load_source
+
+    moved = tmp_path / "ray-storage" / "checkpoint_000000"
+    shutil.copytree(Path(state["pretrained"]), moved)
+    with pytest.raises(ConfigError, match="pass --recipe"):
+        load_source(moved)
+    assert load_source(moved, ["downstream.retrieval.lr=0.001"], run / "recipe.yaml")[1].downstream["retrieval"].lr == 0.001
 
 
 def test_captioning_finetunes_the_decoder_and_scores_bleu4_and_cider(world, tmp_path):

@@ -136,6 +136,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     finetune.add_argument("checkpoint", help="checkpoint directory (RUN/checkpoints/step_N) or run directory")
     finetune.add_argument("--task", required=True, choices=task_names(), help="the downstream task")
     add_override_arg(finetune)
+    finetune.add_argument("--recipe", help="the pretraining recipe (default: the run directory's recipe.yaml; a search trial's is EXP/tb/TRIAL/recipe.yaml)")
     finetune.add_argument("--out", help="run directory (default: runs/<recipe name>-<task>-<timestamp>)")
     finetune.add_argument("--random-init", action="store_true", help="finetune the same model from random weights (the baseline of pretraining)")
     finetune.add_argument("--ray", action="store_true", help="run as a Ray Train run (resources.workers DDP workers) on a local cluster or --address")
@@ -145,15 +146,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
-    from vlptune.tasks.finetune import default_out, finetune_in_process, format_task_results, task_exit_code  # torch: only when this runs
+    from vlptune.tasks.finetune import default_out, finetune_in_process, format_task_results, load_source, task_exit_code  # torch: only when this runs
 
     if not args.ray:
-        return finetune_in_process(args.checkpoint, args.task, args.override, args.out, args.random_init, args.quiet)
+        return finetune_in_process(args.checkpoint, args.task, args.override, args.out, args.random_init, args.quiet, args.recipe)
     import ray  # heavy dependency kept lazy
 
-    from vlptune.train.finetune import load_source  # torch: only when this runs
-
-    source, recipe = load_source(args.checkpoint, args.override)
+    source, recipe = load_source(args.checkpoint, args.override, args.recipe)
     out = (Path(args.out) if args.out else default_out(recipe.name, args.task)).resolve()
     connect(args.address, num_cpus=None)
     try:

@@ -15,8 +15,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vlptune.config import ConfigError, Recipe, load_recipe
 from vlptune.config.downstream import config_class, metric_key
-from vlptune.train.finetune import STOP_EARLY, finetune_worker, load_source
+from vlptune.tasks.caption import RUN_RECIPE, resolve_checkpoint
+from vlptune.train.finetune import STOP_EARLY, finetune_worker
 from vlptune.train.loop import STOP_MAX_STEPS
 from vlptune.train.reporting import LocalReporter
 
@@ -24,6 +26,20 @@ DEFAULT_RUNS_DIR = "runs"
 EXIT_OK = 0
 EXIT_STOPPED = 1  # stopped on non-finite losses
 LOG_FILE = "finetune.log"
+
+
+def load_source(path: str | Path, overrides: list[str] | None = None, recipe: str | Path | None = None) -> tuple[Path, Recipe]:
+    """The checkpoint (a checkpoint or run directory) and its pretraining recipe, ``overrides`` applied.
+
+    The recipe is ``recipe`` when given (a search trial's checkpoint in Ray's
+    storage, ``EXP/train/TRIAL/checkpoint_*``, with ``EXP/tb/TRIAL/recipe.yaml``),
+    else the run directory's ``recipe.yaml``.
+    """
+    checkpoint, run_dir = resolve_checkpoint(path)
+    recipe_path = Path(recipe) if recipe is not None else run_dir / RUN_RECIPE
+    if not recipe_path.is_file():
+        raise ConfigError(f"{checkpoint}: the pretraining recipe {recipe_path} is missing (a run directory has it next to checkpoints/; else pass --recipe)")
+    return checkpoint, load_recipe(recipe_path, overrides)
 
 
 def default_out(name: str, task: str) -> Path:
@@ -44,8 +60,10 @@ def format_task_results(task: str, metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def finetune_in_process(checkpoint: str, task: str, overrides: list[str], out: str | None, random_init: bool, quiet: bool) -> int:
-    source, recipe = load_source(checkpoint, overrides)
+def finetune_in_process(
+    checkpoint: str, task: str, overrides: list[str], out: str | None, random_init: bool, quiet: bool, recipe_path: str | None = None
+) -> int:
+    source, recipe = load_source(checkpoint, overrides, recipe_path)
     config_class(task)  # an unknown task: ConfigError naming the registered ones
     run_dir = Path(out) if out else default_out(recipe.name, task)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from vlptune.config import ConfigError, Recipe, load_recipe
+from vlptune.config import Recipe
 from vlptune.config.downstream import TaskConfig, metric_key, validate_task
 from vlptune.data.dataset import ShardDataset
 from vlptune.data.info import DatasetInfo
@@ -63,7 +63,6 @@ from vlptune.train.tensorboard import HParamsPlan
 
 log = logging.getLogger("vlptune.finetune")
 
-RUN_RECIPE = "recipe.yaml"  # the pretraining run's recipe, next to its checkpoints/
 FINETUNE_STATE = "finetune.json"  # in the finetune run directory
 STOP_EARLY = "early_stop"
 MODEL_PREFIX = "model."  # the VLPModel's keys in a Pretrainer's state dict
@@ -71,30 +70,6 @@ MAX_KEPT = 1000  # train.keep_checkpoints' bound
 
 
 # --------------------------------------------------------------------------- the source checkpoint
-
-
-def resolve_source(path: str | os.PathLike) -> tuple[Path, Path]:
-    """``(checkpoint dir, pretraining recipe)`` of a checkpoint directory or a run directory (its latest checkpoint)."""
-    path = Path(path)
-    if (path / ckpt.STATE_FILE).is_file():
-        checkpoint, run_dir = path, path.parent.parent
-    else:
-        latest = ckpt.latest_checkpoint(path)
-        if latest is None:
-            raise ConfigError(
-                f"{path}: neither a checkpoint directory (no {ckpt.STATE_FILE}) nor a run directory with a checkpoint ({ckpt.CHECKPOINT_DIR}/latest)"
-            )
-        checkpoint, run_dir = latest, path
-    recipe = run_dir / RUN_RECIPE
-    if not recipe.is_file():
-        raise ConfigError(f"{checkpoint}: the run's recipe {recipe} is missing (the training loop writes it next to {ckpt.CHECKPOINT_DIR}/)")
-    return checkpoint, recipe
-
-
-def load_source(path: str | os.PathLike, overrides: list[str] | None = None) -> tuple[Path, Recipe]:
-    """The checkpoint and its pretraining recipe (``overrides`` applied: ``downstream.vqa.lr=...``, ``data.root=...``)."""
-    checkpoint, recipe_path = resolve_source(path)
-    return checkpoint, load_recipe(recipe_path, overrides)
 
 
 def load_pretrained(pretrainer: Pretrainer, checkpoint: Path, model_keys: set[str] | None = None) -> list[str]:
