@@ -1,10 +1,11 @@
-"""The proofs that finetuning learns and that pretraining pays, over 3 seeds (slow suite, ~20 minutes on 2 cores).
+"""The proofs that finetuning learns and that pretraining pays, over 3 seeds (slow suite, ~15-25 minutes on 2 cores).
 
 For each seed s in 0, 1, 2: pretrain the small recipe (MLM + ITM,
-``PRETRAIN_STEPS`` steps, ``train.seed = s``), then finetune every task
-twice at equal budget (``BUDGETS``, task seed s): from that checkpoint and
-from random initialisation. Asserted, on the means over the seeds (per-seed
-values beside each threshold, measured by this test's first run on 2 cores):
+``PRETRAIN_STEPS`` steps, ``train.seed = s``), then finetune every task from
+that checkpoint (``BUDGETS``, task seed s), and the tasks of
+``RANDOM_INIT_TASKS`` also from random initialisation at the same budget.
+Asserted, on the means over the seeds (the issue's bars; the values this
+test measured are in the report of issue 16 and printed with ``-s``):
 
 * VQA score well above the majority answer; NLVR2 above 50 %, SNLI-VE above
   33 %; retrieval R@1 several times chance;
@@ -21,23 +22,22 @@ from typing import Any
 
 import pytest
 
-from test_finetune_tasks import WORLD_SIZE, finetune, pretrain
+from test_finetune_tasks import WORLD_SIZE, WORLD_TRAIN, WORLD_VAL, finetune, pretrain
 from vlptune.data.synth import make_world
 from vlptune.study.stats import compare
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
 SEEDS = (0, 1, 2)
-PRETRAIN_STEPS = 300
-PROOF_WORLD_TRAIN, PROOF_WORLD_VAL = 320, 80
+PRETRAIN_STEPS = 250
 RECORD = {"batch_size": 16, "eval_records": 400, "pooling": "mean", "patience": 0, "lr": 3e-4}
 BUDGETS: dict[str, dict[str, Any]] = {
-    "vqa": {**RECORD, "max_steps": 60, "eval_every": 30},
-    "snli_ve": {**RECORD, "max_steps": 40, "eval_every": 20},
-    "nlvr2": {**RECORD, "max_steps": 100, "eval_every": 50},
+    "vqa": {**RECORD, "max_steps": 40, "eval_every": 20},
+    "snli_ve": {**RECORD, "max_steps": 20, "eval_every": 20},
+    "nlvr2": {**RECORD, "max_steps": 60, "eval_every": 30},
     "retrieval": {
-        "max_steps": 100,
-        "eval_every": 50,
+        "max_steps": 60,
+        "eval_every": 30,
         "lr": 1e-4,
         "batch_size": 8,
         "eval_images": 40,
@@ -47,6 +47,7 @@ BUDGETS: dict[str, dict[str, Any]] = {
         "patience": 0,
     },
 }
+RANDOM_INIT_TASKS = ("retrieval", "vqa")
 MAIN = {"vqa": "score", "snli_ve": "acc", "nlvr2": "acc", "retrieval": "rsum"}
 
 
@@ -57,13 +58,13 @@ def mean(values: list[float]) -> float:
 @pytest.fixture(scope="module")
 def proofs(tmp_path_factory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("proofs")
-    make_world(root / "world", train=PROOF_WORLD_TRAIN, val=PROOF_WORLD_VAL, image_size=WORLD_SIZE, seed=11, caption_style="descriptive")
+    make_world(root / "world", train=WORLD_TRAIN, val=WORLD_VAL, image_size=WORLD_SIZE, seed=5, caption_style="descriptive")
     out: dict[str, Any] = {}
     for seed in SEEDS:
         run = pretrain(root / "world", root / f"pre{seed}", PRETRAIN_STEPS, seed=seed)
         checkpoint = sorted((run / "checkpoints").glob("step_*"))[-1]
         for task, fields in BUDGETS.items():
-            for init, source in (("pretrained", checkpoint), ("random", None)):
+            for init, source in (("pretrained", checkpoint), ("random", None))[: 2 if task in RANDOM_INIT_TASKS else 1]:
                 metrics = finetune(root / "world", root / f"{task}-{init}-{seed}", task, seed=seed, checkpoint=source, **fields)
                 row = {k.rsplit("/", 1)[-1]: v for k, v in metrics.items() if k.startswith(f"downstream/{task}/") and isinstance(v, float)}
                 out.setdefault(task, {}).setdefault(init, []).append(row)
@@ -89,7 +90,8 @@ def test_every_task_learns_well_above_chance_from_pretraining(proofs):
 
 def test_pretraining_beats_random_initialisation_on_a_task(proofs):
     better = {}
-    for task, key in MAIN.items():
+    for task in RANDOM_INIT_TASKS:
+        key = MAIN[task]
         c = compare(values(proofs, task, "pretrained", key), values(proofs, task, "random", key))
         better[task] = (c.diff, c.ci_low, c.p)
     assert any(ci_low is not None and ci_low > 0.0 for _, ci_low, _ in better.values()), better
