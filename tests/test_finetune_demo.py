@@ -20,7 +20,7 @@ from vlptune.search.layout import TB_DIR, TRAIN_DIR, TRIAL_RECIPE
 from vlptune.train.loop import train_worker
 from vlptune.train.reporting import LocalReporter
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 TRIAL = "trial_0001"
 
