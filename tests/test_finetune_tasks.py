@@ -73,6 +73,11 @@ def test_vqa_learns_above_the_majority_answer(world, tmp_path):
     assert state["task"] == "vqa" and state["majority_answer"] in state["answers"] and state["pretrained"] is None
     assert out["checkpoint"] is not None and Path(out["checkpoint"]).is_dir()  # the best one kept
     assert {"downstream/vqa/score_yes_no", "downstream/vqa/score_number", "downstream/vqa/score_other"} <= set(out)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "vqa"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("downstream/vqa/score")] == [24]  # the task's metric in TensorBoard
 
 
 def test_snli_ve_learns_above_a_third(world, tmp_path):
