@@ -23,6 +23,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("vlptune.data",),  # shards, the synthetic world, the loader
     ("vlptune.model",),  # backbone, visual dictionary, fusion, decoder
     ("vlptune.objectives",),  # pretext tasks and the Pretrainer
+    ("vlptune.downstream",),  # downstream tasks: heads, losses, what they are scored on
     ("vlptune.train",),  # the one training loop and its evaluation
     ("vlptune.tasks",),  # tasks run on a trained checkpoint
     ("vlptune.cluster",),  # the Ray session, storage checks, job submission

@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "vlptune.train.cli",
     "vlptune.tasks.cli",
     "vlptune.search.cli",
+    "vlptune.search.finetune",
     "vlptune.cluster.cli",
     "vlptune.study.ablation_cli",
     "vlptune.study.promote_cli",

@@ -9,6 +9,10 @@ Stages, each printing what it did:
    in-process Ray cluster, print the results table and the best trial's metric
    next to chance, and say how to open TensorBoard (``--no-search`` skips it
    and everything after),
+4b. finetune the best trial's checkpoint on VQA (the synthetic world's
+   questions; ``--finetune-steps``) and print its VQA score next to the
+   majority answer's (the search itself still ranks by ``val/mlm_acc``: trials
+   that pretrain then finetune inside a search are not built yet),
 5. promote the best 2 trials that completed the last step to
    ``trials/demo-full.yaml`` through ``trials/fidelity/demo.yaml`` (recipes in
    ``trials/promoted/``), run them with 1 seed each as one experiment (shortened
@@ -38,13 +42,16 @@ from vlptune.data.inspect import inspect_dataset
 from vlptune.data.prepare import ensure_data
 from vlptune.search import results as res
 from vlptune.search.console import format_duration
-from vlptune.search.layout import read_meta
+from vlptune.search.layout import TB_DIR, TRAIN_DIR, TRIAL_RECIPE, read_meta
 from vlptune.search.runner import run_search
 from vlptune.study import importance as imp
 from vlptune.study import promote as pr
 from vlptune.study import promote_report as rep
 from vlptune.study.promote import MIN_RUN_CONFIGS
 from vlptune.study.promote_cli import ranged
+from vlptune.tasks.finetune import format_task_results, load_source
+from vlptune.train.finetune import FINETUNE_STATE, finetune_worker
+from vlptune.train.reporting import LocalReporter
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_RECIPE = REPO / "trials" / "demo-light.yaml"
@@ -65,6 +72,11 @@ PROMOTED_FIXED = {
     "eval.loss_batches": 2,
     "eval.vd_picture_codes": 4,
 }
+# The demo's downstream check: VQA on the synthetic questions learns within a few dozen CPU steps
+# (tests/test_finetune_tasks.py), unlike NLVR2 or retrieval; SOHO's 18 epochs would not fit the demo.
+DEMO_TASK = "vqa"
+FINETUNE_STEPS = 30
+FINETUNE_SETTINGS = {"lr": 3e-4, "pooling": "mean", "batch_size": 16, "eval_records": 200, "patience": 0}
 PROMOTED_RESOURCES = {"workers": 1, "cpus_per_worker": 1}
 PROMOTED_MAX_CONCURRENT = 2
 
@@ -144,7 +156,7 @@ def _best_chance(trial_dir: str | None, metric: str) -> float | None:
     return float(values[-1]) if values else None
 
 
-def stage_search(space_path: Path, root: Path, out: Path) -> int:
+def stage_search(space_path: Path, root: Path, out: Path) -> tuple[int, str | None]:
     exp_dir = (out / "search").resolve()
     _banner(f"4. search {space_path.name} on a local Ray cluster -> {exp_dir}")
     if exp_dir.exists() and any(exp_dir.iterdir()):
@@ -157,11 +169,32 @@ def stage_search(space_path: Path, root: Path, out: Path) -> int:
     best = collected.best
     if best is None or best.best is None:
         print("no trial reported the metric")
-        return 1
+        return 1, None
     chance = _best_chance(best.trial_dir, collected.metric)
     against = f" (chance: {chance:.3g}, {best.best / chance:.1f}x chance)" if chance else ""
     print(f"best trial {best.trial_id}: {collected.metric} = {best.best:.3g}{against} at step {best.fidelity}")
     print(f"compare the trials: vlptune board {exp_dir}   (TensorBoard on 127.0.0.1, HParams tab)")
+    return 0, best.trial_id
+
+
+def stage_finetune(search_dir: Path, trial_id: str, out: Path, steps: int) -> int:
+    run_dir = (out / "finetune-vqa").resolve()
+    _banner(f"4b. finetune the best trial {trial_id} on VQA ({steps} steps) -> {run_dir}")
+    checkpoints = sorted((search_dir / TRAIN_DIR / trial_id).glob("checkpoint_*"))  # Ray's storage; names sort by time
+    if not checkpoints:
+        print(f"the best trial kept no checkpoint in {search_dir / TRAIN_DIR / trial_id}: nothing to finetune")
+        return 1
+    done = run_dir / FINETUNE_STATE
+    if done.is_file():
+        print(f"{run_dir} exists: showing its result (delete it to finetune again)")
+        print(format_task_results(DEMO_TASK, json.loads(done.read_text())["result"]))
+        return 0
+    settings = {**FINETUNE_SETTINGS, "max_steps": steps, "eval_every": steps}
+    overrides = [f"downstream.{DEMO_TASK}.{k}={v}" for k, v in settings.items()]
+    source, recipe = load_source(checkpoints[-1], overrides, search_dir / TB_DIR / trial_id / TRIAL_RECIPE)
+    result = finetune_worker(recipe, DEMO_TASK, source, LocalReporter(quiet=True), run_dir, resume=False)
+    print(format_task_results(DEMO_TASK, result))
+    print(f"again with: vlptune finetune {source} --recipe {search_dir / TB_DIR / trial_id / TRIAL_RECIPE} --task {DEMO_TASK}")
     return 0
 
 
@@ -241,6 +274,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help=f"train.max_steps of the promoted runs, set through the study's fixed overrides (default {PROMOTED_STEPS}, at least {PROMOTED_EVALS}; demo-full's own is longer)",
     )
+    parser.add_argument(
+        "--finetune-steps",
+        type=ranged(int, 0, what="a number of steps"),
+        default=FINETUNE_STEPS,
+        metavar="N",
+        help=f"VQA finetuning steps of the best trial's checkpoint (default {FINETUNE_STEPS}; 0 skips the stage)",
+    )
     parser.add_argument("-o", "--override", action="append", default=[], help="dotted recipe override (repeatable)")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -253,8 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     stage_batch(recipe_path, root, args.override)
     status = 0
     if not args.no_search:
-        status = stage_search(Path(args.space), root, out)
+        status, best_trial = stage_search(Path(args.space), root, out)
         search_dir = (out / "search").resolve()
+        if status == 0 and best_trial is not None and args.finetune_steps > 0:
+            status = stage_finetune(search_dir, best_trial, out, args.finetune_steps)
         if status == 0:
             status = stage_promote(search_dir, root, out, args.promoted_steps, args.top_k)
         status = max(status, stage_importance(search_dir))

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
+from vlptune.config import downstream as task_configs
 from vlptune.config import objectives as objective_configs
 from vlptune.config.base import ConfigError, Section
 from vlptune.config.fields import describe_allowed, unknown_field_hint
@@ -243,6 +244,18 @@ class Recipe(Section):
     train: TrainConfig = Field(default_factory=TrainConfig, description="steps, logging, checkpoints, seed")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="zero-shot retrieval and validation losses")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="workers and devices")
+    downstream: dict[str, Any] = Field(
+        default_factory=dict,
+        description="downstream tasks by registered name (vqa, nlvr2, snli_ve, retrieval, captioning), each with its finetuning budget and settings; "
+        "read by vlptune finetune (docs/finetuning.md)",
+    )
+
+    @field_validator("downstream", mode="before")
+    @classmethod
+    def _validate_downstream(cls, value: Any) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise ValueError("must be a mapping of downstream task name to its settings")
+        return {name: task_configs.validate_task(name, spec) for name, spec in value.items()}
 
     @field_validator("objectives", mode="before")
     @classmethod
@@ -375,23 +388,27 @@ def format_validation_error(exc: ValidationError, source: str, model: type[BaseM
     return "\n".join(lines)
 
 
+PLUGIN_SECTIONS = {"objectives": objective_configs.config_class, "downstream": task_configs.config_class}  # name -> its config class
+
+
 def _validate_objectives(data: dict[str, Any], source: str) -> list[str]:
-    """Validate each objective entry with its registered config; error lines with dotted paths."""
-    objectives = data.get("objectives")
-    if not isinstance(objectives, dict):
-        return []
+    """Validate each objective and downstream task entry with its registered config; error lines with dotted paths."""
     problems: list[str] = []
-    for name, spec in objectives.items():
-        try:
-            config_cls = objective_configs.config_class(name)
-        except ConfigError as exc:
-            problems.append(f"  {exc}")
+    for section, lookup in PLUGIN_SECTIONS.items():
+        entries = data.get(section)
+        if not isinstance(entries, dict):
             continue
-        try:
-            config_cls.model_validate(spec if spec is not None else {})
-        except ValidationError as exc:
-            text = format_validation_error(exc, source, config_cls, prefix=f"objectives.{name}")
-            problems.extend(text.splitlines()[1:])
+        for name, spec in entries.items():
+            try:
+                config_cls: type[BaseModel] = lookup(name)
+            except ConfigError as exc:
+                problems.append(f"  {exc}")
+                continue
+            try:
+                config_cls.model_validate(spec if spec is not None else {})
+            except ValidationError as exc:
+                text = format_validation_error(exc, source, config_cls, prefix=f"{section}.{name}")
+                problems.extend(text.splitlines()[1:])
     return problems
 
 
@@ -408,7 +425,7 @@ def _annotate(problems: list[str], sources: dict[str, str]) -> list[str]:
 def validate_recipe(data: dict[str, Any], source: str, sources: dict[str, str] | None = None) -> Recipe:
     """Validate a resolved recipe dict; every problem at once, each with its dotted path."""
     problems = _validate_objectives(data, source)
-    without_objectives = {k: v for k, v in data.items() if k != "objectives"}
+    without_objectives = {k: v for k, v in data.items() if k not in PLUGIN_SECTIONS or not isinstance(v, dict)}
     try:
         Recipe.model_validate(without_objectives)
     except ValidationError as exc:
@@ -439,20 +456,22 @@ def dump_recipe(recipe: Recipe) -> str:
 
 
 def json_schema() -> dict[str, Any]:
-    """JSON schema of a recipe, objectives expanded from the registry."""
+    """JSON schema of a recipe, objectives and downstream tasks expanded from their registries."""
     schema = Recipe.model_json_schema()
     defs = schema.setdefault("$defs", {})
-    props: dict[str, Any] = {}
-    for name in objective_configs.names():
-        sub = objective_configs.config_class(name).model_json_schema()
-        for key, value in sub.pop("$defs", {}).items():
-            defs[key] = value
-        props[name] = sub
-    schema["properties"]["objectives"] = {
-        "type": "object",
-        "description": Recipe.model_fields["objectives"].description,
-        "properties": props,
-        "additionalProperties": False,
-    }
+    registries = {"objectives": objective_configs.names(), "downstream": task_configs.names()}
+    for section, lookup in PLUGIN_SECTIONS.items():
+        props: dict[str, Any] = {}
+        for name in registries[section]:
+            sub = lookup(name).model_json_schema()
+            for key, value in sub.pop("$defs", {}).items():
+                defs[key] = value
+            props[name] = sub
+        schema["properties"][section] = {
+            "type": "object",
+            "description": Recipe.model_fields[section].description,
+            "properties": props,
+            "additionalProperties": False,
+        }
     schema["properties"]["base"] = {"type": "string", "description": "path of a recipe this one extends (relative to this file)"}
     return schema

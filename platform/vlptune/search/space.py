@@ -54,6 +54,7 @@ from vlptune.config import (
     validate_recipe,
 )
 from vlptune.config import objectives as objective_configs
+from vlptune.config.downstream import DOWNSTREAM_PREFIX
 from vlptune.search.params import (
     SCHEDULER_SETTINGS,
     SEARCHER_SETTINGS,
@@ -85,6 +86,11 @@ def check_objectives(recipe: Recipe) -> None:
 
 def metric_problem(metric: str, recipe: Recipe) -> str | None:
     """Why a recipe would not report ``metric`` (retrieval needs ITM; val/<obj>_* needs <obj>)."""
+    if metric.startswith(DOWNSTREAM_PREFIX):
+        return (
+            "a trial reports its pretraining metrics only: ranking a search or study by a downstream metric (trials that pretrain "
+            "then finetune) is not built yet (docs/finetuning.md); finetune a trial's checkpoint with `vlptune finetune RUN --task TASK`"
+        )
     active = recipe.active_objectives()
     if metric.startswith("retrieval/") and not any(cfg.scores_pairs for cfg in active.values()):
         scorers = objective_configs.pair_scorer_names()

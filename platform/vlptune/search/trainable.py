@@ -44,12 +44,12 @@ TRAINABLE_NAME = "vlptune_trial"
 # ------------------------------------------------------------------ inside a Ray Train worker
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     """Metrics as plain Python values (tensors and numpy scalars become floats)."""
     if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 0) == 0:
         return value.item()
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain(v) for k, v in value.items()}
     return value
 
 
@@ -96,7 +96,7 @@ class RayTrainReporter:
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         import ray.train  # heavy dependency kept lazy
 
-        payload = {k: _plain(v) for k, v in metrics.items()}
+        payload = {k: plain(v) for k, v in metrics.items()}
         if self.metric and self.metric not in payload and payload.get("stop_reason"):
             payload[self.metric] = float("nan")
         if self.count == 0 and self.loop_entry is not None:
@@ -217,7 +217,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if stop_reason and stop_reason != "max_steps" and reporter.last.get("stop_reason") != stop_reason:
         # Every rank returns the same summary, so every rank makes this last report.
         final = dict(reporter.last)
-        final.update({k: _plain(v) for k, v in summary.items() if isinstance(_plain(v), (int, float, str, bool)) or v is None})
+        final.update({k: plain(v) for k, v in summary.items() if isinstance(plain(v), (int, float, str, bool)) or v is None})
         final["stop_reason"] = str(stop_reason)
         if reporter.metric and reporter.metric not in final:
             final[reporter.metric] = float("nan")

@@ -30,6 +30,7 @@ where an uninterrupted one would have gone.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import numbers
@@ -39,7 +40,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -65,6 +66,9 @@ from vlptune.train.optim import (
 )
 from vlptune.train.reporting import Reporter
 from vlptune.train.tensorboard import HParamsPlan, RunWriter, throughput, vd_picture
+
+if TYPE_CHECKING:  # the finetune mode's hook (train/finetune.py imports this module)
+    from vlptune.train.finetune import FinetunePlan
 
 log = logging.getLogger("vlptune.train")
 
@@ -245,7 +249,7 @@ def train_step(
     for i, batch in enumerate(micro_batches):
         batch = to_device(batch, device)
         last = i == accum - 1
-        sync = module.no_sync() if isinstance(module, DistributedDataParallel) and not last else _null()
+        sync = module.no_sync() if isinstance(module, DistributedDataParallel) and not last else contextlib.nullcontext()
         with sync:
             with autocast(precision, device):
                 loss, metrics = module(batch, generator)
@@ -270,14 +274,6 @@ def train_step(
                 sched.step()
     optimizers.zero_grad()
     return StepResult(float(total), per_batch, float(grad_norm), finite, images, pairs)
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def backbone_frozen_at(step: int, recipe: Recipe, steps_per_epoch: float) -> bool:
@@ -367,8 +363,9 @@ def train_worker(
     out_dir: str | os.PathLike,
     resume: bool | str = True,
     hparams: HParamsPlan | None = None,
+    finetune: FinetunePlan | None = None,
 ) -> dict[str, Any]:
-    """Train ``recipe`` on this worker; returns the final metrics.
+    """Train ``recipe`` on this worker; returns the final metrics. ``finetune``: the finetune mode (train/finetune.py).
 
     ``reporter.report(metrics, checkpoint_dir)`` is called at every
     evaluation on every rank. ``out_dir`` is the run directory: TensorBoard
@@ -402,7 +399,7 @@ def train_worker(
     info = prepare_data(recipe, workers)
 
     phases.mark("prepare_data")
-    pretrainer = build_pretrainer(recipe, info).to(device)
+    pretrainer = (finetune.build(recipe, info) if finetune else build_pretrainer(recipe, info)).to(device)
     pretrainer.train()
     optimizers = build_optimizers(pretrainer, pretrainer.model.backbone, recipe.optim, recipe.train.max_steps)
     module: nn.Module = pretrainer
@@ -415,7 +412,7 @@ def train_worker(
     generators = {"objectives": objective_gen, **module_generators(pretrainer)}
     torch.manual_seed(stream_seed(seed, workers.rank, DROPOUT_STREAM))  # dropout differs across ranks
     phases.mark("build_model")
-    loader = build_loader(recipe, train=True, rank=workers.rank, world_size=workers.world_size)
+    loader = finetune.loader(workers) if finetune else build_loader(recipe, train=True, rank=workers.rank, world_size=workers.world_size)
     stream = BatchStream(loader)
     phases.mark("open_data")
 
@@ -439,7 +436,7 @@ def train_worker(
         atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
         writer = RunWriter(run_dir, purge_step=step + 1 if source is not None else None)
         writer.hparams_start(recipe_to_dict(recipe), hparams, new_session=source is None)
-    evaluation = Evaluation(recipe, workers, device, precision)
+    evaluation = finetune.evaluation(recipe, workers, device, precision) if finetune else Evaluation(recipe, workers, device, precision)
     steps_per_epoch = max(1.0, len(stream) / accum)
     if resumed_rng is not None:  # after every construction that draws random numbers
         ckpt.restore_rng(resumed_rng, generators)
@@ -507,7 +504,9 @@ def train_worker(
             reporter.report({**result, **phases.pop_report(), "step": step, "epoch": stream.epoch}, written)
             drop_persisted_copy(reporter, written, run_dir)
             stop_reason = skip_share_exceeded(int(result[SKIPPED_KEY]), images_seen, recipe.data.max_skip_fraction, recipe.data.root) or stop_reason
-            if stop_reason != STOP_MAX_STEPS:  # data.max_skip_fraction
+            if finetune is not None and stop_reason == STOP_MAX_STEPS and (early := finetune.stop({**result, "step": step})) is not None:
+                stop_reason = early
+            if stop_reason != STOP_MAX_STEPS:  # data.max_skip_fraction, or the finetune's early stopping
                 break
 
     # ---- finish
@@ -518,7 +517,7 @@ def train_worker(
     if workers.is_main and stop_reason == STOP_MAX_STEPS:
         # train.keep_when_done, over this directory (without a metric: "best" is the last); a search
         # trial's copies in Ray's storage are the driver's (vlptune.search.retention)
-        kept = ckpt.finish_checkpoints(run_dir, recipe.train.keep_when_done)
+        kept = ckpt.finish_checkpoints(run_dir, recipe.train.keep_when_done, *(finetune.ranking if finetune else ()))
         last_ckpt = str(kept) if kept is not None else None
     if last_ckpt is not None and not Path(last_ckpt).is_dir():
         last_ckpt = None  # its only copy is the reporter's (a search trial's, in Ray's storage)
