@@ -67,11 +67,11 @@ def ensure_data(recipe: Recipe, columns: Collection[str] = ()) -> Path:
     ``image_text`` columns the caller needs (the objectives say which, see
     ``vlptune.objectives.base.prepare_dataset``); a world generated here fills
     them (``phrase_label_sim``: phrase-label similarities)."""
-    check_sources(recipe)
     root = data_root(recipe)
     if (root / "manifest.json").is_file():
         if recipe.data.synthesize:
             check_world_matches(root, recipe)
+        check_sources(recipe)  # after data.root's own check: its message says how to make data.root
         return root
     if not recipe.data.synthesize:
         raise DataError(missing_data_message(recipe, root, SIMILARITY_COLUMN in columns))
@@ -91,6 +91,7 @@ def ensure_data(recipe: Recipe, columns: Collection[str] = ()) -> Path:
                 )
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+    check_sources(recipe)
     return root
 
 

@@ -40,14 +40,11 @@ def prepare_recipes_data(recipes: list[Recipe]) -> None:
     Recipes sharing a root get one world, with phrase-label similarities when
     any of them needs them (guided OMVM, PRA). A world that already exists
     without them while a recipe needs them is refused here, before any trial
-    starts, instead of failing in every trial that needs them.
+    starts, instead of failing in every trial that needs them; so is a
+    mixture source (``data.sources``) that holds no dataset.
     """
     by_root: dict[Path, tuple[Recipe, frozenset[str]]] = {}
     for recipe in recipes:
-        try:
-            check_sources(recipe)
-        except DataError as exc:
-            raise SearchError(str(exc)) from None
         root = Path(recipe.data.root).resolve()
         columns = required_columns(recipe)
         first, wanted = by_root.get(root, (recipe, frozenset()))
@@ -66,6 +63,11 @@ def prepare_recipes_data(recipes: list[Recipe]) -> None:
             continue
         log.info("preparing data in %s", root)
         ensure_data(recipe, columns)
+    for recipe in recipes:  # after data.root's world is generated: it may be one of the sources
+        try:
+            check_sources(recipe)
+        except DataError as exc:
+            raise SearchError(str(exc)) from None
 
 
 def cluster_nodes() -> list[dict[str, Any]] | int:
