@@ -152,6 +152,23 @@ class OptimConfig(Section):
     grad_clip: float = Field(1.0, ge=0.0, le=1e6, description="clip the global gradient norm to this; 0 = off")
     global_batch: int = Field(0, ge=0, le=1_000_000, description="images per optimizer step over all workers; 0 = batch_images x workers (no accumulation)")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on GPU, fp32 on CPU")
+    objective_grad_norms: bool = Field(
+        True, description="log each objective's gradient norm on the shared parameters every train.log_every steps (one extra backward pass per logged step)"
+    )
+    balance: Literal["none", "gradnorm"] = Field(
+        "none",
+        description="per-objective loss balancing: none (the fixed objective weights) or gradnorm (GradNorm, Chen et al. 2018; train/balance.py)",
+    )
+    balance_alpha: float = Field(
+        1.5, ge=0.0, le=10.0, description="GradNorm's alpha: how much an objective that trains slower gets a larger gradient norm (0: equal norms)"
+    )
+    balance_lr: float = Field(
+        0.5, gt=0.0, le=1.0, description="GradNorm: fraction of the way each log scale moves toward its target per update (1: jump to it)"
+    )
+    balance_every: int = Field(
+        10, ge=1, le=1_000_000, description="GradNorm: optimiser steps between measurements of the per-objective gradient norms and updates of the scales"
+    )
+    balance_max: float = Field(100.0, ge=1.0, le=1e4, description="GradNorm: each scale stays within [1/balance_max, balance_max]")
 
     @field_validator("step_milestones")
     @classmethod

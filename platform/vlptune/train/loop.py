@@ -30,6 +30,7 @@ where an uninterrupted one would have gone.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import numbers
@@ -53,6 +54,7 @@ from vlptune.data.info import DatasetInfo
 from vlptune.io import atomic_write_text
 from vlptune.objectives.base import MetricMeter, Pretrainer, build_pretrainer, pair_scorer, prepare_dataset
 from vlptune.train import checkpoint as ckpt
+from vlptune.train.balance import GradNormBalance, attach_balance, measure_and_balance, measures_at
 from vlptune.train.evaluate import RetrievalInputs, evaluate_losses, evaluate_retrieval, to_device
 from vlptune.train.optim import (
     Optimizers,
@@ -228,6 +230,8 @@ def train_step(
     precision: str,
     grad_clip: float,
     generator: torch.Generator | None,
+    balance: GradNormBalance | None = None,
+    measure: bool = False,
 ) -> StepResult:
     """One optimiser step over ``micro_batches`` (gradient accumulation).
 
@@ -235,7 +239,9 @@ def train_step(
     itself); ``pretrainer`` the unwrapped module. Each micro-batch's total
     loss is divided by the number of micro-batches, so the gradient is the
     mean over them. The step is skipped (gradients dropped, weights untouched)
-    when the loss or the gradient norm is not finite on any rank.
+    when the loss or the gradient norm is not finite on any rank. ``measure``:
+    the first micro-batch also measures each objective's gradient norm and
+    updates ``balance`` (train/balance.py), logged with its metrics.
     """
     accum = len(micro_batches)
     total = torch.zeros((), device=device)
@@ -244,10 +250,12 @@ def train_step(
     for i, batch in enumerate(micro_batches):
         batch = to_device(batch, device)
         last = i == accum - 1
-        sync = module.no_sync() if isinstance(module, DistributedDataParallel) and not last else _null()
+        sync = module.no_sync() if isinstance(module, DistributedDataParallel) and not last else contextlib.nullcontext()
         with sync:
             with autocast(precision, device):
                 loss, metrics = module(batch, generator)
+            if measure and i == 0:
+                metrics = {**metrics, **measure_and_balance(pretrainer, balance)}
             if loss.requires_grad:
                 (loss / accum).backward()
         total = total + loss.detach().float() / accum
@@ -269,14 +277,6 @@ def train_step(
                 sched.step()
     optimizers.zero_grad()
     return StepResult(float(total), per_batch, float(grad_norm), finite, images, pairs)
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def backbone_frozen_at(step: int, recipe: Recipe, steps_per_epoch: float) -> bool:
@@ -403,6 +403,7 @@ def train_worker(
     phases.mark("prepare_data")
     pretrainer = build_pretrainer(recipe, info).to(device)
     pretrainer.train()
+    balance = attach_balance(pretrainer, recipe.optim)
     optimizers = build_optimizers(pretrainer, pretrainer.model.backbone, recipe.optim, recipe.train.max_steps)
     module: nn.Module = pretrainer
     if workers.active:
@@ -456,7 +457,10 @@ def train_worker(
         if want_frozen != frozen:
             pretrainer.model.set_backbone_frozen(want_frozen)
             frozen = want_frozen
-        out = train_step(module, pretrainer, optimizers, [stream.next() for _ in range(accum)], device, precision, recipe.optim.grad_clip, objective_gen)
+        batches = [stream.next() for _ in range(accum)]
+        out = train_step(
+            module, pretrainer, optimizers, batches, device, precision, recipe.optim.grad_clip, objective_gen, balance, measures_at(step + 1, recipe, balance)
+        )
         phases.mark("first_step", once=True)
         step += 1
         if out.finite:
