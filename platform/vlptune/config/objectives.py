@@ -175,6 +175,18 @@ class MVMConfig(ObjectiveConfig, objective="mvm"):
             )
 
 
+# ---------------------------------------------------------------- backbone_cls
+
+
+class BackboneClsConfig(ObjectiveConfig, objective="backbone_cls"):
+    """Supervised pretraining of the CNN alone (``vlptune backbone pretrain``): multi-label classification of the objects in each image."""
+
+    labels: Literal["classes", "classes_and_attributes"] = Field(
+        "classes_and_attributes",
+        description="what is predicted per image: the object classes present (synthetic world: shapes), or those and the attributes (colours, sizes)",
+    )
+
+
 # ---------------------------------------------------------------------- omvm
 
 
