@@ -15,6 +15,7 @@ from vlptune.model.backbone import ResNetBackbone
 from vlptune.model.vlp import VLPModel
 from vlptune.objectives.backbone_cls import image_targets, micro_f1
 from vlptune.train.backbone_pretrain import is_pretrained_backbone, pretrain_backbone, pretrain_recipe
+from vlptune.train.loop import train_worker
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,7 @@ def test_pretrain_recipe_trains_the_cnn_alone():
 def test_pretrained_backbone_is_saved_in_hf_format_and_loaded_by_directory(world, tmp_path):
     recipe = loop_recipe(world, train={"max_steps": 6, "eval_every": 6, "log_every": 2}, optim={"backbone": {"optimizer": "adamw", "lr": 3e-3}})
     out = tmp_path / "backbone"
-    provenance = pretrain_backbone(recipe, out, steps=6, run_dir=tmp_path / "run")
+    provenance = pretrain_backbone(recipe, out, train_worker, steps=6, run_dir=tmp_path / "run")
     assert is_pretrained_backbone(out) and (out / "config.json").is_file() and (out / "model.safetensors").is_file()
     assert json.loads((out / "provenance.json").read_text()) == provenance
     assert provenance["steps"] == 6 and provenance["depth"] == 18 and provenance["synth"]["train"] == 16
@@ -74,3 +75,23 @@ def test_cli_refuses_bad_steps_with_exit_2(world, tmp_path, capsys):
     assert "--steps" in capsys.readouterr().err
     with pytest.raises(ConfigError):
         pretrain_recipe(loop_recipe(world), steps=0)
+
+
+def test_init_pretrained_is_made_once_under_the_data_root_and_used_by_the_loop(world, tmp_path, monkeypatch):
+    from vlptune.train import backbone_pretrain as bp
+    from vlptune.train.reporting import LocalReporter
+
+    monkeypatch.setattr(bp, "DEFAULT_STEPS", 4)  # the shipped 300 steps are the demo's; the mechanism is the same
+    model = {"backbone": {"width_mult": 0.0625, "pool": 1, "init": "pretrained"}, "vd": {"size": 16}, "fusion": {"layers": 1}}
+    recipe = loop_recipe(world, model=model, train={"max_steps": 2, "eval_every": 2, "log_every": 1, "seed": 3})
+    with pytest.raises(ValueError, match="resolve_cached_backbone"):
+        VLPModel(recipe)  # unresolved, outside the loop: a clear error
+    cached = bp.cache_path(recipe)
+    assert cached.parent == world / "backbones" and "steps4-seed0" in cached.name
+    train_worker(recipe, LocalReporter(quiet=True), tmp_path / "a", resume=False)
+    assert bp.is_pretrained_backbone(cached)
+    made = (cached / "model.safetensors").stat().st_mtime_ns
+    assert json.loads((cached / "provenance.json").read_text())["seed"] == 0  # one backbone whatever the run's seed
+    resolved = bp.resolve_cached_backbone(recipe, train_worker)
+    assert resolved.model.backbone.init == str(cached) and (cached / "model.safetensors").stat().st_mtime_ns == made  # not retrained
+    VLPModel(resolved)  # loads through model.backbone.init: DIR

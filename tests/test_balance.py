@@ -68,10 +68,10 @@ def _two_steps(measure: bool, balance_kind: str = "none"):
     torch.manual_seed(0)
     recipe = tiny_recipe("bal", MIX, optim={"balance": balance_kind, "balance_lr": 1.0, "balance_max": 1e4, "grad_clip": 0.0})
     pre = build_pretrainer(recipe)
-    balance = attach_balance(pre, recipe.optim)
+    attach_balance(pre, recipe.optim)
     opts = build_optimizers(pre, pre.model.backbone, recipe.optim, max_steps=2)
     gen = torch.Generator().manual_seed(0)
-    outs = [train_step(pre, pre, opts, [hand_batch(seed=s)], torch.device("cpu"), "fp32", 0.0, gen, balance, measure) for s in (0, 1)]
+    outs = [train_step(pre, pre, opts, [hand_batch(seed=s)], torch.device("cpu"), "fp32", 0.0, gen, measure) for s in (0, 1)]
     return pre, outs
 
 
@@ -103,11 +103,11 @@ def test_gradnorm_scales_apply_from_the_next_step_and_are_checkpointed_buffers()
 def test_measuring_steps_and_the_recipe_fields():
     recipe = tiny_recipe("bal", MIX, train={"log_every": 10}, optim={"balance": "gradnorm", "balance_every": 4})
     pre = build_pretrainer(recipe)
-    bal = attach_balance(pre, recipe.optim)
-    assert [s for s in range(1, 21) if measures_at(s, recipe, bal)] == [4, 8, 10, 12, 16, 20]
+    attach_balance(pre, recipe.optim)
+    assert [s for s in range(1, 21) if measures_at(s, recipe)] == [4, 8, 10, 12, 16, 20]
     off = tiny_recipe("bal", MIX, train={"log_every": 10}, optim={"objective_grad_norms": False})
     assert attach_balance(build_pretrainer(off), off.optim) is None
-    assert not any(measures_at(s, off, None) for s in range(1, 21))
+    assert not any(measures_at(s, off) for s in range(1, 21))
     with pytest.raises(ConfigError, match="optim.balance"):
         load_recipe(tiny_path(), ["optim.balance=pcgrad"])
 

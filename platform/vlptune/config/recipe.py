@@ -81,10 +81,17 @@ class DataConfig(Section):
 # -------------------------------------------------------------------------- model
 
 
+CACHED_BACKBONE = "pretrained"  # model.backbone.init: the backbone pretrained on the recipe's data (train/backbone_pretrain.py)
+
+
 class BackboneConfig(Section):
     depth: Literal[18, 34, 50, 101, 152] = Field(18, description="ResNet depth")
     width_mult: float = Field(1.0, ge=0.03125, le=4.0, description="channel width multiplier (below 1 for tiny CPU variants)")
-    init: str = Field("random", min_length=1, description="'random', a local directory holding a HF ResNet checkpoint, or a hub name")
+    init: str = Field(
+        "random",
+        min_length=1,
+        description="'random'; 'pretrained' (this ResNet pretrained on the recipe's data by `vlptune backbone pretrain`, cached under data.root/backbones, made on first use); a local directory holding a HF ResNet checkpoint; or a hub name",
+    )
     frozen_bn: bool = Field(False, description="freeze BatchNorm statistics and affine parameters")
     frozen_stages: int = Field(0, ge=0, le=4, description="number of early stages (stem counts as part of stage 1) kept frozen for the whole run")
     freeze_for: int = Field(0, ge=0, le=10_000_000, description="freeze the whole CNN during the first N units (SOHO's cure for VD cold start)")

@@ -1,4 +1,4 @@
-"""``vlptune backbone pretrain RECIPE --out DIR``: supervised pretraining of a recipe's ResNet, saved in the Hugging Face format.
+"""Supervised pretraining of a recipe's ResNet, saved in the Hugging Face format (``vlptune backbone pretrain``, train/backbone_cli.py).
 
 The papers start their CNN from ImageNet weights; none can be downloaded here,
 so this trains the recipe's own ResNet (same depth and width) on the labelled
@@ -8,7 +8,8 @@ dataset whose shards carry object labels, e.g. Visual Genome, the same way).
 It is not a second loop: the recipe is rewritten to the one objective
 ``backbone_cls`` (:mod:`vlptune.objectives.backbone_cls`), the VD off and one
 fusion layer (built, never run), and trained by
-:func:`vlptune.train.loop.train_worker` like any recipe. The CNN of the last
+:func:`vlptune.train.loop.train_worker` like any recipe (handed in by the
+caller: the loop itself calls :func:`resolve_cached_backbone`). The CNN of the last
 checkpoint is then written with ``save_pretrained`` (``config.json`` +
 ``model.safetensors``) into a temporary sibling of ``DIR`` and renamed into
 place, with ``provenance.json`` (recipe, data, steps, seed, the validation
@@ -19,20 +20,21 @@ through exactly the code that loads ``microsoft/resnet-18`` from a hub
 
 from __future__ import annotations
 
-import argparse
+import fcntl
 import json
 import logging
 import os
 import shutil
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vlptune.cliutil import add_override_arg
-from vlptune.config import ConfigError, Recipe, load_recipe, recipe_to_dict, validate_recipe
+from vlptune.config import Recipe, recipe_to_dict, validate_recipe
+from vlptune.config.recipe import CACHED_BACKBONE
 
 log = logging.getLogger(__name__)
+TrainFn = Callable[..., dict[str, Any]]  # train/loop.py:train_worker(recipe, reporter, out_dir, resume=...)
 
 OBJECTIVE = "backbone_cls"
 DEFAULT_STEPS = 300  # demo-light: the validation label accuracy is flat by then (docs/training.md, "A pretrained demo backbone")
@@ -40,6 +42,8 @@ FUSION_LAYERS = 1  # the fusion Transformer is built but never run: the smallest
 PROVENANCE_FILE = "provenance.json"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+CACHE_DIR = "backbones"  # under data.root
+PRETRAIN_SEED = 0  # one cached backbone per architecture and data, whatever the run's seed (like one set of ImageNet weights)
 REPORTED = ("val/bcls_acc", "val/bcls_chance", "val/bcls_f1", "val/bcls_f1_chance", "val/bcls_loss")
 
 
@@ -52,9 +56,49 @@ def pretrain_recipe(recipe: Recipe, steps: int) -> Recipe:
     spec["model"]["fusion"]["layers"] = FUSION_LAYERS
     spec["model"]["fusion"]["unimodal_layers"] = 0
     spec["model"]["backbone"]["freeze_for"] = 0
+    if recipe.model.backbone.init == CACHED_BACKBONE:
+        spec["model"]["backbone"]["init"] = "random"
     spec["optim"]["balance"] = "none"
     spec["train"].update(max_steps=steps, eval_every=steps, keep_when_done="last")
     return validate_recipe(spec, f"{recipe.name} rewritten for backbone pretraining")
+
+
+def cache_path(recipe: Recipe, steps: int | None = None) -> Path:
+    """Where ``model.backbone.init: pretrained`` keeps the backbone of ``recipe``: under ``data.root``, named by what shapes it."""
+    from vlptune.data.prepare import data_root  # torch-free, but data/ only when a path is asked for
+
+    b = recipe.model.backbone
+    steps = steps or DEFAULT_STEPS
+    return data_root(recipe) / CACHE_DIR / f"resnet{b.depth}-w{b.width_mult:g}-px{recipe.data.image_size}-steps{steps}-seed{PRETRAIN_SEED}"
+
+
+def resolve_cached_backbone(recipe: Recipe, train: TrainFn, is_main: bool = True, barrier: Callable[[], Any] | None = None) -> Recipe:
+    """``recipe`` with ``model.backbone.init: pretrained`` replaced by its cached directory, pretrained first if missing.
+
+    Rank 0 (``is_main``) pretrains under a file lock (concurrent trials of a
+    search train it once), the other ranks wait at ``barrier``. Any other
+    ``init`` is returned unchanged. ``train``: the training loop's
+    ``train_worker`` (passed in: the loop calls this, so this module does not
+    import it).
+    """
+    if recipe.model.backbone.init != CACHED_BACKBONE:
+        return recipe
+    path = cache_path(recipe)
+    if is_main and not is_pretrained_backbone(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.parent / f".{path.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if not is_pretrained_backbone(path):
+                    log.info("pretraining the backbone once into %s (model.backbone.init: pretrained)", path)
+                    seeded = recipe.model_copy(update={"train": recipe.train.model_copy(update={"seed": PRETRAIN_SEED})})
+                    pretrain_backbone(seeded, path, train, DEFAULT_STEPS)  # DEFAULT_STEPS read now: the tests make it small
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+    if barrier is not None:
+        barrier()
+    backbone = recipe.model.backbone.model_copy(update={"init": str(path)})
+    return recipe.model_copy(update={"model": recipe.model.model_copy(update={"backbone": backbone})})
 
 
 def is_pretrained_backbone(path: str | Path) -> bool:
@@ -63,8 +107,10 @@ def is_pretrained_backbone(path: str | Path) -> bool:
     return all((p / name).is_file() for name in (CONFIG_FILE, WEIGHTS_FILE, PROVENANCE_FILE))
 
 
-def pretrain_backbone(recipe: Recipe, out: str | Path, steps: int = DEFAULT_STEPS, run_dir: str | Path | None = None, quiet: bool = True) -> dict[str, Any]:
-    """Pretrain ``recipe``'s CNN and write it to ``out`` (atomically); returns the provenance written beside it.
+def pretrain_backbone(
+    recipe: Recipe, out: str | Path, train: TrainFn, steps: int = DEFAULT_STEPS, run_dir: str | Path | None = None, quiet: bool = True
+) -> dict[str, Any]:
+    """Pretrain ``recipe``'s CNN with ``train`` (the loop's ``train_worker``) and write it to ``out`` (atomically); returns its provenance.
 
     ``run_dir`` keeps the training run (TensorBoard events, checkpoint); by
     default a temporary directory next to ``out`` that is removed afterwards.
@@ -75,7 +121,6 @@ def pretrain_backbone(recipe: Recipe, out: str | Path, steps: int = DEFAULT_STEP
     from vlptune.data.prepare import data_root  # imports torch: only when a backbone is trained
     from vlptune.objectives.base import build_pretrainer  # imports torch: only when a backbone is trained
     from vlptune.train.checkpoint import latest_checkpoint, load_checkpoint  # imports torch: only when a backbone is trained
-    from vlptune.train.loop import STOP_MAX_STEPS, train_worker  # imports torch: only when a backbone is trained
     from vlptune.train.reporting import LocalReporter  # imports torch: only when a backbone is trained
 
     target = Path(out)
@@ -86,8 +131,8 @@ def pretrain_backbone(recipe: Recipe, out: str | Path, steps: int = DEFAULT_STEP
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     start = time.time()
     try:
-        result = train_worker(precipe, LocalReporter(quiet=quiet), run, resume=False)
-        if result.get("stop_reason") != STOP_MAX_STEPS:
+        result = train(precipe, LocalReporter(quiet=quiet), run, resume=False)
+        if result.get("step") != steps:
             raise RuntimeError(f"backbone pretraining stopped early ({result.get('stop_reason')}) at step {result.get('step')}; run dir {run}")
         checkpoint = latest_checkpoint(run)
         if checkpoint is None:
@@ -121,43 +166,3 @@ def pretrain_backbone(recipe: Recipe, out: str | Path, steps: int = DEFAULT_STEP
         shutil.rmtree(tmp, ignore_errors=True)
         if not keep_run:
             shutil.rmtree(run, ignore_errors=True)
-
-
-def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    backbone = subparsers.add_parser("backbone", help="pretrain a recipe's CNN (the offline stand-in for ImageNet weights)")
-    sub = backbone.add_subparsers(dest="backbone_command", required=True)
-    pre = sub.add_parser(
-        "pretrain",
-        help="classify the objects of the recipe's images with its ResNet and save it with save_pretrained",
-        description="Train RECIPE's ResNet alone on multi-label classification of the objects in its images (the synthetic world: "
-        "shapes, colours, sizes), on the one training loop, and write it in the Hugging Face format to --out; "
-        "then set model.backbone.init: DIR.",
-    )
-    pre.add_argument("recipe", help="recipe YAML file whose ResNet (depth, width) and data to use, e.g. trials/demo-light.yaml")
-    add_override_arg(pre)
-    pre.add_argument("--out", required=True, help="directory to write (config.json, model.safetensors, provenance.json); replaced if it exists")
-    pre.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"optimiser steps (default {DEFAULT_STEPS})")
-    pre.add_argument("--run-dir", help="keep the training run (TensorBoard, checkpoint) here (default: a temporary directory, removed)")
-    pre.add_argument("--quiet", action="store_true", help="only print the result")
-    pre.set_defaults(func=run_pretrain)
-
-
-def run_pretrain(args: argparse.Namespace) -> int:
-    if args.steps < 1:
-        raise ConfigError(f"--steps: expected a positive number of optimiser steps, got {args.steps}")
-    recipe = load_recipe(args.recipe, args.override)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    print(
-        f"pretraining the ResNet-{recipe.model.backbone.depth} x{recipe.model.backbone.width_mult} of {recipe.name} for {args.steps} steps into {args.out}",
-        flush=True,
-    )
-    provenance = pretrain_backbone(recipe, args.out, args.steps, args.run_dir, quiet=args.quiet)
-    m = provenance["metrics"]
-    if "val/bcls_acc" in m:
-        print(
-            f"val label accuracy {m['val/bcls_acc']:.3f} (chance {m.get('val/bcls_chance', float('nan')):.3f}), F1 {m.get('val/bcls_f1', float('nan')):.3f} "
-            f"(chance {m.get('val/bcls_f1_chance', float('nan')):.3f}); {provenance['seconds']:.0f} s",
-            file=sys.stdout,
-        )
-    print(f"wrote {args.out}; use it with -o model.backbone.init={args.out}", flush=True)
-    return 0

@@ -99,10 +99,10 @@ def attach_balance(pretrainer: Pretrainer, cfg: OptimConfig) -> GradNormBalance 
     return balance
 
 
-def measures_at(step: int, recipe: Recipe, balance: GradNormBalance | None) -> bool:
+def measures_at(step: int, recipe: Recipe) -> bool:
     """Whether optimiser step ``step`` (1-based, the one about to run) measures the per-objective gradient norms."""
     logged = recipe.optim.objective_grad_norms and step % recipe.train.log_every == 0
-    return logged or (balance is not None and step % recipe.optim.balance_every == 0)
+    return logged or (recipe.optim.balance != BALANCE_NONE and step % recipe.optim.balance_every == 0)
 
 
 def objective_grad_norms(pretrainer: Pretrainer) -> tuple[dict[str, float], dict[str, float]]:
@@ -131,8 +131,9 @@ def objective_grad_norms(pretrainer: Pretrainer) -> tuple[dict[str, float], dict
     return norms, values
 
 
-def measure_and_balance(pretrainer: Pretrainer, balance: GradNormBalance | None) -> dict[str, float]:
-    """Measure the per-objective norms of the current micro-batch, update GradNorm's scales; the training scalars to log."""
+def measure_and_balance(pretrainer: Pretrainer) -> dict[str, float]:
+    """Measure the per-objective norms of the current micro-batch, update GradNorm's scales (if attached); the training scalars to log."""
+    balance = getattr(pretrainer, "balance", None)
     norms, losses = objective_grad_norms(pretrainer)
     metrics = {f"{GRAD_NORM_PREFIX}{name}": value for name, value in norms.items()}
     if balance is not None and norms:

@@ -54,7 +54,8 @@ from vlptune.data.info import DatasetInfo
 from vlptune.io import atomic_write_text
 from vlptune.objectives.base import MetricMeter, Pretrainer, build_pretrainer, pair_scorer, prepare_dataset
 from vlptune.train import checkpoint as ckpt
-from vlptune.train.balance import GradNormBalance, attach_balance, measure_and_balance, measures_at
+from vlptune.train.backbone_pretrain import resolve_cached_backbone
+from vlptune.train.balance import attach_balance, measure_and_balance, measures_at
 from vlptune.train.evaluate import RetrievalInputs, evaluate_losses, evaluate_retrieval, to_device
 from vlptune.train.optim import (
     Optimizers,
@@ -230,7 +231,6 @@ def train_step(
     precision: str,
     grad_clip: float,
     generator: torch.Generator | None,
-    balance: GradNormBalance | None = None,
     measure: bool = False,
 ) -> StepResult:
     """One optimiser step over ``micro_batches`` (gradient accumulation).
@@ -241,7 +241,7 @@ def train_step(
     mean over them. The step is skipped (gradients dropped, weights untouched)
     when the loss or the gradient norm is not finite on any rank. ``measure``:
     the first micro-batch also measures each objective's gradient norm and
-    updates ``balance`` (train/balance.py), logged with its metrics.
+    updates the Pretrainer's balance (train/balance.py), logged with its metrics.
     """
     accum = len(micro_batches)
     total = torch.zeros((), device=device)
@@ -255,7 +255,7 @@ def train_step(
             with autocast(precision, device):
                 loss, metrics = module(batch, generator)
             if measure and i == 0:
-                metrics = {**metrics, **measure_and_balance(pretrainer, balance)}
+                metrics = {**metrics, **measure_and_balance(pretrainer)}
             if loss.requires_grad:
                 (loss / accum).backward()
         total = total + loss.detach().float() / accum
@@ -399,11 +399,12 @@ def train_worker(
     phases = PhaseTimer()
     accum = accumulation_steps(recipe.optim.global_batch, recipe.data.batch_images, workers.world_size)
     info = prepare_data(recipe, workers)
+    recipe = resolve_cached_backbone(recipe, train_worker, workers.is_main, workers.barrier)  # model.backbone.init: pretrained
 
     phases.mark("prepare_data")
     pretrainer = build_pretrainer(recipe, info).to(device)
     pretrainer.train()
-    balance = attach_balance(pretrainer, recipe.optim)
+    attach_balance(pretrainer, recipe.optim)
     optimizers = build_optimizers(pretrainer, pretrainer.model.backbone, recipe.optim, recipe.train.max_steps)
     module: nn.Module = pretrainer
     if workers.active:
@@ -457,9 +458,9 @@ def train_worker(
         if want_frozen != frozen:
             pretrainer.model.set_backbone_frozen(want_frozen)
             frozen = want_frozen
-        batches = [stream.next() for _ in range(accum)]
+        measure = measures_at(step + 1, recipe)  # per-objective gradient norms (train/balance.py)
         out = train_step(
-            module, pretrainer, optimizers, batches, device, precision, recipe.optim.grad_clip, objective_gen, balance, measures_at(step + 1, recipe, balance)
+            module, pretrainer, optimizers, [stream.next() for _ in range(accum)], device, precision, recipe.optim.grad_clip, objective_gen, measure
         )
         phases.mark("first_step", once=True)
         step += 1
