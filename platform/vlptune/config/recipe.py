@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from vlptune.config import objectives as objective_configs
 from vlptune.config.base import ConfigError, Section
@@ -106,6 +106,49 @@ class VDConfig(Section):
     reseed_dead: bool = Field(False, description="re-seed codes unused for reseed_after updates from current features")
     reseed_after: int = Field(100, ge=1, le=1_000_000, description="updates without assignment after which a code counts as dead")
     gate: bool = Field(False, description="release code: learned gate mixing quantized and raw features (paper: off)")
+    gate_form: Literal["channel", "cell_softmax"] = Field(
+        "channel",
+        description="with gate on: channel = a per-channel constant sigmoid(w); cell_softmax = the release's per-cell softmax over [pos_line(quantised), raw] from a 1x1 conv",
+    )
+    update_all: bool = Field(
+        False,
+        description="release code (needs laplace_eps > 0): every code is rewritten as smoothed sum / count each step, so unused codes drift and never-used ones become 0",
+    )
+    quantise_padding: bool = Field(
+        False, description="release code: padded grid cells are quantised too and take part in the update (paper reading: real cells only)"
+    )
+    init: Literal["first_batch", "normal"] = Field(
+        "first_batch", description="codes start as features of the first training batch, or N(0, 1) noise as in the release code"
+    )
+    variant: Literal["paper", "release"] = Field(
+        "paper",
+        description="preset: release sets every release-code behaviour above (momentum 0.4, laplace_eps 1e-5, update_all, quantise_padding, init normal, "
+        "gate cell_softmax) unless the field is given; paper changes nothing",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_variant(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("variant") == "release":
+            return {**RELEASE_VD, **data}
+        return data
+
+    @model_validator(mode="after")
+    def _check_update_all(self) -> VDConfig:
+        if self.update_all and self.laplace_eps == 0:
+            raise ValueError("model.vd.update_all rewrites every code as smoothed sum / count: it needs model.vd.laplace_eps > 0 (the release code: 1e-5)")
+        return self
+
+
+RELEASE_VD: dict[str, Any] = {  # model.vd.variant: release (the SOHO release's SOHO_Pre_VD and SimpleVDforPreGate)
+    "momentum": 0.4,
+    "laplace_eps": 1e-5,
+    "update_all": True,
+    "quantise_padding": True,
+    "init": "normal",
+    "gate": True,
+    "gate_form": "cell_softmax",
+}
 
 
 class FusionConfig(Section):
