@@ -92,6 +92,29 @@ def choose_masks(
     return selected, chosen, mask
 
 
+def release_masks(codes: Tensor, valid: Tensor, position: int, drawn: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The release's choice (``SimpleVDforPreGate``): one grid ``position`` (row-major) for every row.
+
+    Each row drawn (``drawn`` bool [R]) whose cell at ``position`` is real
+    masks every real cell carrying the index found there; a row whose cell
+    there is padding masks nothing. Returns ``(selected, chosen, mask)`` like
+    :func:`choose_masks`.
+    """
+    flat_codes, flat_valid = codes.flatten(1), valid.flatten(1)
+    chosen = flat_codes[:, position].clamp_min(0)
+    selected = drawn.to(codes.device) & flat_valid[:, position]
+    mask = valid & (codes == chosen[:, None, None]) & selected[:, None, None]
+    return selected, chosen, mask
+
+
+def choose_release_masks(codes: Tensor, valid: Tensor, prob: float, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`release_masks` with the position drawn uniformly over the batch's grid and each row drawn with ``prob``."""
+    cells = codes.shape[1] * codes.shape[2]
+    position = int(torch.randint(cells, (1,), generator=generator))
+    drawn = torch.rand(codes.shape[0], generator=generator) < prob
+    return release_masks(codes, valid, position, drawn)
+
+
 @register("mvm")
 class MVM(Objective):
     """Masked visual modelling on positive pairs; metrics ``mvm_loss``, ``mvm_acc``, ``mvm_chance``, ``mvm_skipped``."""
@@ -106,12 +129,20 @@ class MVM(Objective):
         self.prob = float(cfg.prob)
         hidden = model.hidden_size
         self.mask_embedding = nn.Parameter(torch.randn(hidden) * HEAD_INIT_STD)
-        self.transform = PredictionTransform(hidden)
-        self.decoder = nn.Linear(hidden, self.num_codes)
-        init_head_weights(self.decoder)
+        self.release_masking = cfg.masking == "release"
+        self.cosine = cfg.head == "cosine"
+        self.vd = [model.vd]  # a list: the cosine head reads the codes; the VD stays the model's sub-module only
+        if not self.cosine:
+            self.transform = PredictionTransform(hidden)
+            self.decoder = nn.Linear(hidden, self.num_codes)
+            init_head_weights(self.decoder)
         self.register_buffer("prior_counts", torch.zeros(self.num_codes))
 
     def logits(self, states: Tensor) -> Tensor:
+        if self.cosine:  # the release: cosine between the output and every code, no temperature
+            vd = self.vd[0]
+            assert vd is not None  # check_recipe refuses MVM without a VD
+            return F.normalize(states.float(), dim=-1) @ F.normalize(vd.codes.float(), dim=-1).t()
         return self.decoder(self.transform(states))
 
     def _skipped(self, ref: Tensor) -> ObjectiveOutput:
@@ -124,7 +155,11 @@ class MVM(Objective):
         rows = ctx.positive_rows
         image_of_pair = batch["pair_image"][rows]
         prob = self.prob if self.training else EVAL_PROB
-        selected, chosen, mask = choose_masks(images.codes[image_of_pair], images.grid_mask[image_of_pair], prob, self.num_codes, ctx.generator)
+        codes, valid = images.codes[image_of_pair], images.grid_mask[image_of_pair]
+        if self.release_masking:
+            selected, chosen, mask = choose_release_masks(codes, valid, prob, ctx.generator)
+        else:
+            selected, chosen, mask = choose_masks(codes, valid, prob, self.num_codes, ctx.generator)
         picked = torch.nonzero(selected, as_tuple=True)[0]
         if picked.numel() == 0:
             return self._skipped(images.feats)
