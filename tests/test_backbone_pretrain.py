@@ -17,6 +17,8 @@ from vlptune.objectives.backbone_cls import image_targets, micro_f1
 from vlptune.train.backbone_pretrain import is_pretrained_backbone, pretrain_backbone, pretrain_recipe
 from vlptune.train.loop import train_worker
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is as fast and immune to a busy second core
+
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
@@ -77,6 +79,7 @@ def test_cli_refuses_bad_steps_with_exit_2(world, tmp_path, capsys):
         pretrain_recipe(loop_recipe(world), steps=0)
 
 
+@pytest.mark.slow  # two train_worker runs (the pretraining and the run using it): about 10 s quiet, 30 s on a busy machine
 def test_init_pretrained_is_made_once_under_the_data_root_and_used_by_the_loop(world, tmp_path, monkeypatch):
     from vlptune.train import backbone_pretrain as bp
     from vlptune.train.reporting import LocalReporter

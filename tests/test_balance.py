@@ -15,6 +15,8 @@ from vlptune.train.balance import GradNormBalance, attach_balance, measures_at, 
 from vlptune.train.loop import train_step
 from vlptune.train.optim import build_optimizers
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is as fast and immune to a busy second core
+
 MIX = {"mlm": {"weight": 1.0}, "itm": {"weight": 2.0}, "mvm": {"weight": 1.0, "prob": 1.0}}
 
 

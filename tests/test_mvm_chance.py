@@ -10,6 +10,8 @@ from test_objectives import hand_batch
 from vlptune.objectives.base import build_pretrainer
 from vlptune.objectives.mvm import PRIOR_MOMENTUM
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is as fast and immune to a busy second core
+
 
 def _forward(pre, seed: int) -> dict:
     _, metrics = pre(hand_batch(images=4, seed=seed), torch.Generator().manual_seed(seed))

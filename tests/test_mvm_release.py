@@ -12,6 +12,8 @@ from vlptune.config.objectives import MVMConfig
 from vlptune.objectives.base import build_pretrainer
 from vlptune.objectives.mvm import choose_release_masks, release_masks
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is as fast and immune to a busy second core
+
 CODES = torch.tensor([[[5, 5, 2]], [[1, 2, 3]]])  # two rows, a 1 x 3 grid
 VALID = torch.tensor([[[True, True, True]], [[True, True, False]]])  # row 1's last cell is padding
 
