@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 TrainFn = Callable[..., dict[str, Any]]  # train/loop.py:train_worker(recipe, reporter, out_dir, resume=...)
 
 OBJECTIVE = "backbone_cls"
-DEFAULT_STEPS = 300  # demo-light: the validation label accuracy is flat by then (docs/training.md, "A pretrained demo backbone")
+DEFAULT_STEPS = 300  # not tuned yet: after 100 demo-light steps the label accuracy was still rising (docs/training.md, "A pretrained backbone")
 FUSION_LAYERS = 1  # the fusion Transformer is built but never run: the smallest one
 PROVENANCE_FILE = "provenance.json"
 WEIGHTS_FILE = "model.safetensors"
