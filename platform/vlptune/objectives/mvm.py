@@ -117,7 +117,7 @@ def choose_release_masks(codes: Tensor, valid: Tensor, prob: float, generator: t
 
 @register("mvm")
 class MVM(Objective):
-    """Masked visual modelling on positive pairs; metrics ``mvm_loss``, ``mvm_acc``, ``mvm_chance``, ``mvm_skipped``."""
+    """Masked visual modelling on positive pairs; metrics ``mvm_loss``, ``mvm_acc``, ``mvm_chance``, ``mvm_majority``, ``mvm_skipped``."""
 
     needs = ("text_ids", "text_mask", "itm_labels", "pair_image")
     metric_names = ("mvm_loss", "mvm_acc", "mvm_chance", "mvm_majority", "mvm_skipped")
