@@ -34,6 +34,7 @@ checkpoints keep them and a resumed run continues exactly.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -142,4 +143,9 @@ def measure_and_balance(pretrainer: Pretrainer) -> dict[str, float]:
     return metrics
 
 
-__all__ = ["GradNormBalance", "attach_balance", "measure_and_balance", "measures_at", "objective_grad_norms"]
+def with_objective_grad_norms(pretrainer: Pretrainer, metrics: dict[str, Any], measure: bool) -> dict[str, Any]:
+    """The loop's hook (train_step, first micro-batch of a measuring step): ``metrics`` plus :func:`measure_and_balance`'s scalars."""
+    return {**metrics, **measure_and_balance(pretrainer)} if measure else metrics
+
+
+__all__ = ["GradNormBalance", "attach_balance", "measure_and_balance", "measures_at", "objective_grad_norms", "with_objective_grad_norms"]

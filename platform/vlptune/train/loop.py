@@ -55,7 +55,7 @@ from vlptune.io import atomic_write_text
 from vlptune.objectives.base import MetricMeter, Pretrainer, build_pretrainer, pair_scorer, prepare_dataset
 from vlptune.train import checkpoint as ckpt
 from vlptune.train.backbone_pretrain import resolve_cached_backbone
-from vlptune.train.balance import attach_balance, measure_and_balance, measures_at
+from vlptune.train.balance import measures_at, with_objective_grad_norms
 from vlptune.train.evaluate import RetrievalInputs, evaluate_losses, evaluate_retrieval, to_device
 from vlptune.train.optim import (
     Optimizers,
@@ -239,9 +239,7 @@ def train_step(
     itself); ``pretrainer`` the unwrapped module. Each micro-batch's total
     loss is divided by the number of micro-batches, so the gradient is the
     mean over them. The step is skipped (gradients dropped, weights untouched)
-    when the loss or the gradient norm is not finite on any rank. ``measure``:
-    the first micro-batch also measures each objective's gradient norm and
-    updates the Pretrainer's balance (train/balance.py), logged with its metrics.
+    when the loss or the gradient norm is not finite on any rank (``measure``: train/balance.py).
     """
     accum = len(micro_batches)
     total = torch.zeros((), device=device)
@@ -254,8 +252,7 @@ def train_step(
         with sync:
             with autocast(precision, device):
                 loss, metrics = module(batch, generator)
-            if measure and i == 0:
-                metrics = {**metrics, **measure_and_balance(pretrainer)}
+            metrics = with_objective_grad_norms(pretrainer, metrics, measure and i == 0)
             if loss.requires_grad:
                 (loss / accum).backward()
         total = total + loss.detach().float() / accum
@@ -404,7 +401,6 @@ def train_worker(
     phases.mark("prepare_data")
     pretrainer = build_pretrainer(recipe, info).to(device)
     pretrainer.train()
-    attach_balance(pretrainer, recipe.optim)
     optimizers = build_optimizers(pretrainer, pretrainer.model.backbone, recipe.optim, recipe.train.max_steps)
     module: nn.Module = pretrainer
     if workers.active:
