@@ -452,7 +452,7 @@ def test_a_persisted_checkpoint_leaves_its_one_copy_and_resumes_from_it(straight
 
 
 def test_checkpoints_elsewhere_or_unconfirmed_are_not_dropped(tmp_path):
-    from vlptune.train.loop import drop_persisted_copy
+    from vlptune.train.checkpoint import drop_persisted_copy
 
     root = fake_checkpoints(tmp_path / "run", {1: 0.1})
     other = fake_checkpoints(tmp_path / "given", {1: 0.1}) / ckpt.step_dir_name(1)

@@ -32,7 +32,7 @@ IGNORE_INDEX = -100
 # measured with ITM alone after 300 steps (docs/training.md): val ITM 0.66, RSUM 124 vs chance 64
 ITM_ACC_MIN = 0.58
 MVM_LOSS_FALL = 0.9  # MVM's last 5 logged training losses below 90% of its first 5 (measured 70-80%, 3 seeds)
-MVM_OVER_CHANCE_MIN = 0.8  # val/mvm_acc above 0.8x its chance level (measured 0.99x to 1.62x over 4 runs)
+MVM_OVER_CHANCE_MIN = 0.8  # val/mvm_acc above 0.8x the batch-majority oracle, val/mvm_majority (the old mvm_chance: measured 0.99x to 1.62x over 4 runs)
 RSUM_OVER_CHANCE = 1.4
 
 
@@ -87,7 +87,11 @@ def test_demo_light_learns_mlm_and_mvm_on_cpu(demo_world, tmp_path):
     # below chance. docs/training.md ("What the demo learns") records this as an open finding.
     mvm_losses = train_loss_curve(tmp_path / "demo", "train/mvm_loss")
     assert sum(mvm_losses[-5:]) < MVM_LOSS_FALL * sum(mvm_losses[:5]), mvm_losses
-    assert result["val/mvm_acc"] > MVM_OVER_CHANCE_MIN * result["val/mvm_chance"], (result["val/mvm_acc"], result["val/mvm_chance"])
+    assert result["val/mvm_acc"] > MVM_OVER_CHANCE_MIN * result["val/mvm_majority"], (result["val/mvm_acc"], result["val/mvm_majority"])
+    # val/mvm_chance is now the training prior's answer (docs/training.md, "Why MVM read below its chance level"):
+    # seed 0's training windows at steps 100-150 read MVM 0.48 / 0.58 / 0.44 / 0.50 / 0.45 / 0.57 against the
+    # prior's 0.27 / 0.25 / 0.29 / 0.28 / 0.23 / 0.27 (1.5x to 2.4x); the validation ratio at step 200 is not measured yet
+    assert result["val/mvm_acc"] > result["val/mvm_chance"], (result["val/mvm_acc"], result["val/mvm_chance"])
     assert result["retrieval/vd_code_share"] >= 0.5  # most of the 32 codes in use on the val images: 0.78 / 0.84 / 0.72
     losses = train_loss_curve(tmp_path / "demo")
     assert losses[-1] < 0.5 * losses[0], losses  # last / first logged total loss: 0.350 / 0.353 / 0.364

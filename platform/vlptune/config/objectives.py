@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # recipe.py imports this module: the annotation only
     from vlptune.config.recipe import Recipe
 
 SIMILARITY_COLUMN = "phrase_label_sim"  # image_text column of phrase-label similarities (KD-VLP), filled by vlptune.data.similarity
+RELEASE_MVM_PROB = 0.015  # the release's mask_prob, per row
 DECODER_FIELD = "decoder_layers"  # an objective with this field asks for the one shared Transformer decoder, of that depth
 
 _CONFIGS: dict[str, type[ObjectiveConfig]] = {}
@@ -166,6 +167,25 @@ class ITMConfig(ObjectiveConfig, objective="itm"):
 
 class MVMConfig(ObjectiveConfig, objective="mvm"):
     prob: float = Field(1.0, ge=0.0, le=1.0, description="probability that a positive pair gets MVM (released SOHO code: 0.015)")
+    masking: Literal["pair", "release"] = Field(
+        "pair",
+        description="pair: each selected pair masks an index drawn uniformly among its image's indices; release: one grid position for the whole batch, "
+        "each selected pair masks the index found there (chosen in proportion to its area; a position on padding masks nothing)",
+    )
+    head: Literal["linear", "cosine"] = Field(
+        "linear",
+        description="linear: BERT transform + linear over the codes; cosine: the release's cosine between the fused state and each code, no temperature",
+    )
+    variant: Literal["paper", "release"] = Field(
+        "paper", description="preset: release sets prob 0.015, masking release and head cosine unless the field is given; paper changes nothing"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_variant(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("variant") == "release":
+            return {"prob": RELEASE_MVM_PROB, "masking": "release", "head": "cosine", **data}
+        return data
 
     def check_recipe(self, recipe: Recipe) -> None:
         if self.weight > 0 and recipe.model.vd.size == 0:
@@ -173,6 +193,18 @@ class MVMConfig(ObjectiveConfig, objective="mvm"):
                 f"objectives.mvm.weight={self.weight} needs the visual dictionary, but model.vd.size=0 switches it off: "
                 "set model.vd.size > 0 or objectives.mvm.weight=0"
             )
+
+
+# ---------------------------------------------------------------- backbone_cls
+
+
+class BackboneClsConfig(ObjectiveConfig, objective="backbone_cls"):
+    """Supervised pretraining of the CNN alone (``vlptune backbone pretrain``): multi-label classification of the objects in each image."""
+
+    labels: Literal["classes", "classes_and_attributes"] = Field(
+        "classes_and_attributes",
+        description="what is predicted per image: the object classes present (synthetic world: shapes), or those and the attributes (colours, sizes)",
+    )
 
 
 # ---------------------------------------------------------------------- omvm

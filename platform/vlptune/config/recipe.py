@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from vlptune.config import downstream as task_configs
 from vlptune.config import objectives as objective_configs
@@ -105,10 +105,17 @@ class DataConfig(Section):
 # -------------------------------------------------------------------------- model
 
 
+CACHED_BACKBONE = "pretrained"  # model.backbone.init: the backbone pretrained on the recipe's data (train/backbone_pretrain.py)
+
+
 class BackboneConfig(Section):
     depth: Literal[18, 34, 50, 101, 152] = Field(18, description="ResNet depth")
     width_mult: float = Field(1.0, ge=0.03125, le=4.0, description="channel width multiplier (below 1 for tiny CPU variants)")
-    init: str = Field("random", min_length=1, description="'random', a local directory holding a HF ResNet checkpoint, or a hub name")
+    init: str = Field(
+        "random",
+        min_length=1,
+        description="'random'; 'pretrained' (this ResNet pretrained on the recipe's data by `vlptune backbone pretrain`, cached under data.root/backbones, made on first use); a local directory holding a HF ResNet checkpoint; or a hub name",
+    )
     frozen_bn: bool = Field(False, description="freeze BatchNorm statistics and affine parameters")
     frozen_stages: int = Field(0, ge=0, le=4, description="number of early stages (stem counts as part of stage 1) kept frozen for the whole run")
     freeze_for: int = Field(0, ge=0, le=10_000_000, description="freeze the whole CNN during the first N units (SOHO's cure for VD cold start)")
@@ -123,6 +130,49 @@ class VDConfig(Section):
     reseed_dead: bool = Field(False, description="re-seed codes unused for reseed_after updates from current features")
     reseed_after: int = Field(100, ge=1, le=1_000_000, description="updates without assignment after which a code counts as dead")
     gate: bool = Field(False, description="release code: learned gate mixing quantized and raw features (paper: off)")
+    gate_form: Literal["channel", "cell_softmax"] = Field(
+        "channel",
+        description="with gate on: channel = a per-channel constant sigmoid(w); cell_softmax = the release's per-cell softmax over [pos_line(quantised), raw] from a 1x1 conv",
+    )
+    update_all: bool = Field(
+        False,
+        description="release code (needs laplace_eps > 0): every code is rewritten as smoothed sum / count each step, so unused codes drift and never-used ones become 0",
+    )
+    quantise_padding: bool = Field(
+        False, description="release code: padded grid cells are quantised too and take part in the update (paper reading: real cells only)"
+    )
+    init: Literal["first_batch", "normal"] = Field(
+        "first_batch", description="codes start as features of the first training batch, or N(0, 1) noise as in the release code"
+    )
+    variant: Literal["paper", "release"] = Field(
+        "paper",
+        description="preset: release sets every release-code behaviour above (momentum 0.4, laplace_eps 1e-5, update_all, quantise_padding, init normal, "
+        "gate cell_softmax) unless the field is given; paper changes nothing",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_variant(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("variant") == "release":
+            return {**RELEASE_VD, **data}
+        return data
+
+    @model_validator(mode="after")
+    def _check_update_all(self) -> VDConfig:
+        if self.update_all and self.laplace_eps == 0:
+            raise ValueError("model.vd.update_all rewrites every code as smoothed sum / count: it needs model.vd.laplace_eps > 0 (the release code: 1e-5)")
+        return self
+
+
+RELEASE_VD: dict[str, Any] = {  # model.vd.variant: release (the SOHO release's SOHO_Pre_VD and SimpleVDforPreGate)
+    "momentum": 0.4,
+    "laplace_eps": 1e-5,
+    "update_all": True,
+    "quantise_padding": True,
+    "init": "normal",
+    "gate": True,
+    "gate_form": "cell_softmax",
+}
 
 
 class FusionConfig(Section):
@@ -176,6 +226,23 @@ class OptimConfig(Section):
     grad_clip: float = Field(1.0, ge=0.0, le=1e6, description="clip the global gradient norm to this; 0 = off")
     global_batch: int = Field(0, ge=0, le=1_000_000, description="images per optimizer step over all workers; 0 = batch_images x workers (no accumulation)")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on GPU, fp32 on CPU")
+    objective_grad_norms: bool = Field(
+        True, description="log each objective's gradient norm on the shared parameters every train.log_every steps (one extra backward pass per logged step)"
+    )
+    balance: Literal["none", "gradnorm"] = Field(
+        "none",
+        description="per-objective loss balancing: none (the fixed objective weights) or gradnorm (GradNorm, Chen et al. 2018; train/balance.py)",
+    )
+    balance_alpha: float = Field(
+        1.5, ge=0.0, le=10.0, description="GradNorm's alpha: how much an objective that trains slower gets a larger gradient norm (0: equal norms)"
+    )
+    balance_lr: float = Field(
+        0.5, gt=0.0, le=1.0, description="GradNorm: fraction of the way each log scale moves toward its target per update (1: jump to it)"
+    )
+    balance_every: int = Field(
+        10, ge=1, le=1_000_000, description="GradNorm: optimiser steps between measurements of the per-objective gradient norms and updates of the scales"
+    )
+    balance_max: float = Field(100.0, ge=1.0, le=1e4, description="GradNorm: each scale stays within [1/balance_max, balance_max]")
 
     @field_validator("step_milestones")
     @classmethod

@@ -27,6 +27,7 @@ from transformers import ResNetConfig, ResNetModel
 from transformers.utils import logging as hf_logging
 
 from vlptune.config import BackboneConfig
+from vlptune.config.recipe import CACHED_BACKBONE
 from vlptune.grid import grid_shape, grid_stride
 
 # depth -> (blocks per stage, layer type); channel counts below are the
@@ -165,6 +166,12 @@ class ResNetBackbone(nn.Module):
         expected = resnet_config(cfg.depth, cfg.width_mult)
         if cfg.init == "random":
             self.resnet = ResNetModel(expected)
+        elif cfg.init == CACHED_BACKBONE:
+            raise ValueError(
+                f"model.backbone.init: {CACHED_BACKBONE!r} names the backbone pretrained on the recipe's data and cached under data.root/backbones; "
+                "the training loop resolves it to that directory (vlptune.train.backbone_pretrain.resolve_cached_backbone): call that first, "
+                "or give the directory written by `vlptune backbone pretrain`"
+            )
         else:
             self.resnet = from_pretrained_or_explain(ResNetModel, cfg.init, "model.backbone.init", "HF ResNet", builtin="'random'")
             _check_architecture(self.resnet, expected, cfg)

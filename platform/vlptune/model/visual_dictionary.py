@@ -25,15 +25,25 @@ Options (all off by default, see docs/model.md for paper vs release):
   for the codes that received features.
 * ``reseed_dead``: a code not assigned any feature for ``reseed_after``
   consecutive updates is replaced by a random current feature.
-* ``gate``: a learned per-channel gate ``a = sigmoid(w)`` (``w`` starts at 0)
-  mixes quantised and raw features: ``out = a * f(v) + (1 - a) * v
-  = v + a * sg[d - v]``.
+* ``gate`` with ``gate_form="channel"``: a learned per-channel gate
+  ``a = sigmoid(w)`` (``w`` starts at 0) mixes quantised and raw features:
+  ``out = a * f(v) + (1 - a) * v = v + a * sg[d - v]``.
+* ``gate`` with ``gate_form="cell_softmax"`` (release): :class:`CellGate`, a
+  per-cell softmax over ``[pos_line(f(v)), v]`` from a 1x1 conv.
+* ``update_all`` (release, needs ``laplace_eps > 0``): every code is
+  rewritten as ``S_j / N~_j`` each step, not only the codes that received
+  features: unused codes drift with the decaying averages, never-used codes
+  become exactly 0.
+* ``quantise_padding`` (release): padded cells are quantised as well and
+  take part in the update (``codes`` still says -1 there).
 
-Initialisation: codes start as N(0, 1) noise with ``initialised = False``; the
-first training forward replaces them by ``k`` features drawn from that batch's
+Initialisation (``init="first_batch"``): codes start as N(0, 1) noise with
+``initialised = False``; the first training forward replaces them by ``k``
+features drawn from that batch's
 real cells (without replacement when there are enough, otherwise with
 replacement plus a little noise so that copies separate), so no code starts
-far from the data. An evaluation forward never initialises or updates.
+far from the data. ``init="normal"`` (release) keeps the N(0, 1) noise.
+An evaluation forward never initialises or updates.
 """
 
 from __future__ import annotations
@@ -46,6 +56,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from vlptune.config import VDConfig
+
+INIT_FIRST_BATCH = "first_batch"
+INIT_NORMAL = "normal"
+GATE_CHANNEL = "channel"
+GATE_CELL = "cell_softmax"
 
 
 @dataclass
@@ -89,6 +104,10 @@ class VisualDictionary(nn.Module):
         reseed_after: int = 100,
         gate: bool = False,
         seed: int = 0,
+        gate_form: str = GATE_CHANNEL,
+        update_all: bool = False,
+        quantise_padding: bool = False,
+        init: str = INIT_FIRST_BATCH,
     ) -> None:
         super().__init__()
         if size < 1:
@@ -101,14 +120,21 @@ class VisualDictionary(nn.Module):
         self.laplace_eps = float(laplace_eps)
         self.reseed_dead = bool(reseed_dead)
         self.reseed_after = int(reseed_after)
-        self.register_buffer("codes", torch.randn(self.size, self.dim))
-        self.register_buffer("initialised", torch.tensor(False))
+        if update_all and laplace_eps <= 0:
+            raise ValueError("model.vd.update_all: rewriting every code as smoothed sum / count needs model.vd.laplace_eps > 0")
+        if init not in (INIT_FIRST_BATCH, INIT_NORMAL) or gate_form not in (GATE_CHANNEL, GATE_CELL):
+            raise ValueError(f"model.vd: init {init!r} / gate_form {gate_form!r}: expected {INIT_FIRST_BATCH}|{INIT_NORMAL} and {GATE_CHANNEL}|{GATE_CELL}")
+        self.update_all = bool(update_all)
+        self.quantise_padding = bool(quantise_padding)
+        self.register_buffer("codes", torch.randn(self.size, self.dim))  # the release's N(0, 1) start (init: normal keeps it)
+        self.register_buffer("initialised", torch.tensor(init == INIT_NORMAL))
         self.register_buffer("idle", torch.zeros(self.size, dtype=torch.long))
         self.register_buffer("updates", torch.tensor(0, dtype=torch.long))
         if self.laplace_eps > 0:
             self.register_buffer("ema_count", torch.zeros(self.size))
             self.register_buffer("ema_sum", torch.zeros(self.size, self.dim))
-        self.gate_logit = nn.Parameter(torch.zeros(self.dim)) if gate else None
+        self.gate_logit = nn.Parameter(torch.zeros(self.dim)) if gate and gate_form == GATE_CHANNEL else None
+        self.cell_gate: CellGate | None = CellGate(self.dim) if gate and gate_form == GATE_CELL else None
         self._gen = torch.Generator().manual_seed(int(seed))
 
     @classmethod
@@ -125,12 +151,17 @@ class VisualDictionary(nn.Module):
             reseed_after=cfg.reseed_after,
             gate=cfg.gate,
             seed=seed,
+            gate_form=cfg.gate_form,
+            update_all=cfg.update_all,
+            quantise_padding=cfg.quantise_padding,
+            init=cfg.init,
         )
 
     def extra_repr(self) -> str:
         return (
             f"size={self.size}, dim={self.dim}, momentum={self.momentum}, laplace_eps={self.laplace_eps}, "
-            f"reseed_dead={self.reseed_dead}, reseed_after={self.reseed_after}, gate={self.gate_logit is not None}"
+            f"reseed_dead={self.reseed_dead}, reseed_after={self.reseed_after}, gate={self.gate_logit is not None or self.cell_gate is not None}, "
+            f"update_all={self.update_all}, quantise_padding={self.quantise_padding}"
         )
 
     # --------------------------------------------------------------- helpers
@@ -209,7 +240,7 @@ class VisualDictionary(nn.Module):
         else:
             mean = sums / counts.clamp_min(1.0).unsqueeze(1)
             new = g * self.codes + (1.0 - g) * mean
-        self.codes.copy_(torch.where(used.unsqueeze(1), new, self.codes))
+        self.codes.copy_(new if self.update_all else torch.where(used.unsqueeze(1), new, self.codes))
         self.idle.add_(1).masked_fill_(used, 0)
         self.updates.add_(1)
         reseeded = 0
@@ -240,22 +271,24 @@ class VisualDictionary(nn.Module):
         b, d, gh, gw = feats.shape
         x = feats.permute(0, 2, 3, 1).reshape(-1, d)
         valid = torch.ones(x.shape[0], dtype=torch.bool, device=x.device) if mask is None else mask.reshape(-1).to(x.device).bool()
+        quantised = torch.ones_like(valid) if self.quantise_padding else valid  # the cells that are quantised and update the codes
         xf = x.detach().float()
-        real = xf[valid]
+        real = xf[quantised]
         reseeded = 0
         with torch.no_grad():
             if self.training and not bool(self.initialised):
                 self._initialise_from(real)
             idx = self.assign(xf)
             if self.training:
-                counts, reseeded = self._update(real, idx[valid])
+                counts, reseeded = self._update(real, idx[quantised])
             else:
-                counts = torch.bincount(idx[valid], minlength=self.size).float()
+                counts = torch.bincount(idx[quantised], minlength=self.size).float()
             q = self.codes[idx].to(x.dtype)
         delta = (q - x).detach()
         if self.gate_logit is not None:
             delta = torch.sigmoid(self.gate_logit).to(x.dtype) * delta
-        out = torch.where(valid.unsqueeze(1), x + delta, x)
+        mixed = x + delta if self.cell_gate is None else self.cell_gate(x + delta, x)
+        out = torch.where(quantised.unsqueeze(1), mixed, x)
         out = out.view(b, gh, gw, d).permute(0, 3, 1, 2)
         codes = idx.masked_fill(~valid, -1).view(b, gh, gw)
         return VDOutput(feats=out, codes=codes, stats=self._stats(counts, reseeded))
@@ -275,7 +308,35 @@ class VisualDictionary(nn.Module):
         }
         if self.gate_logit is not None:
             stats["gate"] = float(torch.sigmoid(self.gate_logit).mean())
+        if self.cell_gate is not None and self.cell_gate.last_share is not None:
+            stats["gate"] = self.cell_gate.last_share
         return stats
+
+
+class CellGate(nn.Module):
+    """The release's gate (``SimpleVDforPreGate``): per cell, a softmax over [quantised, raw] from a 1x1 conv.
+
+    ``p = pos_line(st)`` (a linear layer on the straight-through output
+    ``st = v + sg[d - v]``), ``(a, b) = softmax(W [p ; v] + c)`` per cell,
+    ``out = a p + b v``. Gradient reaches the raw features ``v`` through the
+    straight-through path, through ``b v`` and through the gate logits.
+    ``last_share``: the mean of ``a`` of the last call (logged as ``vd/gate``).
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.pos_line = nn.Linear(dim, dim)
+        self.gate_fc = nn.Linear(2 * dim, 2)  # a 1x1 conv over the cells, written on the flattened cells
+        nn.init.kaiming_normal_(self.gate_fc.weight, mode="fan_out", nonlinearity="relu")  # the release's kaiming_init of its ConvModule
+        nn.init.zeros_(self.gate_fc.bias)
+        self.last_share: float | None = None
+
+    def forward(self, straight_through: Tensor, raw: Tensor) -> Tensor:
+        """``straight_through``, ``raw`` [N, D] (cells as rows) -> the gated features [N, D]."""
+        p = self.pos_line(straight_through)
+        share = torch.softmax(self.gate_fc(torch.cat([p, raw], dim=1)), dim=1)
+        self.last_share = float(share[:, 0].detach().mean()) if share.numel() else None
+        return share[:, :1] * p + share[:, 1:] * raw
 
 
 def perplexity(counts: Tensor) -> float:
@@ -287,4 +348,4 @@ def perplexity(counts: Tensor) -> float:
     return math.exp(float(-(p * torch.log(p.clamp_min(1e-12))).sum()))
 
 
-__all__ = ["VDOutput", "VisualDictionary", "perplexity"]
+__all__ = ["CellGate", "VDOutput", "VisualDictionary", "perplexity"]

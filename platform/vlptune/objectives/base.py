@@ -199,6 +199,7 @@ class Pretrainer(nn.Module):
             raise ValueError("no active objective: give at least one objective a weight > 0")
         self.model = model
         self.objectives = nn.ModuleDict(objectives)
+        self.last_losses: dict[str, Tensor] = {}  # each objective's loss of the last forward (train/balance.py measures them)
 
     @property
     def metric_names(self) -> tuple[str, ...]:
@@ -212,10 +213,12 @@ class Pretrainer(nn.Module):
         ctx = StepContext(self.model, batch, generator)
         total: Tensor | None = None
         metrics: dict[str, Tensor | float] = {}
-        for objective in self.objectives.values():
+        balance = self._modules.get("balance")  # optim.balance's per-objective scales (train/balance.py), if any
+        for name, objective in self.objectives.items():
             objective.check_batch(batch)
             out = objective(batch, ctx)
-            weighted = objective.weight * out.loss
+            self.last_losses[name] = out.loss
+            weighted = objective.weight * out.loss if balance is None else balance.scale(name) * (objective.weight * out.loss)
             total = weighted if total is None else total + weighted
             metrics.update(out.metrics)
         assert total is not None  # the constructor refuses an empty set

@@ -17,8 +17,21 @@ is refused before the model is built. A step with nothing to mask (no pair
 drawn, or no codes) yields a zero loss and only ``mvm_skipped = 1`` (its loss
 and accuracy are left out of the averages rather than counted as zeros).
 
-``mvm_chance`` is the accuracy of always answering the most frequent masked
-index of the batch: a generous chance level for ``mvm_acc``.
+Chance level. ``mvm_chance`` is the accuracy on this batch of always
+answering the code that was masked most often in training so far (a moving
+average of the training targets' histogram, ``prior_counts``, momentum
+``PRIOR_MOMENTUM``): the best answer that does not look at the image, i.e. what
+a model that learnt only the prior over codes scores. It is read before the
+batch updates the histogram, and never updated in evaluation.
+``mvm_majority`` is the share of the batch's most frequent masked code (what
+``mvm_chance`` was before): it knows each batch's answers, so with the few
+masked cells of a batch (about 15 on demo-light) it is far above anything a
+predictor can reach (docs/training.md, "Why MVM read below chance").
+
+In evaluation (``model.eval()``) every positive pair is masked
+(``EVAL_PROB``) instead of ``prob`` of them, so the validation accuracy rests
+on twice as many cells at the demo's ``prob`` 0.5; the draws come from the
+evaluation's fixed seed.
 """
 
 from __future__ import annotations
@@ -44,6 +57,9 @@ from vlptune.objectives.base import (
     majority_share,
 )
 from vlptune.objectives.registry import register
+
+PRIOR_MOMENTUM = 0.99  # moving average of the masked-code histogram behind mvm_chance (about the last 100 steps)
+EVAL_PROB = 1.0  # share of positive pairs masked in evaluation
 
 
 def choose_masks(
@@ -76,12 +92,35 @@ def choose_masks(
     return selected, chosen, mask
 
 
+def release_masks(codes: Tensor, valid: Tensor, position: int, drawn: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The release's choice (``SimpleVDforPreGate``): one grid ``position`` (row-major) for every row.
+
+    Each row drawn (``drawn`` bool [R]) whose cell at ``position`` is real
+    masks every real cell carrying the index found there; a row whose cell
+    there is padding masks nothing. Returns ``(selected, chosen, mask)`` like
+    :func:`choose_masks`.
+    """
+    flat_codes, flat_valid = codes.flatten(1), valid.flatten(1)
+    chosen = flat_codes[:, position].clamp_min(0)
+    selected = drawn.to(codes.device) & flat_valid[:, position]
+    mask = valid & (codes == chosen[:, None, None]) & selected[:, None, None]
+    return selected, chosen, mask
+
+
+def choose_release_masks(codes: Tensor, valid: Tensor, prob: float, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`release_masks` with the position drawn uniformly over the batch's grid and each row drawn with ``prob``."""
+    cells = codes.shape[1] * codes.shape[2]
+    position = int(torch.randint(cells, (1,), generator=generator))
+    drawn = torch.rand(codes.shape[0], generator=generator) < prob
+    return release_masks(codes, valid, position, drawn)
+
+
 @register("mvm")
 class MVM(Objective):
-    """Masked visual modelling on positive pairs; metrics ``mvm_loss``, ``mvm_acc``, ``mvm_chance``, ``mvm_skipped``."""
+    """Masked visual modelling on positive pairs; metrics ``mvm_loss``, ``mvm_acc``, ``mvm_chance``, ``mvm_majority``, ``mvm_skipped``."""
 
     needs = ("text_ids", "text_mask", "itm_labels", "pair_image")
-    metric_names = ("mvm_loss", "mvm_acc", "mvm_chance", "mvm_skipped")
+    metric_names = ("mvm_loss", "mvm_acc", "mvm_chance", "mvm_majority", "mvm_skipped")
 
     def __init__(self, cfg: MVMConfig, model: VLPModel, recipe: Recipe, info: DatasetInfo | None = None):
         super().__init__(cfg, model, recipe, info)
@@ -90,11 +129,20 @@ class MVM(Objective):
         self.prob = float(cfg.prob)
         hidden = model.hidden_size
         self.mask_embedding = nn.Parameter(torch.randn(hidden) * HEAD_INIT_STD)
-        self.transform = PredictionTransform(hidden)
-        self.decoder = nn.Linear(hidden, self.num_codes)
-        init_head_weights(self.decoder)
+        self.release_masking = cfg.masking == "release"
+        self.cosine = cfg.head == "cosine"
+        self.vd = [model.vd]  # a list: the cosine head reads the codes; the VD stays the model's sub-module only
+        if not self.cosine:
+            self.transform = PredictionTransform(hidden)
+            self.decoder = nn.Linear(hidden, self.num_codes)
+            init_head_weights(self.decoder)
+        self.register_buffer("prior_counts", torch.zeros(self.num_codes))
 
     def logits(self, states: Tensor) -> Tensor:
+        if self.cosine:  # the release: cosine between the output and every code, no temperature
+            vd = self.vd[0]
+            assert vd is not None  # check_recipe refuses MVM without a VD
+            return F.normalize(states.float(), dim=-1) @ F.normalize(vd.codes.float(), dim=-1).t()
         return self.decoder(self.transform(states))
 
     def _skipped(self, ref: Tensor) -> ObjectiveOutput:
@@ -106,7 +154,12 @@ class MVM(Objective):
             return self._skipped(images.feats)
         rows = ctx.positive_rows
         image_of_pair = batch["pair_image"][rows]
-        selected, chosen, mask = choose_masks(images.codes[image_of_pair], images.grid_mask[image_of_pair], self.prob, self.num_codes, ctx.generator)
+        prob = self.prob if self.training else EVAL_PROB
+        codes, valid = images.codes[image_of_pair], images.grid_mask[image_of_pair]
+        if self.release_masking:
+            selected, chosen, mask = choose_release_masks(codes, valid, prob, ctx.generator)
+        else:
+            selected, chosen, mask = choose_masks(codes, valid, prob, self.num_codes, ctx.generator)
         picked = torch.nonzero(selected, as_tuple=True)[0]
         if picked.numel() == 0:
             return self._skipped(images.feats)
@@ -120,7 +173,8 @@ class MVM(Objective):
         targets = chosen[picked][:, None].expand_as(cells)[cells]
         logits = self.logits(states).float()
         loss = F.cross_entropy(logits, targets)
-        return ObjectiveOutput(
-            loss,
-            {"mvm_loss": loss.detach(), "mvm_acc": accuracy(logits, targets), "mvm_chance": majority_share(targets), "mvm_skipped": 0.0},
-        )
+        chance = (targets == self.prior_counts.argmax()).float().mean()
+        if self.training:
+            self.prior_counts.mul_(PRIOR_MOMENTUM).add_(torch.bincount(targets, minlength=self.num_codes).to(self.prior_counts.dtype))
+        metrics = {"mvm_loss": loss.detach(), "mvm_acc": accuracy(logits, targets), "mvm_chance": chance, "mvm_majority": majority_share(targets)}
+        return ObjectiveOutput(loss, {**metrics, "mvm_skipped": 0.0})

@@ -31,6 +31,7 @@ BUILTIN_MODULES = (
     "vlptune.objectives.captioning",
     "vlptune.objectives.vsc",
     "vlptune.objectives.wpg",
+    "vlptune.objectives.backbone_cls",
 )
 
 T = TypeVar("T", bound=type)

@@ -63,6 +63,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vlptune.io import atomic_write_text, finite, fsync_dir, fsync_tree
+from vlptune.train.reporting import Reporter
 
 CHECKPOINT_DIR = "checkpoints"  # under the run directory
 LATEST = "latest"  # pointer file: the name of the newest complete checkpoint
@@ -517,3 +518,21 @@ def load_checkpoint(
     if restore_rng_state:
         restore_rng(nested["rng"], generators)
     return {"step": state["step"], "extra": state["extra"], "rng": nested["rng"]}
+
+
+def drop_persisted_copy(reporter: Reporter, checkpoint_dir: str | None, run_dir: Path) -> None:
+    """Remove this run's checkpoint ``checkpoint_dir`` once the reporter says it holds a copy.
+
+    A reporter with a ``persisted(checkpoint_dir) -> bool`` method (the Ray
+    Train one) stores each reported checkpoint where a restarted run finds it
+    (Ray's run storage): the local copy would be a second one. Checkpoints
+    outside this run's ``checkpoints/`` (a ``resume`` path given) are never removed.
+    """
+    persisted = getattr(reporter, "persisted", None)
+    if checkpoint_dir is None or not callable(persisted):
+        return
+    path = Path(checkpoint_dir)
+    if path.parent.resolve() != checkpoint_root(run_dir).resolve():
+        return
+    if persisted(checkpoint_dir):
+        remove_checkpoint(path)

@@ -55,6 +55,9 @@ from vlptune.data.shard_checks import SKIPPED_KEY, skip_share_exceeded
 from vlptune.io import atomic_write_text
 from vlptune.objectives.base import MetricMeter, Pretrainer, build_pretrainer, pair_scorer, prepare_dataset
 from vlptune.train import checkpoint as ckpt
+from vlptune.train.backbone_pretrain import resolve_cached_backbone
+from vlptune.train.balance import measures_at, with_objective_grad_norms
+from vlptune.train.checkpoint import drop_persisted_copy
 from vlptune.train.evaluate import RetrievalInputs, diverged_as_worst, evaluate_losses, evaluate_retrieval, to_device
 from vlptune.train.optim import (
     Optimizers,
@@ -233,6 +236,7 @@ def train_step(
     precision: str,
     grad_clip: float,
     generator: torch.Generator | None,
+    measure: bool = False,
 ) -> StepResult:
     """One optimiser step over ``micro_batches`` (gradient accumulation).
 
@@ -240,7 +244,7 @@ def train_step(
     itself); ``pretrainer`` the unwrapped module. Each micro-batch's total
     loss is divided by the number of micro-batches, so the gradient is the
     mean over them. The step is skipped (gradients dropped, weights untouched)
-    when the loss or the gradient norm is not finite on any rank.
+    when the loss or the gradient norm is not finite on any rank (``measure``: train/balance.py).
     """
     accum = len(micro_batches)
     total = torch.zeros((), device=device)
@@ -253,6 +257,7 @@ def train_step(
         with sync:
             with autocast(precision, device):
                 loss, metrics = module(batch, generator)
+            metrics = with_objective_grad_norms(pretrainer, metrics, measure and i == 0)
             if loss.requires_grad:
                 (loss / accum).backward()
         total = total + loss.detach().float() / accum
@@ -372,7 +377,7 @@ def train_worker(
     events, ``recipe.yaml`` and ``checkpoints/`` go there (rank 0 writes).
     Checkpoints kept: the ``train.keep_checkpoints`` newest while the run goes
     on, ``train.keep_when_done`` once it reached ``max_steps``; one the reporter
-    has ``persisted`` elsewhere (:func:`drop_persisted_copy`) is removed here.
+    has ``persisted`` elsewhere (:func:`vlptune.train.checkpoint.drop_persisted_copy`) is removed here.
     ``resume``: True continues from ``out_dir``'s latest checkpoint if there is
     one; a path resumes from that checkpoint directory; False starts afresh.
     ``hparams``: what the run's HParams list first (the searched hyperparameters
@@ -397,6 +402,7 @@ def train_worker(
     phases = PhaseTimer()
     accum = accumulation_steps(recipe.optim.global_batch, recipe.data.batch_images, workers.world_size)
     info = prepare_data(recipe, workers)
+    recipe = resolve_cached_backbone(recipe, train_worker, workers.is_main, workers.barrier)  # model.backbone.init: pretrained
 
     phases.mark("prepare_data")
     pretrainer = (finetune.build(recipe, info) if finetune else build_pretrainer(recipe, info)).to(device)
@@ -454,7 +460,10 @@ def train_worker(
         if want_frozen != frozen:
             pretrainer.model.set_backbone_frozen(want_frozen)
             frozen = want_frozen
-        out = train_step(module, pretrainer, optimizers, [stream.next() for _ in range(accum)], device, precision, recipe.optim.grad_clip, objective_gen)
+        measure = measures_at(step + 1, recipe)  # per-objective gradient norms (train/balance.py)
+        out = train_step(
+            module, pretrainer, optimizers, [stream.next() for _ in range(accum)], device, precision, recipe.optim.grad_clip, objective_gen, measure
+        )
         phases.mark("first_step", once=True)
         step += 1
         if out.finite:
@@ -544,24 +553,6 @@ def train_worker(
 def scores(metrics: dict[str, Any]) -> dict[str, float]:
     """An evaluation's numbers as JSON floats (saved with the checkpoint of its step, to rank it)."""
     return {k: float(v) for k, v in metrics.items() if isinstance(v, numbers.Real)}
-
-
-def drop_persisted_copy(reporter: Reporter, checkpoint_dir: str | None, run_dir: Path) -> None:
-    """Remove this run's checkpoint ``checkpoint_dir`` once the reporter says it holds a copy.
-
-    A reporter with a ``persisted(checkpoint_dir) -> bool`` method (the Ray
-    Train one) stores each reported checkpoint where a restarted run finds it
-    (Ray's run storage): the local copy would be a second one. Checkpoints
-    outside this run's ``checkpoints/`` (a ``resume`` path given) are never removed.
-    """
-    persisted = getattr(reporter, "persisted", None)
-    if checkpoint_dir is None or not callable(persisted):
-        return
-    path = Path(checkpoint_dir)
-    if path.parent.resolve() != ckpt.checkpoint_root(run_dir).resolve():
-        return
-    if persisted(checkpoint_dir):
-        ckpt.remove_checkpoint(path)
 
 
 def log_window(writer: RunWriter | None, meter: MetricMeter, window: dict[str, Any], optimizers: Optimizers, step: int, epoch: int) -> None:

@@ -25,6 +25,8 @@ from torch.optim import SGD, AdamW, Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from vlptune.config import ConfigError, OptimConfig
+from vlptune.objectives.base import Pretrainer
+from vlptune.train.balance import attach_balance
 
 GROUPS = ("backbone", "transformer")  # optimiser sides, in recipe.optim field order
 
@@ -125,7 +127,13 @@ class Optimizers:
 
 
 def build_optimizers(module: nn.Module, backbone: nn.Module, cfg: OptimConfig, max_steps: int) -> Optimizers:
-    """Optimisers for ``module`` (the Pretrainer) with ``backbone``'s parameters on the backbone side."""
+    """Optimisers for ``module`` (the Pretrainer) with ``backbone``'s parameters on the backbone side.
+
+    ``optim.balance`` first attaches its per-objective scales to a Pretrainer
+    (train/balance.py: buffers, so they are checkpointed; no parameters).
+    """
+    if isinstance(module, Pretrainer) and getattr(module, "balance", None) is None:
+        attach_balance(module, cfg)
     split = split_parameters(module, backbone)
     optimizers: dict[str, Optimizer] = {}
     schedulers: dict[str, LambdaLR] = {}
