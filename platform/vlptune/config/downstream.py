@@ -3,9 +3,10 @@
 A recipe's ``downstream`` section maps a registered task name (``vqa``,
 ``nlvr2``, ``snli_ve``, ``retrieval``, ``captioning``) to its config;
 ``vlptune finetune CHECKPOINT --task NAME`` reads it from the pretraining
-run's recipe (defaults, then ``-o downstream.NAME.field=value``). Trials that
-pretrain then finetune inside a search or study are not built yet
-(docs/finetuning.md).
+run's recipe (defaults, then ``-o downstream.NAME.field=value``). A search or
+study trial whose recipe has this section, or whose metric is a
+``downstream/<task>/<metric>`` one, finetunes its final pretraining checkpoint
+on those tasks (:mod:`vlptune.search.trainable`, docs/finetuning.md).
 
 Like objectives, a task has two halves under one name: its config here
 (``class VQAConfig(TaskConfig, task="vqa")``) and its implementation in
