@@ -86,6 +86,9 @@ def test_a_search_ranked_by_vqa_score_pretrains_then_finetunes(tmp_path):
         else:  # pruned on val/loss at a rung: never finetuned
             assert by_id[row.trial_id].state.name == "PRUNED" and not finetuned.exists()
     assert finished >= 1
+    # `vlptune results`: the searched metric, then its chance level as a column of its own
+    assert collected.downstream == ["downstream/vqa/chance_score"]
+    assert "downstream/vqa/chance_score" in results.format_table(collected).splitlines()[0]
     out = console.getvalue()
     assert "Traceback" not in out and METRIC in out, out
     print(out)
@@ -115,6 +118,16 @@ def test_a_downstream_metric_prunes_on_val_loss_and_names_its_tasks(tmp_path):
         load_space(tiny_space(tmp_path, metric="downstream/vq/score"))
     with pytest.raises(ConfigError, match="prune_metric 'val/loss'.*eval.loss_batches is 0"):
         load_space(tiny_space(tmp_path), overrides=["eval.loss_batches=0"])
+
+
+def test_one_results_column_per_downstream_task():
+    from vlptune.config.downstream import downstream_columns
+
+    reported = {"downstream/vqa/score", "downstream/vqa/chance_score", "downstream/nlvr2/acc", "downstream/retrieval/rsum", "downstream/retrieval/tr_r1"}
+    # each task's main metric (registered order), the searched one left out, then its chance level
+    assert downstream_columns(reported, METRIC) == ["downstream/nlvr2/acc", "downstream/retrieval/rsum", "downstream/vqa/chance_score"]
+    assert downstream_columns(reported, "val/loss") == ["downstream/nlvr2/acc", "downstream/retrieval/rsum", "downstream/vqa/score"]
+    assert downstream_columns(set(), METRIC) == []
 
 
 def test_what_tune_gets_of_each_pretraining_report():

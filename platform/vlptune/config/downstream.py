@@ -200,6 +200,22 @@ def main_metric_key(name: str) -> str:
     return metric_key(name, config_class(name).main_metric)
 
 
+def chance_metric_key(name: str) -> str:
+    """``downstream/<task>/<chance metric>`` of task ``name``: its main metric's chance level."""
+    return metric_key(name, config_class(name).chance_metric)
+
+
+def downstream_columns(reported: Any, searched: str | None = None) -> list[str]:
+    """The table columns of the downstream results among the keys ``reported``: each task's main metric
+    (registered task order), ``searched`` left out (it has its own column), then its chance level."""
+    keys = set(reported)
+    columns = [main_metric_key(t) for t in names() if main_metric_key(t) in keys and main_metric_key(t) != searched]
+    task = task_of_metric(searched) if searched and searched.startswith(DOWNSTREAM_PREFIX) else None
+    if task and chance_metric_key(task) in keys:
+        columns.append(chance_metric_key(task))
+    return columns
+
+
 def task_of_metric(metric: str) -> str | None:
     """The task a ``downstream/<task>/...`` metric belongs to (ConfigError for an unknown task); None for other metrics."""
     if not metric.startswith(DOWNSTREAM_PREFIX):
