@@ -448,5 +448,7 @@ def test_a_search_ranked_by_a_downstream_metric_is_promoted_the_same_way(tmp_pat
     exp = make_experiment(tmp_path / "src", metric="downstream/vqa/score")
     promotion = pr.promote(exp, top_k=2, target=target, fidelity_map=fmap, promoted_dir=tmp_path / "p")
     assert promotion.metric == "downstream/vqa/score" and [t.trial_id for t in promotion.trials] == ["abc_00000", "abc_00001"]
-    spec = pr.promotion_study(promotion, seeds=2, fixed={"train.max_steps": 10, "train.eval_every": 5}, resources={"workers": 1}, max_concurrent=2)
+    fixed = {"train.max_steps": 10, "train.eval_every": 5, "downstream": {"vqa": {"max_steps": 3}}}  # the search's finetuning budget (the demo does this)
+    spec = pr.promotion_study(promotion, seeds=2, fixed=fixed, resources={"workers": 1}, max_concurrent=2)
     assert spec.metric == "downstream/vqa/score" and spec.metrics[0] == "downstream/vqa/score"
+    assert spec.variant_recipe("abc_00001").downstream["vqa"].max_steps == 3
