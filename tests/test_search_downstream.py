@@ -185,3 +185,26 @@ def test_a_trial_finetunes_its_final_checkpoint_and_reports_both(tmp_path):
     events.Reload()
     # the trial's own TensorBoard run holds the downstream metric at its last step (its HParams row)
     assert [(e.step, e.value) for e in events.Scalars(METRIC)] == [(recipe.train.max_steps, pytest.approx(final[METRIC]))]
+
+
+def test_optuna_is_told_pruned_for_a_trial_stopped_before_its_finetuning(tmp_path):
+    """Ranked by a downstream metric, a trial the scheduler stops reports it only as NaN: PRUNED, not FAIL;
+    one that finished gets COMPLETE with its downstream value; a failed finetuning (NaN at the last step) FAIL."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from vlptune.search.optuna_searcher import OptunaSearcher
+    from vlptune.search.space import load_space
+
+    searcher = OptunaSearcher(load_space(tiny_space(tmp_path)), f"sqlite:///{tmp_path / 'optuna.db'}", "ds")
+    for tid in ("pruned", "done", "failed"):
+        searcher.suggest(tid)
+    searcher.on_trial_result("pruned", {"step": 2, METRIC: math.nan, "val/loss": 3.0})
+    searcher.on_trial_complete("pruned", result={"step": 2, METRIC: math.nan, "val/loss": 3.0})
+    searcher.on_trial_complete("done", result={"step": 4, METRIC: 31.0, "val/loss": 2.0})
+    searcher.on_trial_complete("failed", result={"step": 4, METRIC: math.nan, "val/loss": 2.0})
+    study = optuna.load_study(study_name="ds", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    told = {t.user_attrs["ray_trial_id"]: t for t in study.get_trials()}
+    assert told["pruned"].state == TrialState.PRUNED and told["pruned"].user_attrs["outcome"] == "pruned"
+    assert told["done"].state == TrialState.COMPLETE and told["done"].value == 31.0
+    assert told["failed"].state == TrialState.FAIL and told["failed"].user_attrs["outcome"] == "nan"
