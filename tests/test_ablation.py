@@ -180,7 +180,8 @@ def test_too_few_seeds_in_words():
     md = format_markdown(results, rows)
     assert "too few seeds to say anything: 2 for this variant and 1 for the baseline" in md
     # no p-value column entry for that row
-    line = next(ln for ln in md.splitlines() if ln.startswith("| vd-16 |") and "+3.5" in ln)
+    section = md[md.index(f"## {METRIC} (primary") :]  # its own section (the summary above puts the metrics side by side)
+    line = next(ln for ln in section.splitlines() if ln.startswith("| vd-16 |") and "+3.5" in ln)
     assert line.split("|")[6].strip() == ""
 
 
@@ -349,3 +350,35 @@ def test_tiny_study_with_the_real_loop(tmp_path):
     run_study(None, exp_dir=exp_dir, resume=True, verbose=0)
     assert len(collect_study(exp_dir).trials) == 4
     print(f"tiny study: {seconds:.0f} s")
+
+
+def test_a_table_7_shaped_summary_of_downstream_metrics(tmp_path):
+    """The study ranked by downstream metrics (trials that pretrain then finetune): one row per
+    variant, one column per task metric, mean ± std and the difference to the baseline with its interval."""
+    doc = study_doc()
+    doc.update(metric="downstream/vqa/score", metrics=["downstream/vqa/score", "downstream/nlvr2/acc", "downstream/retrieval/tr_r1"])
+    spec = study_from_dict(doc, source="unit.yaml", base_dir=REPO)
+    assert spec.metrics[0] == "downstream/vqa/score"
+    trials = []
+    for seed, (b, v) in enumerate(zip(BASE, VARIANT)):
+        trials.append(
+            StudyTrial(
+                f"b{seed}", "no-vd", seed, "completed", 4, {"downstream/vqa/score": b, "downstream/nlvr2/acc": 50.0 + seed, "downstream/retrieval/tr_r1": 5.0}
+            )
+        )
+        trials.append(
+            StudyTrial(
+                f"v{seed}", "vd-16", seed, "completed", 4, {"downstream/vqa/score": v, "downstream/nlvr2/acc": 55.0 + seed, "downstream/retrieval/tr_r1": 5.0}
+            )
+        )
+    results = StudyResults.for_spec(spec, trials, "/tmp/unit")
+    md = write_study_outputs(tmp_path, results)
+    h = by_hand(VARIANT, BASE)
+    lines = md.splitlines()
+    header = lines[lines.index("## Summary") + 2]
+    assert header == "| variant | vqa/score | nlvr2/acc | retrieval/tr_r1 |"
+    base_line = next(ln for ln in lines if ln.startswith("| no-vd (baseline) | 12 ± 2 |"))
+    assert base_line == "| no-vd (baseline) | 12 ± 2 | 51 ± 1 | 5 ± 0 |"
+    var_line = next(ln for ln in lines if ln.startswith("| vd-16 | 17 ± "))
+    assert f"Δ +5 [{h['low']:+.3g}, {h['high']:+.3g}]" in var_line and "56 ± 1; Δ +5 [" in var_line
+    assert "## downstream/vqa/score (primary, higher is better)" in md  # the per-metric sections stay

@@ -1,53 +1,53 @@
-"""The demo's finetuning stage (``make demo``'s 4b) on a stand-in search directory: slow suite.
+"""The demo's downstream metric learns within the demo's budget (slow suite).
 
-A 30-step demo-light pretraining run (what a completed demo trial is) is laid
-out as a search trial (its checkpoint in Ray's storage ``train/<trial>/``, its
-recipe in ``tb/<trial>/``); the stage must finetune it on VQA and print the
-score next to the majority answer's, above it, and say how long it took.
+``make demo``'s search ranks by ``downstream/vqa/score``: a trial that completes
+its 30 pretraining steps finetunes its final checkpoint on VQA with the
+space's ``downstream.vqa`` settings. Here one such trial, in this process: a
+demo-light recipe as the demo space resolves it (its ``fixed:``, the corner
+values of its parameters), pretrained for the space's 30 steps, then the
+trial's finetuning step (:func:`vlptune.search.finetune.finish_with_downstream`)
+with each task's run in this process instead of a Ray Train run. The VQA
+score must clear the majority answer's clearly.
 """
 
 from __future__ import annotations
 
-import re
-import shutil
 import time
 
 import pytest
 
 from vlptune import demo
-from vlptune.config import load_recipe
-from vlptune.search.layout import TB_DIR, TRAIN_DIR, TRIAL_RECIPE
+from vlptune.config import validate_recipe
+from vlptune.data.prepare import ensure_data
+from vlptune.search.finetune import finish_with_downstream
+from vlptune.search.space import load_space
+from vlptune.train.checkpoint import latest_checkpoint
+from vlptune.train.finetune import finetune_worker
 from vlptune.train.loop import train_worker
 from vlptune.train.reporting import LocalReporter
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
-TRIAL = "trial_0001"
+METRIC = "downstream/vqa/score"
 
 
-def test_demo_finetune_stage_beats_the_majority_answer(tmp_path, capsys):
-    overrides = [
-        f"data.root={tmp_path / 'world'}",
-        "data.synth.train=400",
-        "data.synth.val=100",
-        "train.max_steps=30",
-        "train.eval_every=30",
-        "eval.max_images=16",
-    ]
-    recipe = load_recipe(demo.DEMO_RECIPE, overrides)
-    train_worker(recipe, LocalReporter(quiet=True), tmp_path / "pre", resume=False)
-    search = tmp_path / "search"
-    checkpoint = sorted((tmp_path / "pre" / "checkpoints").glob("step_*"))[-1]
-    shutil.copytree(checkpoint, search / TRAIN_DIR / TRIAL / "checkpoint_2026-01-01_00-00-00.000000")
-    (search / TB_DIR / TRIAL).mkdir(parents=True)
-    shutil.copy(tmp_path / "pre" / "recipe.yaml", search / TB_DIR / TRIAL / TRIAL_RECIPE)
-    capsys.readouterr()
+def test_the_demo_trials_vqa_score_beats_the_majority_answer(tmp_path):
+    space = load_space(demo.DEMO_SPACE, overrides=[f"data.root={tmp_path / 'world'}", "train.keep_when_done=last"])
+    assert space.metric == METRIC and (space.prune_metric, space.prune_mode) == ("val/mlm_acc", "max")
+    raw = space.resolve(space.corner_values()[0])
+    recipe = validate_recipe(raw, "demo trial")
+    ensure_data(recipe)
+    run = tmp_path / "tb" / "trial"
+    train_worker(recipe, LocalReporter(quiet=True), str(run), resume=False)
+    checkpoint = latest_checkpoint(run)
+    assert checkpoint is not None
+
+    def in_process(recipe, task, checkpoint, out_dir, storage, name, failures_max):
+        return finetune_worker(recipe, task, checkpoint, LocalReporter(quiet=True), out_dir)
+
     start = time.perf_counter()
-    assert demo.stage_finetune(search, TRIAL, tmp_path, demo.FINETUNE_STEPS) == 0
+    final = finish_with_downstream({"step": recipe.train.max_steps}, recipe, str(checkpoint), run, str(tmp_path / "train"), "trial", False, 0, in_process)
     seconds = time.perf_counter() - start
-    text = capsys.readouterr().out
-    found = re.search(r"vqa: score = ([\d.]+) \(chance ([\d.]+)\)", text)
-    assert found, text
-    score, chance = float(found.group(1)), float(found.group(2))
-    print(f"demo finetune stage: VQA score {score:.1f} vs majority {chance:.1f} in {seconds:.0f} s")
-    assert score > chance + 5.0, text
+    score, chance = final[METRIC], final["downstream/vqa/chance_score"]
+    print(f"demo trial: VQA score {score:.1f} vs majority {chance:.1f}; finetuning took {seconds:.0f} s")
+    assert score > chance + 5.0, final

@@ -164,5 +164,8 @@ def test_unknown_task_and_bad_field_are_clear_errors(world, tmp_path, capsys):
         task_recipe(world, "vqa", lr=-1.0)
     assert main(["finetune", str(tmp_path), "--task", "vqa"]) == 2  # not a checkpoint nor a run directory
     assert "neither a checkpoint directory" in capsys.readouterr().err
-    problem = metric_problem("downstream/vqa/score", task_recipe(world, "vqa"))  # what a search or study with this metric is refused with
-    assert problem is not None and "not built yet" in problem and "vlptune finetune" in problem
+    # a search or study may rank by a downstream metric (its trials pretrain, then finetune); a task that is not registered is refused by name
+    assert metric_problem("downstream/vqa/score", task_recipe(world, "vqa")) is None
+    problem = metric_problem("downstream/vq/score", task_recipe(world, "vqa"))
+    assert problem is not None and "unknown task 'vq'" in problem and "downstream/<task>/<metric>" in problem
+    assert "downstream/<task>/<metric>" in (metric_problem("downstream/vqa", task_recipe(world, "vqa")) or "")

@@ -17,14 +17,14 @@ PRUNE_EVERY = 5  # every 5th trial is pruned (no final value): neither evaluator
 IMPORTANT = 0.5  # the parameter that decides the metric outweighs all the others together
 
 
-def make_search_dir(root: Path, n_trials: int = N_TRIALS, name: str = "exp", prune_every: int = PRUNE_EVERY) -> Path:
+def make_search_dir(root: Path, n_trials: int = N_TRIALS, name: str = "exp", prune_every: int = PRUNE_EVERY, metric: str = "retrieval/rsum") -> Path:
     """A search experiment's meta and SQLite study: the metric depends on model.vd.size only."""
     exp = root / name
     exp.mkdir(parents=True)
     url = f"sqlite:///{exp / OPTUNA_DB}"
     params = ["model.vd.size", "data.mlm_prob"]
     (exp / META_FILE).write_text(
-        json.dumps({"metric": "retrieval/rsum", "mode": "max", "parameters": params, "storage_url": url, "study_name": name, "max_fidelity": 40})
+        json.dumps({"metric": metric, "mode": "max", "parameters": params, "storage_url": url, "study_name": name, "max_fidelity": 40})
     )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(storage=url, study_name=name, direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
@@ -119,3 +119,13 @@ def test_importance_command(exp, capsys):
     assert "| model.vd.size |" in out and "written:" in out
     assert vlptune_main(["importance", str(exp.parent / "nowhere")]) == 2
     assert f"{exp.parent / 'nowhere'} does not exist" in capsys.readouterr().err
+
+
+def test_importance_of_a_search_ranked_by_a_downstream_metric(tmp_path, capsys):
+    """A search ranked by downstream/vqa/score (its completed trials told with their VQA score): the same analysis."""
+    exp = make_search_dir(tmp_path, n_trials=20, metric="downstream/vqa/score")
+    assert vlptune_main(["importance", str(exp), "--evaluator", "ped-anova"]) == 0
+    out = capsys.readouterr().out
+    assert "hyperparameter importance for downstream/vqa/score" in out
+    (result,) = imp.importances(exp, "ped-anova")
+    assert result.values["model.vd.size"] > IMPORTANT > result.values["data.mlm_prob"]

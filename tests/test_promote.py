@@ -89,8 +89,8 @@ TRIALS = {
 }
 
 
-def make_experiment(root: Path, name: str = "light-exp") -> Path:
-    """A search experiment directory as `vlptune search` leaves it, written by hand."""
+def make_experiment(root: Path, name: str = "light-exp", metric: str = METRIC) -> Path:
+    """A search experiment directory as `vlptune search` leaves it, written by hand (ranked by ``metric``)."""
     from ray.train._internal.storage import StorageContext
     from ray.tune import PlacementGroupFactory
     from ray.tune.execution.tune_controller import TuneController
@@ -104,7 +104,7 @@ def make_experiment(root: Path, name: str = "light-exp") -> Path:
         "space_file": str(exp / "space.yaml"),
         "base_file": str(exp / "light.yaml"),
         "overrides": [],
-        "metric": METRIC,
+        "metric": metric,
         "mode": "max",
         "max_fidelity": MAX_STEPS,
         "time_attr": "step",
@@ -143,9 +143,9 @@ def make_experiment(root: Path, name: str = "light-exp") -> Path:
         trial.status = tune_status
         trial_dir = Path(trial.storage.trial_fs_path)
         trial_dir.mkdir(parents=True)
-        lines = [json.dumps({"step": s, METRIC: v, "time_total_s": float(s)}) for s, v in history]
+        lines = [json.dumps({"step": s, metric: v, "time_total_s": float(s)}) for s, v in history]
         (trial_dir / "result.json").write_text("\n".join(lines) + "\n")
-        trial.run_metadata.last_result = {"step": last_step, METRIC: last_value}
+        trial.run_metadata.last_result = {"step": last_step, metric: last_value}
         tune_states.append(trial.get_json_state())
     (exp / TuneController.CKPT_FILE_TMPL.format("2025-01-01_00-00-00")).write_text(json.dumps({"trial_data": tune_states}))
     return exp
@@ -440,3 +440,15 @@ def test_run_and_report_end_to_end(experiment, target, fmap, tmp_path):
     assert report.spearman == pytest.approx(-1.0) and report.kendall == pytest.approx(-1.0)
     assert report.same_winner is False and report.full_winner == "abc_00002"
     assert any("did not predict" in w for w in report.warnings)
+
+
+def test_a_search_ranked_by_a_downstream_metric_is_promoted_the_same_way(tmp_path, target, fmap):
+    """Ranked by downstream/vqa/score (trials that pretrain then finetune): the same selection, and the
+    promotion study ranks by it too, so its trials pretrain then finetune as well."""
+    exp = make_experiment(tmp_path / "src", metric="downstream/vqa/score")
+    promotion = pr.promote(exp, top_k=2, target=target, fidelity_map=fmap, promoted_dir=tmp_path / "p")
+    assert promotion.metric == "downstream/vqa/score" and [t.trial_id for t in promotion.trials] == ["abc_00000", "abc_00001"]
+    fixed = {"train.max_steps": 10, "train.eval_every": 5, "downstream": {"vqa": {"max_steps": 3}}}  # the search's finetuning budget (the demo does this)
+    spec = pr.promotion_study(promotion, seeds=2, fixed=fixed, resources={"workers": 1}, max_concurrent=2)
+    assert spec.metric == "downstream/vqa/score" and spec.metrics[0] == "downstream/vqa/score"
+    assert spec.variant_recipe("abc_00001").downstream["vqa"].max_steps == 3

@@ -8,11 +8,11 @@ Stages, each printing what it did:
 4. run ``search_spaces/demo.yaml`` (8 trials, ASHA, Optuna TPE) on a local
    in-process Ray cluster, print the results table and the best trial's metric
    next to chance, and say how to open TensorBoard (``--no-search`` skips it
-   and everything after),
-4b. finetune the best trial's checkpoint on VQA (the synthetic world's
-   questions; ``--finetune-steps``) and print its VQA score next to the
-   majority answer's (the search itself still ranks by ``val/mlm_acc``: trials
-   that pretrain then finetune inside a search are not built yet),
+   and everything after). The search ranks by ``downstream/vqa/score``: each
+   trial that completes its pretraining finetunes its final checkpoint on the
+   synthetic world's VQA questions (the space's ``downstream.vqa``), ASHA
+   prunes on ``val/mlm_acc``; the best VQA score is printed next to the
+   majority answer's,
 5. promote the best 2 trials that completed the last step to
    ``trials/demo-full.yaml`` through ``trials/fidelity/demo.yaml`` (recipes in
    ``trials/promoted/``), run them with 1 seed each as one experiment (shortened
@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from vlptune.config import load_recipe
 from vlptune.config.objectives import required_columns
@@ -42,16 +43,13 @@ from vlptune.data.inspect import inspect_dataset
 from vlptune.data.prepare import ensure_data
 from vlptune.search import results as res
 from vlptune.search.console import format_duration
-from vlptune.search.layout import TB_DIR, TRAIN_DIR, TRIAL_RECIPE, read_meta
+from vlptune.search.layout import BASE_COPY, read_meta
 from vlptune.search.runner import run_search
 from vlptune.study import importance as imp
 from vlptune.study import promote as pr
 from vlptune.study import promote_report as rep
 from vlptune.study.promote import MIN_RUN_CONFIGS
 from vlptune.study.promote_cli import ranged
-from vlptune.tasks.finetune import format_task_results, load_source
-from vlptune.train.finetune import FINETUNE_STATE, finetune_worker
-from vlptune.train.reporting import LocalReporter
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_RECIPE = REPO / "trials" / "demo-light.yaml"
@@ -72,11 +70,6 @@ PROMOTED_FIXED = {
     "eval.loss_batches": 2,
     "eval.vd_picture_codes": 4,
 }
-# The demo's downstream check: VQA on the synthetic questions learns within a few dozen CPU steps
-# (tests/test_finetune_tasks.py), unlike NLVR2 or retrieval; SOHO's 18 epochs would not fit the demo.
-DEMO_TASK = "vqa"
-FINETUNE_STEPS = 30
-FINETUNE_SETTINGS = {"lr": 3e-4, "pooling": "mean", "batch_size": 16, "eval_records": 200, "patience": 0}
 PROMOTED_RESOURCES = {"workers": 1, "cpus_per_worker": 1}
 PROMOTED_MAX_CONCURRENT = 2
 
@@ -177,27 +170,6 @@ def stage_search(space_path: Path, root: Path, out: Path) -> tuple[int, str | No
     return 0, best.trial_id
 
 
-def stage_finetune(search_dir: Path, trial_id: str, out: Path, steps: int) -> int:
-    run_dir = (out / "finetune-vqa").resolve()
-    _banner(f"4b. finetune the best trial {trial_id} on VQA ({steps} steps) -> {run_dir}")
-    checkpoints = sorted((search_dir / TRAIN_DIR / trial_id).glob("checkpoint_*"))  # Ray's storage; names sort by time
-    if not checkpoints:
-        print(f"the best trial kept no checkpoint in {search_dir / TRAIN_DIR / trial_id}: nothing to finetune")
-        return 1
-    done = run_dir / FINETUNE_STATE
-    if done.is_file():
-        print(f"{run_dir} exists: showing its result (delete it to finetune again)")
-        print(format_task_results(DEMO_TASK, json.loads(done.read_text())["result"]))
-        return 0
-    settings = {**FINETUNE_SETTINGS, "max_steps": steps, "eval_every": steps}
-    overrides = [f"downstream.{DEMO_TASK}.{k}={v}" for k, v in settings.items()]
-    source, recipe = load_source(checkpoints[-1], overrides, search_dir / TB_DIR / trial_id / TRIAL_RECIPE)
-    result = finetune_worker(recipe, DEMO_TASK, source, LocalReporter(quiet=True), run_dir, resume=False)
-    print(format_task_results(DEMO_TASK, result))
-    print(f"again with: vlptune finetune {source} --recipe {search_dir / TB_DIR / trial_id / TRIAL_RECIPE} --task {DEMO_TASK}")
-    return 0
-
-
 def stage_promote(search_dir: Path, root: Path, out: Path, steps: int, top_k: int) -> int:
     run_dir = (out / "promoted").resolve()
     _banner(f"5. promote the best {top_k} demo trials to {DEMO_TARGET.name} and run them -> {run_dir}")
@@ -217,6 +189,9 @@ def stage_promote(search_dir: Path, root: Path, out: Path, steps: int, top_k: in
             "train.max_steps": steps,
             "train.eval_every": max(1, steps // PROMOTED_EVALS),
         }
+        downstream = (yaml.safe_load((search_dir / BASE_COPY).read_text()) or {}).get("downstream")
+        if downstream:  # ranked by a downstream metric: the promoted runs finetune with the search's budget, not the papers' epochs
+            fixed["downstream"] = downstream
         try:
             spec = pr.promotion_study(
                 promotion, seeds=PROMOTE_SEEDS, fixed=fixed, resources=PROMOTED_RESOURCES, max_concurrent=PROMOTED_MAX_CONCURRENT, name="promoted"
@@ -274,13 +249,6 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help=f"train.max_steps of the promoted runs, set through the study's fixed overrides (default {PROMOTED_STEPS}, at least {PROMOTED_EVALS}; demo-full's own is longer)",
     )
-    parser.add_argument(
-        "--finetune-steps",
-        type=ranged(int, 0, what="a number of steps"),
-        default=FINETUNE_STEPS,
-        metavar="N",
-        help=f"VQA finetuning steps of the best trial's checkpoint (default {FINETUNE_STEPS}; 0 skips the stage)",
-    )
     parser.add_argument("-o", "--override", action="append", default=[], help="dotted recipe override (repeatable)")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -293,10 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     stage_batch(recipe_path, root, args.override)
     status = 0
     if not args.no_search:
-        status, best_trial = stage_search(Path(args.space), root, out)
+        status, _ = stage_search(Path(args.space), root, out)
         search_dir = (out / "search").resolve()
-        if status == 0 and best_trial is not None and args.finetune_steps > 0:
-            status = stage_finetune(search_dir, best_trial, out, args.finetune_steps)
         if status == 0:
             status = stage_promote(search_dir, root, out, args.promoted_steps, args.top_k)
         status = max(status, stage_importance(search_dir))

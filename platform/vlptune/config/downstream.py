@@ -3,9 +3,10 @@
 A recipe's ``downstream`` section maps a registered task name (``vqa``,
 ``nlvr2``, ``snli_ve``, ``retrieval``, ``captioning``) to its config;
 ``vlptune finetune CHECKPOINT --task NAME`` reads it from the pretraining
-run's recipe (defaults, then ``-o downstream.NAME.field=value``). Trials that
-pretrain then finetune inside a search or study are not built yet
-(docs/finetuning.md).
+run's recipe (defaults, then ``-o downstream.NAME.field=value``). A search or
+study trial whose recipe has this section, or whose metric is a
+``downstream/<task>/<metric>`` one, finetunes its final pretraining checkpoint
+on those tasks (:mod:`vlptune.search.trainable`, docs/finetuning.md).
 
 Like objectives, a task has two halves under one name: its config here
 (``class VQAConfig(TaskConfig, task="vqa")``) and its implementation in
@@ -197,6 +198,22 @@ def validate_task(name: str, spec: Any) -> TaskConfig:
 def main_metric_key(name: str) -> str:
     """``downstream/<task>/<main metric>`` of task ``name``."""
     return metric_key(name, config_class(name).main_metric)
+
+
+def chance_metric_key(name: str) -> str:
+    """``downstream/<task>/<chance metric>`` of task ``name``: its main metric's chance level."""
+    return metric_key(name, config_class(name).chance_metric)
+
+
+def downstream_columns(reported: Any, searched: str | None = None) -> list[str]:
+    """The table columns of the downstream results among the keys ``reported``: each task's main metric
+    (registered task order), ``searched`` left out (it has its own column), then its chance level."""
+    keys = set(reported)
+    columns = [main_metric_key(t) for t in names() if main_metric_key(t) in keys and main_metric_key(t) != searched]
+    task = task_of_metric(searched) if searched and searched.startswith(DOWNSTREAM_PREFIX) else None
+    if task and chance_metric_key(task) in keys:
+        columns.append(chance_metric_key(task))
+    return columns
 
 
 def task_of_metric(metric: str) -> str | None:

@@ -8,6 +8,11 @@
   recipe's ``resources`` (workers, CPUs, GPUs); a trial that pretrains then
   finetunes calls it once per task (:func:`finetune_tasks`, several tasks
   at once as separate Ray Train runs when ``parallel``);
+* :func:`finetune_trial`: what a search or study trial with downstream tasks
+  does once its pretraining run has ended (:mod:`vlptune.search.trainable`
+  calls it): its final checkpoint (:func:`final_checkpoint`) finetuned on each
+  task, the downstream metrics merged into its last pretraining evaluation
+  and written to its TensorBoard run (:func:`finish_with_downstream`);
 * ``vlptune finetune CHECKPOINT_OR_RUN --task NAME``: in this process
   (:mod:`vlptune.tasks.finetune`), or with ``--ray`` as a Ray Train run on a
   local cluster (127.0.0.1) or ``--address``.
@@ -19,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,11 +34,15 @@ from typing import Any
 
 from vlptune.cliutil import add_override_arg
 from vlptune.cluster.session import connect
+from vlptune.cluster.storage import is_uri
 from vlptune.config import Recipe, recipe_to_dict
 from vlptune.config.downstream import config_class, main_metric_key
 from vlptune.config.downstream import names as task_names
 from vlptune.search.lean_train import lean_trainer_class
-from vlptune.search.trainable import RayTrainReporter, materialize_ray_checkpoint, plain
+from vlptune.search.space import TIME_ATTR
+from vlptune.search.trainable import RayTrainReporter, materialize_ray_checkpoint, plain, storage_fs
+
+log = logging.getLogger(__name__)
 
 FINETUNE_DIR = "finetune"  # under a trial's run directory: one run directory per task
 
@@ -119,6 +130,92 @@ def finetune_tasks(
     else:
         parts = [one(task) for task in tasks]
     return {k: v for part in parts for k, v in part.items()}
+
+
+# --------------------------------------------------------------------------- a search trial that finetunes
+
+
+FINETUNE_SOURCE_DIR = "pretrained"  # under EXP/tb/<trial>/finetune/: a URI experiment's final checkpoint, downloaded
+
+
+def final_checkpoint(train_storage: str, trial_id: str, max_steps: int, trial_dir: Path) -> tuple[dict[str, Any], str] | None:
+    """The last pretraining evaluation of a trial that reached ``max_steps`` (as Tune gets it) and the
+    local path of the checkpoint saved with it (downloaded into ``trial_dir`` from a URI storage);
+    None when Ray Train holds no checkpoint of that step (the trial stopped before)."""
+    from vlptune.search.run_storage import finished_result, run_storage_checkpoints  # imports torch: only when a trial starts
+
+    fs, root = storage_fs(train_storage)
+    run_path = f"{root}/{trial_id}"
+    result = finished_result(fs, run_path, max_steps)
+    paths, entries = run_storage_checkpoints(fs, run_path)
+    final = [e for e in entries if e.step >= max_steps]
+    if result is None or not final:
+        return None
+    name = max(final, key=lambda e: (e.step, e.name)).name
+    (path,) = [p for p in paths if p.rstrip("/").rsplit("/", 1)[-1] == name]
+    result.pop("trial/completed_from_checkpoint", None)
+    if not is_uri(train_storage):
+        return result, path
+    from pyarrow import fs as pafs  # pyarrow.fs: only for URI storage
+
+    local = trial_dir / FINETUNE_DIR / FINETUNE_SOURCE_DIR / name
+    if not local.is_dir():
+        tmp = local.with_name(local.name + ".tmp")
+        pafs.copy_files(path, str(tmp), source_filesystem=fs)
+        tmp.rename(local)
+    return result, str(local)
+
+
+def finish_with_downstream(
+    result: dict[str, Any],
+    recipe: Recipe,
+    checkpoint: str,
+    trial_dir: Path,
+    train_storage: str,
+    trial_id: str,
+    parallel: bool,
+    failures_max: int,
+    fit: Callable[..., dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """``result`` (the trial's last pretraining evaluation) with the metrics of finetuning ``checkpoint``
+    on each task of ``recipe.downstream`` (:func:`vlptune.search.finetune.finetune_tasks`); the
+    downstream metrics are written to the trial's TensorBoard run at its last step too. ``fit``: one
+    task's finetuning (default :func:`vlptune.search.finetune.fit_finetune`, a Ray Train run)."""
+    start = time.perf_counter()
+    tasks = list(recipe.downstream)
+    log.info("trial %s: pretrained to step %s; finetuning %s on %s", trial_id, result.get(TIME_ATTR), checkpoint, ", ".join(tasks))
+    downstream = finetune_tasks(recipe, checkpoint, trial_dir, train_storage, trial_id, parallel, failures_max, fit or fit_finetune)
+    final = {**result, **downstream, FINETUNE_TIME_KEY: round(time.perf_counter() - start, 3)}
+    _write_scalars(trial_dir, {k: v for k, v in downstream.items() if isinstance(v, (int, float))}, int(result.get(TIME_ATTR) or 0))
+    return final
+
+
+FINETUNE_TIME_KEY = "trial/finetune_s"  # seconds the trial spent finetuning after pretraining
+
+
+def _write_scalars(run_dir: Path, scalars: dict[str, float], step: int) -> None:
+    """The downstream metrics in the trial's own TensorBoard run (so its HParams row shows them)."""
+    from torch.utils.tensorboard import SummaryWriter  # torch: only when a trial finetunes
+
+    writer = SummaryWriter(str(run_dir), filename_suffix=".downstream")
+    try:
+        for key, value in scalars.items():
+            writer.add_scalar(key, value, step)
+    finally:
+        writer.close()
+
+
+def finetune_trial(
+    recipe: Recipe, train_storage: str, trial_id: str, trial_dir: Path, parallel: bool, failures_max: int, fit: Callable[..., dict[str, Any]] | None = None
+) -> dict[str, Any] | None:
+    """A trial's last result once its pretraining has ended: its final checkpoint (:func:`final_checkpoint`)
+    finetuned on every task of ``recipe.downstream`` (:func:`finish_with_downstream`); None when the
+    trial did not reach ``train.max_steps`` (it is not finetuned)."""
+    found = final_checkpoint(train_storage, trial_id, recipe.train.max_steps, trial_dir)
+    if found is None:
+        return None
+    result, checkpoint = found
+    return finish_with_downstream(result, recipe, checkpoint, trial_dir, train_storage, trial_id, parallel, failures_max, fit)
 
 
 # --------------------------------------------------------------------------- the command

@@ -41,7 +41,7 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
 from vlptune.io import finite
-from vlptune.search.space import TIME_ATTR, Param, SearchSpace
+from vlptune.search.space import TIME_ATTR, Param, SearchSpace, is_downstream
 
 log = logging.getLogger(__name__)
 
@@ -278,9 +278,13 @@ class OptunaSearcher(Searcher):
         stop_reason = result.get("stop_reason")
         if stop_reason and stop_reason != "max_steps":
             return TrialState.FAIL, None, f"stopped: {stop_reason}"
+        reached = isinstance(step, (int, float)) and step >= self.space.max_fidelity
+        if not finite(value) and not reached and is_downstream(self.space.metric):
+            # a downstream metric is NaN until the trial has pretrained and finetuned: a trial the
+            # scheduler stopped before its last step was pruned, not diverged
+            return TrialState.PRUNED, None, "pruned"
         if not finite(value):
             return TrialState.FAIL, None, "nan" if value is not None else "no metric"
-        reached = isinstance(step, (int, float)) and step >= self.space.max_fidelity
         if reached:
             return TrialState.COMPLETE, float(value), "completed"
         return TrialState.PRUNED, None, "pruned"

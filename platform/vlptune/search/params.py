@@ -99,6 +99,15 @@ class SpaceFile(_Strict):
     base: str = Field(..., min_length=1, description="the recipe every trial starts from (path relative to this file)")
     metric: str = Field(..., min_length=1, description="metric the searcher optimises and the scheduler compares, as reported by the loop")
     mode: Literal["min", "max"] = Field(..., description="minimise or maximise the metric")
+    prune_metric: str | None = Field(
+        None,
+        min_length=1,
+        description="pretraining metric the scheduler prunes on at its rungs; default: metric, or val/loss when metric is a downstream/... one",
+    )
+    prune_mode: Literal["min", "max"] | None = Field(None, description="minimise or maximise prune_metric; default: mode, or min for the val/loss default")
+    finetune_parallel: bool = Field(
+        False, description="trials that finetune on several downstream tasks run them at once, as separate Ray Train runs (needs room for them)"
+    )
     num_samples: int = Field(8, ge=1, le=1_000_000, description="trials to run (grid: at most the grid size; default for grid: the grid size)")
     max_concurrent: int = Field(2, ge=1, le=10_000, description="trials running at once (also bounded by the cluster's CPUs/GPUs)")
     resources: dict[str, Any] = Field(

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from vlptune.config import recipe_to_dict, set_dotted, validate_recipe
+from vlptune.config.downstream import DOWNSTREAM_PREFIX, downstream_columns
 from vlptune.io import finite
 from vlptune.search.layout import BASE_COPY, TB_DIR, TRIAL_RECIPE, SearchError, local_view, read_meta, study_url
 from vlptune.search.trainable import STARTUP_KEY
@@ -48,6 +49,7 @@ class TrialRow:
     history: list[tuple[int, float]] = field(default_factory=list)
     startup: dict[str, float] = field(default_factory=dict)  # every startup/* figure of the first report
     skipped: int | None = None  # corrupt training records skipped (the last report's data/skipped_records)
+    downstream: dict[str, float] = field(default_factory=dict)  # the last report's downstream/<task>/* values (a trial that finetuned)
 
 
 @dataclass
@@ -58,6 +60,7 @@ class ExperimentResults:
     max_fidelity: int
     parameters: list[str]
     rows: list[TrialRow]
+    downstream: list[str] = field(default_factory=list)  # one column per downstream task (config.downstream.downstream_columns)
 
     @property
     def best(self) -> TrialRow | None:
@@ -173,11 +176,13 @@ def collect(exp_dir: str | Path, mirror_dir: str | Path | None = None) -> Experi
                 history=history,
                 startup={k: float(v) for k, v in first.items() if k.startswith(STARTUP_PREFIX) and isinstance(v, (int, float))},
                 skipped=_last_count(results, SKIPPED_KEY),
+                downstream={k: float(v) for k, v in last.items() if k.startswith(DOWNSTREAM_PREFIX) and isinstance(v, (int, float))},
             )
         )
     sign = -1.0 if mode == "max" else 1.0
     rows.sort(key=lambda r: (0, sign * r.metric) if finite(r.metric) else (1, 0.0))
-    return ExperimentResults(str(exp_dir), metric, mode, int(meta["max_fidelity"]), list(meta["parameters"]), rows)
+    columns = downstream_columns({k for r in rows for k in r.downstream}, metric)
+    return ExperimentResults(str(exp_dir), metric, mode, int(meta["max_fidelity"]), list(meta["parameters"]), rows, columns)
 
 
 def _last_count(results: list[dict[str, Any]], key: str) -> int | None:
@@ -214,7 +219,7 @@ def _fmt(value: Any) -> str:
 
 
 def table_columns(results: ExperimentResults) -> list[str]:
-    return ["trial", *results.parameters, results.metric, "best", "step", "status", "wall_s", "startup_s", "skipped"]
+    return ["trial", *results.parameters, results.metric, "best", *results.downstream, "step", "status", "wall_s", "startup_s", "skipped"]
 
 
 def table_rows(results: ExperimentResults) -> list[list[Any]]:
@@ -223,7 +228,8 @@ def table_rows(results: ExperimentResults) -> list[list[Any]]:
         status = r.status
         if r.error and status == "error":
             status = f"error: {r.error}"
-        out.append([r.trial_id, *[r.params.get(p) for p in results.parameters], r.metric, r.best, r.fidelity, status, r.wall_s, r.startup_s, r.skipped])
+        tasks = [r.downstream.get(c) for c in results.downstream]
+        out.append([r.trial_id, *[r.params.get(p) for p in results.parameters], r.metric, r.best, *tasks, r.fidelity, status, r.wall_s, r.startup_s, r.skipped])
     return out
 
 
@@ -317,6 +323,7 @@ def to_json(results: ExperimentResults) -> dict[str, Any]:
             "mode": results.mode,
             "max_fidelity": results.max_fidelity,
             "parameters": results.parameters,
+            "downstream": results.downstream,
             "trials": [asdict(r) for r in results.rows],
             "best": {"trial_id": best.trial_id, "metric": best.metric, "recipe": trial_recipe(results, best)} if best else None,
         }

@@ -56,7 +56,7 @@ from vlptune.search.layout import (
 )
 from vlptune.search.location import ACTIVE_MIRRORS, DriverSync, Location
 from vlptune.search.preflight import check_experiment_storage, prepare_recipes_data
-from vlptune.search.space import TIME_ATTR, SearchSpace, load_space
+from vlptune.search.space import TIME_ATTR, SearchSpace, is_downstream, load_space, pruning_metric
 from vlptune.search.trainable import STARTUP_KEY, StartupTimer, make_trainable
 
 log = logging.getLogger(__name__)
@@ -75,16 +75,27 @@ def connect(address: str | None, **kwargs: Any) -> str | None:
 # ------------------------------------------------------------------ scheduler
 
 
+def tune_metric(source: Any) -> tuple[str, str] | None:
+    """Tune's top-level (metric, mode) of an experiment: its metric, unless the scheduler prunes on
+    another one (``prune_metric``: a search ranked by a downstream metric), then None."""
+    prune = getattr(source, "prune_metric", None) or source.metric
+    return (source.metric, source.mode) if prune == source.metric and not is_downstream(source.metric) else None
+
+
 def make_scheduler(space: SearchSpace):
     from ray.tune.schedulers import FIFOScheduler  # heavy dependency kept lazy
 
     from vlptune.search.schedulers import ASHA, HyperBand, MedianStopping  # imports Ray Tune: kept lazy
 
     s = space.scheduler
+    # pruning on another metric than the searched one (a downstream metric, reported only at a
+    # trial's end): the scheduler gets its own, and Tune's top-level metric is left to the searcher
+    own = {"metric": space.prune_metric, "mode": space.prune_mode} if tune_metric(space) is None else {}
     if s.type == "asha":
         # stop_last_trials=False: a trial at the last rung ends by itself, so its final
         # evaluation, checkpoint and TensorBoard events are written, never cut off.
         return ASHA(
+            **own,
             time_attr=TIME_ATTR,
             max_t=space.max_fidelity,
             grace_period=space.grace_period,
@@ -93,9 +104,10 @@ def make_scheduler(space: SearchSpace):
             stop_last_trials=False,
         )
     if s.type == "hyperband":
-        return HyperBand(time_attr=TIME_ATTR, max_t=space.max_fidelity, reduction_factor=s.reduction_factor, stop_last_trials=False)
+        return HyperBand(**own, time_attr=TIME_ATTR, max_t=space.max_fidelity, reduction_factor=s.reduction_factor, stop_last_trials=False)
     if s.type == "median":
         return MedianStopping(
+            **own,
             time_attr=TIME_ATTR,
             grace_period=space.grace_period,
             min_samples_required=s.min_samples_required,
@@ -413,13 +425,27 @@ def _fit(plan: TrialPlan, exp_dir: Path, resume: bool, worker_fn: Callable | Non
     from ray import tune  # heavy dependency kept lazy
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback  # ray: heavy, only when this runs
 
+    from vlptune.search.finetune import finetune_trial  # the trials' finetuning: imported when an experiment runs
     from vlptune.search.retention import CheckpointRetention  # imports Ray Tune and torch: kept lazy
 
     source = plan.source
     loc = location or Location(local=Path(exp_dir).resolve())
+    rank_by = pruning_metric(source.metric, source.mode, getattr(source, "prune_metric", None), getattr(source, "prune_mode", None))
     trainable = tune.with_resources(
         make_trainable(
-            exp_dir, source.base_raw, source.metric, source.failures.max_failures, worker_fn, plan.resolve, location=loc, hparams=plan.hparams, mode=source.mode
+            exp_dir,
+            source.base_raw,
+            source.metric,
+            source.failures.max_failures,
+            worker_fn,
+            plan.resolve,
+            location=loc,
+            hparams=plan.hparams,
+            mode=source.mode,
+            metrics=list(getattr(source, "metrics", None) or []),
+            finetune_parallel=bool(getattr(source, "finetune_parallel", False)),
+            rank_by=rank_by,
+            finetune=finetune_trial,
         ),
         tune.PlacementGroupFactory([{"CPU": 0, "memory": DRIVER_MEMORY_BYTES}]),
     )
@@ -429,7 +455,7 @@ def _fit(plan: TrialPlan, exp_dir: Path, resume: bool, worker_fn: Callable | Non
         CSVLoggerCallback(),
         JsonLoggerCallback(),
         *(callbacks or []),
-        CheckpointRetention(source.base_raw, source.metric, source.mode, plan.resolve),
+        CheckpointRetention(source.base_raw, *rank_by, plan.resolve),
     ]
     if resume:
         if not tune.Tuner.can_restore(loc.path):
@@ -437,13 +463,14 @@ def _fit(plan: TrialPlan, exp_dir: Path, resume: bool, worker_fn: Callable | Non
         tuner = tune.Tuner.restore(loc.path, trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
     else:
         settings = dict(plan.tune_settings())
+        top = tune_metric(source)
         param_space = settings.pop("param_space", None)
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(
-                metric=source.metric,
-                mode=source.mode,
+                metric=top[0] if top else None,
+                mode=top[1] if top else None,
                 max_concurrent_trials=concurrency(source),
                 **settings,
             ),

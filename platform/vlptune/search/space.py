@@ -54,7 +54,7 @@ from vlptune.config import (
     validate_recipe,
 )
 from vlptune.config import objectives as objective_configs
-from vlptune.config.downstream import DOWNSTREAM_PREFIX
+from vlptune.config.downstream import DOWNSTREAM_PREFIX, task_of_metric
 from vlptune.search.params import (
     SCHEDULER_SETTINGS,
     SEARCHER_SETTINGS,
@@ -73,7 +73,42 @@ FIDELITY_PATH = "train.max_steps"
 TIME_ATTR = "step"  # the loop reports this with every evaluation
 
 # Space-level keys that `-o key=value` may override; any other override is a recipe field.
-SPACE_OVERRIDE_KEYS = ("num_samples", "max_concurrent", "metric", "mode", "scheduler", "searcher", "failures", "storage")
+SPACE_OVERRIDE_KEYS = (
+    "num_samples",
+    "max_concurrent",
+    "metric",
+    "mode",
+    "prune_metric",
+    "prune_mode",
+    "finetune_parallel",
+    "scheduler",
+    "searcher",
+    "failures",
+    "storage",
+)
+
+# What the scheduler prunes on (and Ray Train ranks a trial's pretraining checkpoints by) when the
+# searched metric is a downstream one, reported only once a trial has pretrained and finetuned.
+DEFAULT_PRUNE_METRIC = "val/loss"
+DEFAULT_PRUNE_MODE = "min"
+
+
+def is_downstream(metric: str | None) -> bool:
+    """Is ``metric`` a downstream task's (``downstream/<task>/<metric>``), reported after a trial's finetuning?"""
+    return bool(metric) and str(metric).startswith(DOWNSTREAM_PREFIX)
+
+
+def pruning_metric(metric: str, mode: str, prune_metric: str | None = None, prune_mode: str | None = None) -> tuple[str, str]:
+    """The pretraining metric and mode the scheduler compares trials by at its rungs.
+
+    ``prune_metric`` when given (its mode ``prune_mode``, default ``mode``
+    when it is the searched metric, else min); else the searched ``metric``
+    when it is a pretraining one; else :data:`DEFAULT_PRUNE_METRIC`."""
+    if prune_metric:
+        return prune_metric, prune_mode or (mode if prune_metric == metric else DEFAULT_PRUNE_MODE)
+    if is_downstream(metric):
+        return DEFAULT_PRUNE_METRIC, prune_mode or DEFAULT_PRUNE_MODE
+    return metric, prune_mode or mode
 
 
 # ------------------------------------------------------------------ recipe-level checks
@@ -86,11 +121,16 @@ def check_objectives(recipe: Recipe) -> None:
 
 def metric_problem(metric: str, recipe: Recipe) -> str | None:
     """Why a recipe would not report ``metric`` (retrieval needs ITM; val/<obj>_* needs <obj>)."""
-    if metric.startswith(DOWNSTREAM_PREFIX):
-        return (
-            "a trial reports its pretraining metrics only: ranking a search or study by a downstream metric (trials that pretrain "
-            "then finetune) is not built yet (docs/finetuning.md); finetune a trial's checkpoint with `vlptune finetune RUN --task TASK`"
-        )
+    if is_downstream(metric):
+        try:
+            task_of_metric(metric)
+        except ConfigError as exc:
+            return f"{exc} (a downstream metric is downstream/<task>/<metric>)"
+        if metric.count("/") != 2:
+            return "a downstream metric is downstream/<task>/<metric>, e.g. downstream/vqa/score"
+        return None
+    if metric.startswith("val/") and recipe.eval.loss_batches == 0 and metric[4:] in ("loss", *(f"{n}_loss" for n in recipe.objectives)):
+        return f"{metric} is measured on eval.loss_batches validation batches, and eval.loss_batches is 0 here"
     active = recipe.active_objectives()
     if metric.startswith("retrieval/") and not any(cfg.scores_pairs for cfg in active.values()):
         scorers = objective_configs.pair_scorer_names()
@@ -102,6 +142,16 @@ def metric_problem(metric: str, recipe: Recipe) -> str | None:
         if head in recipe.objectives and head not in active:
             return f"objective {head!r} has weight 0 here, so {metric} is not reported"
     return None
+
+
+def trial_tasks(recipe: Recipe, metrics: typing.Iterable[str]) -> list[str]:
+    """The downstream tasks a trial finetunes on after pretraining: its recipe's ``downstream:`` section, then the tasks of ``metrics``."""
+    tasks = list(recipe.downstream)
+    for metric in metrics:
+        task = task_of_metric(metric) if is_downstream(metric) else None
+        if task and task not in tasks:
+            tasks.append(task)
+    return tasks
 
 
 # ------------------------------------------------------------------ the space
@@ -165,8 +215,20 @@ class SearchSpace:
     params: list[Param]
     fixed: dict[str, Any]
     overrides: list[str] = field(default_factory=list)
+    prune_metric: str = ""  # the scheduler's metric (pruning_metric(); load_space sets it)
+    prune_mode: str = ""
+    finetune_parallel: bool = False
 
     # -------------------------------------------------------------- derived
+
+    def __post_init__(self) -> None:
+        if not self.prune_metric:
+            self.prune_metric, self.prune_mode = pruning_metric(self.metric, self.mode)
+
+    @property
+    def downstream(self) -> bool:
+        """Is the searched metric a downstream one (trials pretrain, then finetune)?"""
+        return is_downstream(self.metric)
 
     @property
     def base_recipe(self) -> Recipe:
@@ -264,6 +326,16 @@ class SearchSpace:
         lines = describe_header("search space", self, base)
         lines += [
             f"  metric: {self.metric} ({self.mode}); fidelity: step, up to train.max_steps = {self.max_fidelity} (evaluation every {self.eval_every})",
+        ]
+        if self.prune_metric != self.metric:
+            lines.append(f"  the scheduler prunes on {self.prune_metric} ({self.prune_mode})")
+        tasks = trial_tasks(base, [self.metric])
+        if tasks:
+            lines.append(
+                f"  trials that reach train.max_steps then finetune on {', '.join(tasks)}{' at once' if self.finetune_parallel and len(tasks) > 1 else ''}"
+                " (each a Ray Train run) and report the downstream metrics; pruned trials are not finetuned"
+            )
+        lines += [
             f"  trials: {self.num_samples}, at most {self.max_concurrent} at once; each {res.workers} worker(s) x {res.cpus_per_worker:g} CPU, {res.gpus_per_worker:g} GPU",
         ]
         s = self.scheduler
@@ -449,9 +521,12 @@ def _corner_problems(space: SearchSpace) -> list[str]:
             detail = "; ".join(lines[1:]) if len(lines) > 1 and lines[0].endswith("invalid configuration:") else "; ".join(lines)
             problems.append(f"  corner {values}: {detail}")
             continue
-        problem = metric_problem(space.metric, recipe)
-        if problem:
-            problems.append(f"  corner {values}: metric {space.metric!r}: {problem}")
+        for name, metric in (("metric", space.metric), ("prune_metric", space.prune_metric)):
+            problem = metric_problem(metric, recipe)
+            if problem:
+                problems.append(f"  corner {values}: {name} {metric!r}: {problem}")
+            if name == "metric" and metric == space.prune_metric:
+                break
     return problems
 
 
@@ -503,7 +578,13 @@ def load_space(path: str | Path, overrides: list[str] | None = None, base_raw: d
         params=params,
         fixed=dict(spec.fixed),
         overrides=list(recipe_overrides),
+        finetune_parallel=spec.finetune_parallel,
     )
+    space.prune_metric, space.prune_mode = pruning_metric(spec.metric, spec.mode, spec.prune_metric, spec.prune_mode)
+    if is_downstream(space.prune_metric):
+        raise ConfigError(
+            f"{src}: invalid search space:\n  prune_metric: {space.prune_metric!r} is a downstream metric; the scheduler prunes on a pretraining one (e.g. val/loss)"
+        )
     if spec.searcher.type == "grid" and "num_samples" not in doc:
         space.num_samples = space.grid_size()
 

@@ -8,6 +8,17 @@
   a :class:`RayTrainReporter`, the checkpoint Ray kept put where the loop
   resumes from (:func:`materialize_ray_checkpoint`), then
   :func:`vlptune.train.loop.train_worker`;
+* a trial whose recipe has a ``downstream:`` section, or whose experiment's
+  metric is a ``downstream/<task>/<metric>`` one, finetunes its final
+  pretraining checkpoint on each task (:func:`vlptune.search.finetune.finetune_trial`,
+  each a Ray Train run) once its pretraining run has ended, then reports its last pretraining
+  evaluation and the downstream metrics together. The last pretraining
+  report is held back from Tune until then (:func:`trial_report_callback`):
+  a scheduler may stop a trial on any result it sees, the one at its last
+  step included, so that report must be the trial's last. Every earlier
+  result carries the downstream metrics as NaN (Tune wants the searched
+  metric in each; NaN is the worst value everywhere: ``vlptune.io.rank_value``).
+  A trial the scheduler prunes never reaches its last step, so it is never finetuned;
 * :func:`StartupTimer`: the Tune callback adding a trial's start-up cost to
   its first result (keys ``startup/*``, :data:`STARTUP_KEY` and the others).
 
@@ -34,7 +45,7 @@ from vlptune.config import Recipe, recipe_to_dict, set_dotted, validate_recipe
 from vlptune.search.layout import TB_DIR, TRAIN_DIR, TRIAL_RECIPE
 from vlptune.search.lean_train import lean_trainer_class
 from vlptune.search.location import DirUploader, Location
-from vlptune.search.space import check_objectives
+from vlptune.search.space import TIME_ATTR, check_objectives, is_downstream, pruning_metric, trial_tasks
 
 log = logging.getLogger(__name__)
 
@@ -237,21 +248,56 @@ def apply_config(base_raw: dict[str, Any], config: dict[str, Any], source: str) 
     return raw
 
 
+def storage_fs(train_storage: str) -> tuple[Any, str]:
+    """The pyarrow filesystem and root path of a Ray Train storage (a directory or a URI)."""
+    from pyarrow import fs as pafs  # pyarrow.fs: only when a trial starts
+
+    fs, root = open_uri(train_storage) if is_uri(train_storage) else (pafs.LocalFileSystem(), train_storage)
+    return fs, root.rstrip("/")
+
+
 def complete_from_storage(train_storage: str, trial_id: str, max_steps: int) -> bool:
     """Report the stored final result of a trial that already reached ``max_steps`` (Tune relaunched
     it after the driver was killed) and say so; False when its run must go on (workers are started)."""
-    from pyarrow import fs as pafs  # pyarrow.fs: only when a trial starts
     from ray import tune  # ray: heavy, only when this runs
 
     from vlptune.search.run_storage import finished_result  # imports torch: only when a trial starts
 
-    fs, root = open_uri(train_storage) if is_uri(train_storage) else (pafs.LocalFileSystem(), train_storage)
-    result = finished_result(fs, f"{root.rstrip('/')}/{trial_id}", max_steps)
+    fs, root = storage_fs(train_storage)
+    result = finished_result(fs, f"{root}/{trial_id}", max_steps)
     if result is None:
         return False
     log.info("trial %s: its checkpoint of step %d is stored: completed from its saved evaluation, no workers started", trial_id, max_steps)
     tune.report(result)
     return True
+
+
+def passed_to_tune(report: dict[str, Any], required: list[str], hold_from_step: int | None) -> dict[str, Any] | None:
+    """What Tune gets of a pretraining report (:func:`trial_report_callback`): None when it is held back
+    (its step is ``hold_from_step`` or later and the loop did not stop itself), else the report with
+    every metric of ``required`` it lacks as NaN."""
+    reason, step = report.get("stop_reason"), report.get(TIME_ATTR)
+    if hold_from_step is not None and isinstance(step, (int, float)) and step >= hold_from_step and reason in (None, "max_steps"):
+        return None
+    missing = {k: float("nan") for k in required if k not in report}
+    return {**report, **missing} if missing else report
+
+
+def trial_report_callback(required: list[str], hold_from_step: int | None):
+    """Ray Train's ``TuneReportCallback`` for a trial: every metric of ``required`` a result lacks is
+    added as NaN, and with ``hold_from_step`` the report of that step (the last pretraining one) is not
+    passed to Tune: the trial function reports it after the finetuning (:func:`finish_with_downstream`).
+
+    A report with a ``stop_reason`` other than ``max_steps`` (the loop stopped itself) always passes."""
+    from ray.tune.integration.ray_train import TuneReportCallback  # ray: heavy, only when a trial runs
+
+    class TrialReportCallback(TuneReportCallback):
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            passed = passed_to_tune(metrics[0], required, hold_from_step)
+            if passed is not None:
+                super().after_report(run_context, [passed, *metrics[1:]], checkpoint)
+
+    return TrialReportCallback()
 
 
 def make_trainable(
@@ -264,6 +310,10 @@ def make_trainable(
     location: Location | None = None,
     hparams: list[str] | None = None,
     mode: str | None = None,
+    metrics: list[str] | None = None,
+    finetune_parallel: bool = False,
+    rank_by: tuple[str, str] | None = None,
+    finetune: Callable[..., dict[str, Any] | None] | None = None,
 ) -> Callable[[dict], None]:
     """The function Tune runs per trial: build a TorchTrainer for the trial's recipe and ``fit()`` it.
 
@@ -284,11 +334,21 @@ def make_trainable(
     ``URI/train`` and rank 0 uploads the trial's run directory (written under
     ``exp_dir/tb``, the driver mirror's path, on whichever node it runs) to
     ``URI/tb/<trial_id>``.
+
+    A trial whose recipe has a ``downstream:`` section, or whose ``metric``
+    (or one of ``metrics``, a study's table) is ``downstream/<task>/...``,
+    finetunes after pretraining (module docstring; ``finetune_parallel``: its
+    tasks at once) with ``finetune`` (:func:`vlptune.search.finetune.finetune_trial`,
+    which the runner passes: that module builds on this one). ``rank_by``: the (metric, mode) Ray Train ranks a trial's
+    pretraining checkpoints by; default ``(metric, mode)``, or
+    :func:`~vlptune.search.space.pruning_metric`'s when ``metric`` is a
+    downstream one (the pretraining reports do not carry it).
     """
     exp_dir = Path(exp_dir).resolve()
     remote = location if location is not None and location.remote else None
     train_storage = remote.join(TRAIN_DIR) if remote else str(exp_dir / TRAIN_DIR)
     resolve = resolve or apply_config
+    ranked = rank_by or (pruning_metric(metric, mode) if metric and mode else (metric, mode))
 
     def vlptune_trial(config: dict[str, Any]) -> None:
         trial_fn_ts = time.time()  # this process (Tune's trial actor) has started and imported Ray
@@ -301,14 +361,35 @@ def make_trainable(
         trial_id = ctx.get_trial_id()
         raw = resolve(base_raw, dict(config), f"trial {trial_id}")
         recipe = validate_recipe(raw, f"trial {trial_id}")
+        tasks = trial_tasks(recipe, [metric, *(metrics or [])])
+        if tasks and set(tasks) != set(recipe.downstream):  # a task named only by the metric: its defaults
+            raw = copy.deepcopy(raw)
+            raw.setdefault("downstream", {}).update({t: {} for t in tasks if t not in recipe.downstream})
+            recipe = validate_recipe(raw, f"trial {trial_id}")
         check_objectives(recipe)  # refuse an inconsistent sample before starting workers
         trial_dir = Path(ctx.get_trial_dir())
         trial_dir.mkdir(parents=True, exist_ok=True)
         (trial_dir / TRIAL_RECIPE).write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
-        if complete_from_storage(train_storage, trial_id, recipe.train.max_steps):
+        max_steps = recipe.train.max_steps
+
+        trial_dir_tb = exp_dir / TB_DIR / trial_id
+
+        def pretrained_then_finetuned() -> dict[str, Any] | None:
+            if finetune is None:
+                raise RuntimeError(f"trial {trial_id}: finetunes on {', '.join(tasks)}, but the trainable was built without a finetune function")
+            return finetune(recipe, train_storage, trial_id, trial_dir_tb, finetune_parallel, failures_max)
+
+        if tasks:
+            final = pretrained_then_finetuned()  # a relaunched trial whose pretraining had ended
+            if final is not None:
+                log.info("trial %s: its checkpoint of step %d is stored: finetuned from it, no pretraining workers started", trial_id, max_steps)
+                tune.report(final)
+                return
+        elif complete_from_storage(train_storage, trial_id, max_steps):
             return
         res = recipe.resources
-        score = {"checkpoint_score_attribute": metric, "checkpoint_score_order": mode} if metric and mode else {}
+        score = {"checkpoint_score_attribute": ranked[0], "checkpoint_score_order": ranked[1]} if ranked[0] and ranked[1] else {}
+        required = [m for m in [metric, *(metrics or [])] if is_downstream(m)]
         per_worker = {"CPU": res.cpus_per_worker}
         if res.gpus_per_worker > 0:
             per_worker["GPU"] = res.gpus_per_worker
@@ -319,7 +400,7 @@ def make_trainable(
             train_loop_per_worker,
             train_loop_config={
                 "recipe": tree,
-                "out_dir": str(exp_dir / TB_DIR / trial_id),
+                "out_dir": str(trial_dir_tb),
                 "metric": metric,
                 "hparams": hparam_values(hparams if hparams is not None else list(config), tree, config),
                 "worker_fn": worker_fn,
@@ -330,13 +411,19 @@ def make_trainable(
             run_config=ray.train.RunConfig(
                 name=trial_id,
                 storage_path=train_storage,
-                callbacks=[TuneReportCallback()],
+                callbacks=[trial_report_callback(required, max_steps if tasks else None) if tasks or required else TuneReportCallback()],
                 failure_config=ray.train.FailureConfig(max_failures=failures_max),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=recipe.train.keep_checkpoints, **score),
                 logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # Ray Train's own chatter; the loop's logs pass
             ),
         )
-        trainer.fit()
+        fitted = trainer.fit()
+        if tasks:  # the held-back last report, with the downstream metrics
+            final = pretrained_then_finetuned()
+            if final is not None:
+                tune.report(final)
+            elif int((fitted.metrics or {}).get(TIME_ATTR) or 0) >= max_steps:
+                raise RuntimeError(f"trial {trial_id}: pretrained to step {max_steps}, but Ray Train holds no checkpoint of that step to finetune")
 
     vlptune_trial.__name__ = vlptune_trial.__qualname__ = TRAINABLE_NAME
     return vlptune_trial

@@ -3,7 +3,11 @@
 :func:`study_table` turns :class:`~vlptune.study.ablation.StudyResults` into
 one row per metric and variant (mean, std, the difference to the baseline
 with its Welch confidence interval and p-value, from :mod:`vlptune.study.stats`);
-:func:`format_markdown` and :func:`format_csv` write the rows out
+:func:`format_markdown` and :func:`format_csv` write the rows out;
+:func:`summary_table` puts them side by side, one row per variant and one
+column per metric (mean ± std, Δ to the baseline with its interval): the shape
+of the papers' ablation tables, e.g. SOHO's Table 7 with the downstream metrics
+``downstream/retrieval/tr_r1``, ``downstream/vqa/score``, ...
 (:func:`vlptune.study.ablation.write_study_outputs` puts them in the
 experiment directory).
 """
@@ -76,6 +80,32 @@ def _p(value: float | None) -> str:
     return "< 0.0001" if value < 1e-4 else f"{value:.3g}"
 
 
+def _cell(row: dict[str, Any]) -> str:
+    """``mean ± std`` and, for a variant compared with the baseline, ``Δ [low, high]``."""
+    if row["mean"] is None:
+        return "-"
+    text = _num(row["mean"]) if row["std"] is None else f"{_num(row['mean'])} ± {_num(row['std'], 3)}"
+    if row["diff"] is not None:
+        ci = f" [{_num(row['ci_low'], 3, sign=True)}, {_num(row['ci_high'], 3, sign=True)}]" if row["ci_low"] is not None else ""
+        text += f"; Δ {_num(row['diff'], 3, sign=True)}{ci}"
+    return text
+
+
+def summary_table(results: StudyResults, rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines of the side-by-side table: one row per variant (baseline first), one column per metric."""
+    short = [metric.removeprefix("downstream/") for metric in results.metrics]
+    level = f"{results.confidence:.0%}"
+    out = [
+        f"| variant | {' | '.join(short)} |",
+        "|---|" + "---|" * len(short),
+    ]
+    for variant in results.variants:
+        cells = [_cell(r) for metric in results.metrics for r in rows if r["metric"] == metric and r["variant"] == variant]
+        name = f"{variant} (baseline)" if variant == results.baseline else variant
+        out.append(f"| {name} | {' | '.join(cells)} |")
+    return [*out, "", f"Each cell: mean ± std over the finished seeds; Δ: the difference to {results.baseline} with its {level} interval."]
+
+
 def format_markdown(results: StudyResults, rows: list[dict[str, Any]] | None = None) -> str:
     """The table as Markdown: one section per metric, one line per variant, then what is missing."""
     rows = study_table(results) if rows is None else rows
@@ -92,6 +122,8 @@ def format_markdown(results: StudyResults, rows: list[dict[str, Any]] | None = N
         f"mean ± std: over the finished seeds (sample std, ddof=1). Δ: variant mean - baseline mean. "
         f"{level} CI: Welch-Satterthwaite degrees of freedom, Student t quantile. p: Welch's two-sided t-test (unequal variances).",
     ]
+    if len(results.metrics) > 1:
+        out += ["", "## Summary", "", *summary_table(results, rows)]
     for metric in results.metrics:
         better = {"max": "higher is better", "min": "lower is better"}[results.mode] if metric == results.metric else ""
         title = f"{metric} (primary, {better})" if better else metric
