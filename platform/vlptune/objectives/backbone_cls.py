@@ -59,9 +59,10 @@ def image_targets(obj_labels: Tensor, obj_attrs: Tensor, num_classes: int, with_
     return torch.cat([classes, attrs.float()], dim=1)
 
 
-def micro_f1(predicted: Tensor, targets: Tensor) -> Tensor:
-    """Micro F1 of the positive decisions (bool ``predicted``, float 0/1 ``targets``, same shape)."""
-    tp = (predicted & (targets > 0)).sum().float()
+def micro_f1(predicted: Tensor, targets: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Micro F1 of the positive decisions (bool ``predicted``, float 0/1 ``targets``, same shape); ``valid``: decisions that can be right."""
+    hits = predicted & (targets > 0)
+    tp = (hits if valid is None else hits & valid).sum().float()
     denom = predicted.sum().float() + (targets > 0).sum().float()
     return (2 * tp / denom.clamp_min(1.0)).detach()
 
@@ -97,6 +98,7 @@ class BackboneClassification(Objective):
         targets = image_targets(batch["obj_labels"], batch["obj_attrs"], self.num_classes, self.with_attributes)
         loss = F.binary_cross_entropy_with_logits(logits, targets)
         predicted = logits > 0
+        finite = torch.isfinite(logits)  # a non-finite logit's decision is never right (the rule of objectives.base.predicted)
         prior_answer = (self.prior > PRESENT).unsqueeze(0).expand_as(targets)
         chance = (prior_answer == (targets > 0)).float().mean()
         if self.training:
@@ -104,9 +106,9 @@ class BackboneClassification(Objective):
                 self.prior.mul_(PRIOR_MOMENTUM).add_(targets.mean(dim=0), alpha=1.0 - PRIOR_MOMENTUM)
         metrics = {
             "bcls_loss": loss.detach(),
-            "bcls_acc": (predicted == (targets > 0)).float().mean().detach(),
+            "bcls_acc": ((predicted == (targets > 0)) & finite).float().mean().detach(),
             "bcls_chance": chance.detach(),
-            "bcls_f1": micro_f1(predicted, targets),
+            "bcls_f1": micro_f1(predicted, targets, finite),
             "bcls_f1_chance": micro_f1(torch.ones_like(predicted), targets),
         }
         return ObjectiveOutput(loss, metrics)
