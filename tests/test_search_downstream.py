@@ -208,3 +208,26 @@ def test_optuna_is_told_pruned_for_a_trial_stopped_before_its_finetuning(tmp_pat
     assert told["pruned"].state == TrialState.PRUNED and told["pruned"].user_attrs["outcome"] == "pruned"
     assert told["done"].state == TrialState.COMPLETE and told["done"].value == 31.0
     assert told["failed"].state == TrialState.FAIL and told["failed"].user_attrs["outcome"] == "nan"
+
+
+@pytest.mark.parametrize("keep", ["none", "best"])
+def test_a_trials_finetuned_checkpoints_follow_keep_when_done(tmp_path, keep):
+    """The demo sets train.keep_when_done: none; its trials' finetunings then leave no 206 MB checkpoint each behind."""
+    from vlptune.config import validate_recipe
+    from vlptune.search.finetune import finetune_tasks
+    from vlptune.search.space import load_space
+
+    raw = load_space(tiny_space(tmp_path)).resolve({"data.mlm_prob": 0.15})
+    raw["train"]["keep_when_done"] = keep
+    recipe = validate_recipe(raw, "trial t0")
+
+    def fake_fit(recipe, task, checkpoint, out_dir, storage, name, failures_max):
+        kept = out_dir / "checkpoint_000000"
+        kept.mkdir(parents=True)
+        (kept / "model.safetensors").write_bytes(b"weights")
+        return {f"downstream/{task}/score": 1.0, "checkpoint": str(kept)}
+
+    metrics = finetune_tasks(recipe, "unused", tmp_path / "trial", str(tmp_path / "train"), "t0", parallel=False, fit=fake_fit)
+    assert {k: v for k, v in metrics.items() if k.endswith("/score")} == {f"downstream/{task}/score": 1.0 for task in recipe.downstream}
+    left = sorted(tmp_path.glob("trial/**/checkpoint_000000"))
+    assert len(left) == (0 if keep == "none" else len(recipe.downstream)), left

@@ -41,6 +41,7 @@ from vlptune.config.downstream import names as task_names
 from vlptune.search.lean_train import lean_trainer_class
 from vlptune.search.space import TIME_ATTR
 from vlptune.search.trainable import RayTrainReporter, materialize_ray_checkpoint, plain, storage_fs
+from vlptune.train.checkpoint import remove_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,8 @@ def finetune_tasks(
 ) -> dict[str, Any]:
     """Finetune ``checkpoint`` on every task of ``recipe.downstream`` (separate Ray Train runs, at once when ``parallel``).
 
-    Returns every task's ``downstream/<task>/*`` metrics, merged; a task whose
+    Returns every task's ``downstream/<task>/*`` metrics, merged (with
+    ``train.keep_when_done: none`` the finetuned checkpoints are then removed); a task whose
     run failed gets its main metric as NaN (the worst value) and its error
     under ``downstream/<task>/error``.
     """
@@ -122,6 +124,9 @@ def finetune_tasks(
             metrics = fit(recipe, task, checkpoint, trial_dir / FINETUNE_DIR / task, storage, f"{trial_id}-{task}", failures_max)
         except Exception as exc:  # one task's failure must not lose the others' results
             return {main_metric_key(task): math.nan, f"downstream/{task}/error": f"{type(exc).__name__}: {exc}"}
+        kept = metrics.get("checkpoint")
+        if recipe.train.keep_when_done == "none" and isinstance(kept, str) and not is_uri(kept) and Path(kept).is_dir():
+            remove_checkpoint(kept)  # train.keep_when_done: none holds for the trial's finetunings too: their metrics are read
         return {k: v for k, v in metrics.items() if k.startswith(f"downstream/{task}/")}
 
     if parallel and len(tasks) > 1:
