@@ -41,7 +41,6 @@ from vlptune.config.downstream import names as task_names
 from vlptune.search.lean_train import lean_trainer_class
 from vlptune.search.space import TIME_ATTR
 from vlptune.search.trainable import RayTrainReporter, materialize_ray_checkpoint, plain, storage_fs
-from vlptune.train.checkpoint import remove_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +125,8 @@ def finetune_tasks(
             return {main_metric_key(task): math.nan, f"downstream/{task}/error": f"{type(exc).__name__}: {exc}"}
         kept = metrics.get("checkpoint")
         if recipe.train.keep_when_done == "none" and isinstance(kept, str) and not is_uri(kept) and Path(kept).is_dir():
+            from vlptune.train.checkpoint import remove_checkpoint  # imports torch: `vlptune results` imports this module without it
+
             remove_checkpoint(kept)  # train.keep_when_done: none holds for the trial's finetunings too: their metrics are read
         return {k: v for k, v in metrics.items() if k.startswith(f"downstream/{task}/")}
 
