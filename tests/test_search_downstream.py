@@ -130,6 +130,57 @@ def test_one_results_column_per_downstream_task():
     assert downstream_columns(set(), METRIC) == []
 
 
+def test_a_named_combination_averages_the_tasks_relative_gains_over_chance():
+    from vlptune.config import ConfigError
+    from vlptune.config.downstream import combined_metrics, downstream_columns, task_of_metric
+
+    metrics = {"downstream/vqa/score": 36.0, "downstream/vqa/chance_score": 18.0, "downstream/nlvr2/acc": 60.0, "downstream/nlvr2/chance_acc": 50.0}
+    combined = combined_metrics(metrics, ["vqa", "nlvr2"])
+    assert combined == {"downstream/combined/gain_over_chance": pytest.approx((1.0 + 0.2) / 2)}  # (36-18)/18 = 1.0, (60-50)/50 = 0.2
+    failed = combined_metrics({**metrics, "downstream/nlvr2/acc": math.nan}, ["vqa", "nlvr2"])
+    assert math.isnan(failed["downstream/combined/gain_over_chance"])  # a failed task is never averaged away
+    assert math.isnan(combined_metrics({"downstream/vqa/score": 30.0}, ["vqa"])["downstream/combined/gain_over_chance"])  # no chance level
+    assert downstream_columns({**metrics, **combined}, "downstream/combined/gain_over_chance") == ["downstream/nlvr2/acc", "downstream/vqa/score"]
+    assert downstream_columns({**metrics, **combined}, METRIC)[-2:] == ["downstream/combined/gain_over_chance", "downstream/vqa/chance_score"]
+    assert task_of_metric("downstream/combined/gain_over_chance") is None
+    with pytest.raises(ConfigError, match="unknown combined downstream metric 'downstream/combined/gain_over_chanse'.*did you mean 'gain_over_chance'"):
+        task_of_metric("downstream/combined/gain_over_chanse")
+
+
+def test_a_search_ranked_by_a_combination_needs_downstream_tasks(tmp_path):
+    from vlptune.config import ConfigError
+    from vlptune.search.space import load_space, trial_tasks
+
+    combined = "downstream/combined/gain_over_chance"
+    space = load_space(tiny_space(tmp_path, metric=combined))  # the fixed downstream: section holds vqa
+    assert space.downstream and trial_tasks(space.base_recipe, [combined]) == ["vqa"]
+    doc = yaml.safe_load(tiny_space(tmp_path).read_text())
+    del doc["fixed"]["downstream"]
+    doc["metric"] = combined
+    bare = tmp_path / "bare.yaml"
+    bare.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError, match="combines the results of the tasks in the recipe's downstream: section, and it has none"):
+        load_space(bare)
+
+
+def test_a_finetuning_trial_lists_every_task_and_the_combination_in_its_hparams():
+    from vlptune.search.trainable import downstream_hparam_metrics
+    from vlptune.train.tensorboard import HPARAM_METRICS, hparam_metrics
+
+    later = downstream_hparam_metrics(["vqa", "nlvr2"])
+    assert later == [
+        "downstream/vqa/score",
+        "downstream/vqa/chance_score",
+        "downstream/nlvr2/acc",
+        "downstream/nlvr2/chance_acc",
+        "downstream/combined/gain_over_chance",
+    ]
+    assert downstream_hparam_metrics([]) == []
+    columns = hparam_metrics(METRIC, {"val/loss"}, later)  # written at the first evaluation, before any downstream result
+    assert columns[:2] == [METRIC, "downstream/vqa/chance_score"] and columns[2:5] == later[2:]
+    assert columns[5:] == list(HPARAM_METRICS) and len(columns) == len(set(columns))
+
+
 def test_what_tune_gets_of_each_pretraining_report():
     from vlptune.search.trainable import passed_to_tune
 
@@ -180,6 +231,7 @@ def test_a_trial_finetunes_its_final_checkpoint_and_reports_both(tmp_path):
     assert final["val/loss"] == last["val/loss"] and final["step"] == recipe.train.max_steps  # the pretraining evaluation stays
     assert math.isfinite(final[METRIC]) and final["downstream/vqa/chance_score"] > 0 and final["trial/finetune_s"] > 0
     assert math.isnan(final["downstream/snli_ve/acc"]) and "a task whose run failed" in final["downstream/snli_ve/error"]
+    assert math.isnan(final["downstream/combined/gain_over_chance"])  # one task failed: the combination says so
     assert (run / "finetune" / "vqa" / "finetune.json").is_file()
     events = EventAccumulator(str(run))
     events.Reload()

@@ -18,10 +18,16 @@ then scale with it, as fractions of the run).
 Every metric a task reports is named ``downstream/<task>/<metric>``
 (:func:`metric_key`); its main one (``main_metric``) is what early stopping
 and the best checkpoint read.
+
+A named combination of several tasks' results (:data:`COMBINED_METRICS`) is
+``downstream/combined/<name>``: a trial that finetunes reports every one
+(:func:`combined_metrics`), so a search or study can rank by it.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
@@ -30,6 +36,12 @@ from vlptune.config.base import ConfigError, Section
 from vlptune.errors import did_you_mean
 
 DOWNSTREAM_PREFIX = "downstream/"
+COMBINED_PREFIX = f"{DOWNSTREAM_PREFIX}combined/"
+# The named combinations of the tasks a trial finetunes on, reported as downstream/combined/<name>.
+COMBINED_METRICS = {
+    "gain_over_chance": "mean over the trial's tasks of (main metric - its chance level) / chance level: "
+    "each task's relative improvement over chance, averaged (NaN when a task failed or has no positive chance level)",
+}
 _TASKS: dict[str, type[TaskConfig]] = {}
 
 
@@ -207,18 +219,55 @@ def chance_metric_key(name: str) -> str:
 
 def downstream_columns(reported: Any, searched: str | None = None) -> list[str]:
     """The table columns of the downstream results among the keys ``reported``: each task's main metric
-    (registered task order), ``searched`` left out (it has its own column), then its chance level."""
+    (registered task order), the combinations, ``searched`` left out (it has its own column), then its chance level."""
     keys = set(reported)
     columns = [main_metric_key(t) for t in names() if main_metric_key(t) in keys and main_metric_key(t) != searched]
+    columns += [f"{COMBINED_PREFIX}{n}" for n in COMBINED_METRICS if f"{COMBINED_PREFIX}{n}" in keys and f"{COMBINED_PREFIX}{n}" != searched]
     task = task_of_metric(searched) if searched and searched.startswith(DOWNSTREAM_PREFIX) else None
     if task and chance_metric_key(task) in keys:
         columns.append(chance_metric_key(task))
     return columns
 
 
+def is_combined(metric: str | None) -> bool:
+    """Is ``metric`` a named combination of several tasks' results (``downstream/combined/<name>``)?"""
+    return bool(metric) and str(metric).startswith(COMBINED_PREFIX)
+
+
+def check_combined(metric: str) -> str:
+    """The name of the combination ``metric`` (``downstream/combined/<name>``); ConfigError naming the known ones otherwise."""
+    name = metric[len(COMBINED_PREFIX) :]
+    if name not in COMBINED_METRICS:
+        raise ConfigError(
+            f"unknown combined downstream metric {metric!r}{did_you_mean(name, COMBINED_METRICS)}; known: {', '.join(COMBINED_PREFIX + n for n in COMBINED_METRICS)}"
+        )
+    return name
+
+
+def gain_over_chance(metrics: Mapping[str, Any], tasks: Iterable[str]) -> float:
+    """:data:`COMBINED_METRICS` ``gain_over_chance`` of a trial's ``metrics`` over its ``tasks``."""
+    gains = []
+    for task in tasks:
+        main, chance = metrics.get(main_metric_key(task)), metrics.get(chance_metric_key(task))
+        if not isinstance(main, (int, float)) or not isinstance(chance, (int, float)) or not math.isfinite(main) or not math.isfinite(chance) or chance <= 0:
+            return math.nan  # a failed task (NaN) or one without a chance level cannot be averaged away
+        gains.append((main - chance) / chance)
+    return sum(gains) / len(gains) if gains else math.nan
+
+
+def combined_metrics(metrics: Mapping[str, Any], tasks: Iterable[str]) -> dict[str, float]:
+    """Every named combination (:data:`COMBINED_METRICS`) of ``metrics`` (a trial's ``downstream/<task>/*`` results) over ``tasks``."""
+    tasks = list(tasks)
+    return {f"{COMBINED_PREFIX}gain_over_chance": gain_over_chance(metrics, tasks)}
+
+
 def task_of_metric(metric: str) -> str | None:
-    """The task a ``downstream/<task>/...`` metric belongs to (ConfigError for an unknown task); None for other metrics."""
+    """The task a ``downstream/<task>/...`` metric belongs to (ConfigError for an unknown task); None for other
+    metrics and for a known combination of tasks (ConfigError for an unknown one)."""
     if not metric.startswith(DOWNSTREAM_PREFIX):
+        return None
+    if is_combined(metric):
+        check_combined(metric)
         return None
     task = metric[len(DOWNSTREAM_PREFIX) :].split("/", 1)[0]
     config_class(task)

@@ -36,7 +36,7 @@ from vlptune.cliutil import add_override_arg
 from vlptune.cluster.session import connect
 from vlptune.cluster.storage import is_uri
 from vlptune.config import Recipe, recipe_to_dict
-from vlptune.config.downstream import config_class, main_metric_key
+from vlptune.config.downstream import combined_metrics, config_class, main_metric_key
 from vlptune.config.downstream import names as task_names
 from vlptune.search.lean_train import lean_trainer_class
 from vlptune.search.space import TIME_ATTR
@@ -184,13 +184,14 @@ def finish_with_downstream(
     fit: Callable[..., dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """``result`` (the trial's last pretraining evaluation) with the metrics of finetuning ``checkpoint``
-    on each task of ``recipe.downstream`` (:func:`vlptune.search.finetune.finetune_tasks`); the
-    downstream metrics are written to the trial's TensorBoard run at its last step too. ``fit``: one
+    on each task of ``recipe.downstream`` (:func:`vlptune.search.finetune.finetune_tasks`) and their
+    named combinations (:func:`vlptune.config.downstream.combined_metrics`); the downstream metrics are written to the trial's TensorBoard run at its last step too. ``fit``: one
     task's finetuning (default :func:`vlptune.search.finetune.fit_finetune`, a Ray Train run)."""
     start = time.perf_counter()
     tasks = list(recipe.downstream)
     log.info("trial %s: pretrained to step %s; finetuning %s on %s", trial_id, result.get(TIME_ATTR), checkpoint, ", ".join(tasks))
     downstream = finetune_tasks(recipe, checkpoint, trial_dir, train_storage, trial_id, parallel, failures_max, fit or fit_finetune)
+    downstream.update(combined_metrics(downstream, tasks))
     final = {**result, **downstream, FINETUNE_TIME_KEY: round(time.perf_counter() - start, 3)}
     _write_scalars(trial_dir, {k: v for k, v in downstream.items() if isinstance(v, (int, float))}, int(result.get(TIME_ATTR) or 0))
     return final

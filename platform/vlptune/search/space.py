@@ -54,7 +54,7 @@ from vlptune.config import (
     validate_recipe,
 )
 from vlptune.config import objectives as objective_configs
-from vlptune.config.downstream import DOWNSTREAM_PREFIX, task_of_metric
+from vlptune.config.downstream import DOWNSTREAM_PREFIX, is_combined, task_of_metric
 from vlptune.search.params import (
     SCHEDULER_SETTINGS,
     SEARCHER_SETTINGS,
@@ -125,7 +125,9 @@ def metric_problem(metric: str, recipe: Recipe) -> str | None:
         try:
             task_of_metric(metric)
         except ConfigError as exc:
-            return f"{exc} (a downstream metric is downstream/<task>/<metric>)"
+            return f"{exc} (a downstream metric is downstream/<task>/<metric> or downstream/combined/<name>)"
+        if is_combined(metric) and not recipe.downstream:
+            return f"{metric} combines the results of the tasks in the recipe's downstream: section, and it has none (add e.g. downstream: {{vqa: {{}}, nlvr2: {{}}}})"
         if metric.count("/") != 2:
             return "a downstream metric is downstream/<task>/<metric>, e.g. downstream/vqa/score"
         return None

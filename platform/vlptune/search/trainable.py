@@ -42,6 +42,7 @@ import yaml
 
 from vlptune.cluster.storage import is_uri, open_uri
 from vlptune.config import Recipe, recipe_to_dict, set_dotted, validate_recipe
+from vlptune.config.downstream import COMBINED_METRICS, COMBINED_PREFIX, chance_metric_key, main_metric_key
 from vlptune.search.layout import TB_DIR, TRAIN_DIR, TRIAL_RECIPE
 from vlptune.search.lean_train import lean_trainer_class
 from vlptune.search.location import DirUploader, Location
@@ -194,7 +195,15 @@ def hparams_kwargs(worker_fn: Callable[..., Any], config: dict[str, Any]) -> dic
         return {}
     from vlptune.train.tensorboard import HParamsPlan  # imports torch: kept lazy
 
-    return {"hparams": HParamsPlan(config.get("hparams") or {}, config.get("metric"))}
+    return {"hparams": HParamsPlan(config.get("hparams") or {}, config.get("metric"), tuple(config.get("later_metrics") or ()))}
+
+
+def downstream_hparam_metrics(tasks: list[str]) -> list[str]:
+    """The HParams columns of a trial that finetunes on ``tasks``: each task's main metric and chance level, then the combinations."""
+    if not tasks:
+        return []
+    per_task = [key for task in tasks for key in (main_metric_key(task), chance_metric_key(task))]
+    return [*per_task, *(f"{COMBINED_PREFIX}{name}" for name in COMBINED_METRICS)]
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -403,6 +412,7 @@ def make_trainable(
                 "out_dir": str(trial_dir_tb),
                 "metric": metric,
                 "hparams": hparam_values(hparams if hparams is not None else list(config), tree, config),
+                "later_metrics": downstream_hparam_metrics(tasks),
                 "worker_fn": worker_fn,
                 "tb_uri": remote.join(TB_DIR, trial_id) if remote else None,
                 "trial_fn_ts": trial_fn_ts,

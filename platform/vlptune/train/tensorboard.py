@@ -88,10 +88,12 @@ VD_PICTURE_GAP = 2  # pixels of background between patches
 @dataclass(frozen=True)
 class HParamsPlan:
     """What a run's HParams list first: ``searched`` (name -> value, in the order of the
-    space or study) and the search ``metric`` (the first metric column)."""
+    space or study), the search ``metric`` (the first metric column) and ``later_metrics``,
+    columns the run reports after its first evaluation (a trial's downstream tasks)."""
 
     searched: Mapping[str, Any] = field(default_factory=dict)
     metric: str | None = None
+    later_metrics: tuple[str, ...] = ()
 
 
 _ABSENT = object()  # lookup()'s answer for a path the tree does not hold
@@ -151,6 +153,7 @@ class HParamsSelection:
     values: dict[str, bool | int | float | str]
     searched: frozenset[str]
     metric: str | None = None
+    later_metrics: tuple[str, ...] = ()
 
 
 def select_hparams(recipe_tree: Mapping[str, Any], plan: HParamsPlan | None = None) -> HParamsSelection:
@@ -158,7 +161,7 @@ def select_hparams(recipe_tree: Mapping[str, Any], plan: HParamsPlan | None = No
     plan = plan or HParamsPlan()
     values = {name: plugin_value(value) for name, value in plan.searched.items()}
     fixed = hparam_values([name for name in FIXED_HPARAMS if name not in values], recipe_tree)
-    return HParamsSelection({**values, **fixed}, frozenset(values), plan.metric)
+    return HParamsSelection({**values, **fixed}, frozenset(values), plan.metric, tuple(plan.later_metrics))
 
 
 def chance_keys(metric: str) -> list[str]:
@@ -173,12 +176,14 @@ def chance_keys(metric: str) -> list[str]:
     return keys
 
 
-def hparam_metrics(metric: str | None, reported: Collection[str]) -> list[str]:
+def hparam_metrics(metric: str | None, reported: Collection[str], later: Collection[str] = ()) -> list[str]:
     """The metric columns: ``metric``, its chance level (the first of :func:`chance_keys`
-    in ``reported``, the run's metric keys), then the rest of :data:`HPARAM_METRICS`."""
+    in ``reported``, the run's metric keys, or in ``later``, those it reports later), then
+    the rest of ``later`` (a trial's downstream tasks), then the rest of :data:`HPARAM_METRICS`."""
     first = [metric] if metric else []
     if metric:
-        first += [key for key in chance_keys(metric) if key in reported][:1]
+        first += [key for key in chance_keys(metric) if key in reported or key in later][:1]
+    first += [name for name in later if name not in first]
     return [*first, *(name for name in HPARAM_METRICS if name not in first)]
 
 
@@ -276,7 +281,7 @@ class RunWriter:
         """Write the experiment summary once, at the first evaluation (``reported``: its metric keys)."""
         if self._hparams is None or self._experiment_written:
             return
-        metrics = hparam_metrics(self._hparams.metric, reported)
+        metrics = hparam_metrics(self._hparams.metric, reported, self._hparams.later_metrics)
         self.writer.file_writer.add_summary(experiment_summary(self._hparams, metrics))
         self.writer.flush()
         self._experiment_written = True
