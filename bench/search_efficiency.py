@@ -86,6 +86,26 @@ class Options(BaseModel):
     tolerance: float = Field(0.01, ge=0.0, lt=1.0, description="target: the search's pick within this share of the grid's best")
     compute_target: float = Field(0.3, gt=0.0, le=1.0, description="target: the search's trial-steps at most this share of the grid's")
     out: Path = Field(Path("runs/bench/search_efficiency"), description="output directory (experiments, data, results.json); must not hold a previous run")
+    grid_from: Path | None = Field(
+        None, description="a previous run's output directory: compare against its grid (same grid options) instead of training it again"
+    )
+
+
+# The options that decide what the grid's trials train and report: a reused grid must match them.
+GRID_OPTIONS = (
+    "vd_sizes",
+    "mvm_weights",
+    "seeds",
+    "seed_base",
+    "max_steps",
+    "grace_period",
+    "metric",
+    "mode",
+    "train_images",
+    "val_images",
+    "image_size",
+    "batch_images",
+)
 
 
 # ------------------------------------------------------------------ the plan
@@ -176,6 +196,12 @@ def space_specs(opts: Options, data_root: Path) -> dict[str, dict[str, Any]]:
         "parameters": values,
     }
     return {GRID_NAME: grid, SEARCH_NAME: search}
+
+
+def grid_mismatch(opts: Options, previous: dict[str, Any]) -> list[str]:
+    """What differs between ``opts`` and a previous run's options (its results.json) among :data:`GRID_OPTIONS`."""
+    now = json.loads(opts.model_dump_json(include=set(GRID_OPTIONS)))
+    return [f"{k}: {previous.get(k)!r} there, {now[k]!r} here" for k in GRID_OPTIONS if previous.get(k) != now[k]]
 
 
 # ------------------------------------------------------------------ records and accounting
@@ -386,15 +412,26 @@ def run(opts: Options) -> Comparison:
     out = opts.out.resolve()
     if any((out / n).exists() for n in (GRID_NAME, SEARCH_NAME, RESULTS_FILE)):
         raise SystemExit(f"{out} holds a previous run; give another --out")
+    previous = None
+    if opts.grid_from is not None:
+        previous = json.loads((opts.grid_from / RESULTS_FILE).read_text())
+        problems = grid_mismatch(opts, previous["options"])
+        if problems:
+            raise SystemExit(f"{opts.grid_from}: its grid was trained with other options:\n  " + "\n  ".join(problems))
     out.mkdir(parents=True, exist_ok=True)
-    specs = space_specs(opts, out / "data")
+    # a reused grid: the search trains on its world (the same synthetic seed would rebuild the same one)
+    specs = space_specs(opts, (opts.grid_from.resolve() if opts.grid_from else out) / "data")
     print(
         f"grid: {len(grid_points(opts))} points x {opts.seeds} seeds = {specs[GRID_NAME]['num_samples']} trials, "
         f"{grid_trial_steps(opts)} trial-steps; ASHA+TPE: {specs[SEARCH_NAME]['num_samples']} samples "
         f"(expected {expected_asha_steps(opts.max_steps, opts.grace_period, opts.reduction_factor):.1f} steps each)",
         flush=True,
     )
-    grid, grid_wall = run_one(specs[GRID_NAME], out)
+    if opts.grid_from is not None and previous is not None:
+        grid, grid_wall = records_from_experiment(opts.grid_from.resolve() / GRID_NAME), float(previous["comparison"]["grid"]["wall_s"])
+        print(f"grid: {len(grid)} trials of {opts.grid_from / GRID_NAME}, not trained again", flush=True)
+    else:
+        grid, grid_wall = run_one(specs[GRID_NAME], out)
     search, search_wall = run_one(specs[SEARCH_NAME], out)
     c = compare(
         grid,

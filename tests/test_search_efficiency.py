@@ -150,3 +150,19 @@ def test_cli_options_are_typed_and_checked(se):
     for bad in (["--seeds", "0"], ["--mode", "best"], ["--budget-fraction", "1.5"], ["--vd-sizes", "0", "16"], ["--grace-period", "24"]):
         with pytest.raises(SystemExit):
             se.parse_options(bad)
+
+
+def test_a_reused_grid_must_have_been_trained_with_the_same_grid_options(se):
+    first = se.Options(vd_sizes=[16, 32], seeds=2)
+    previous = se.results_payload(first, _any_comparison(se), [], [])["options"]
+    # the search's own choices may differ; the grid's may not
+    assert se.grid_mismatch(first.model_copy(update={"budget_fraction": 0.2, "searcher_seed": 3, "out": Path("/tmp/y")}), previous) == []
+    assert se.grid_mismatch(first.model_copy(update={"seeds": 3, "vd_sizes": [16, 64]}), previous) == [
+        "vd_sizes: [16, 32] there, [16, 64] here",
+        "seeds: 2 there, 3 here",
+    ]
+
+
+def _any_comparison(se):
+    grid = _grid(se, GRID_VALUES)
+    return se.compare(grid, grid, metric="m", mode="min", max_steps=24, search_seed=0, grid_wall_s=1.0, search_wall_s=1.0, tolerance=0.01, compute_target=0.3)
