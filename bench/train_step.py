@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/train_step.py trials/demo-light.yaml [-o k=v ...] [--steps 20] [--warmup 3]
                                          [--device cpu|cuda] [--batch 8] [--threads N]
+                                         [--vary PATH=A,B [--rounds 3]]
 
 Both are measured in the same process on synthetic random tensors shaped like
 a training batch (no data files are read, so it runs anywhere):
@@ -19,6 +20,14 @@ a training batch (no data files are read, so it runs anywhere):
 It prints images/s and pairs/s of both and the ratio vlptune / reference.
 The reference is what a hand-written PyTorch loop of the same size costs; the
 ratio is the price of vlptune's generality.
+
+``--vary PATH=A,B[,...]`` compares vlptune with itself instead: one model per
+value of the recipe field PATH (say ``objectives.mvm.fusion_pass=separate,shared``
+or ``train.compile=false,true``), each built from the same seed and fed the
+same batch, timed in ``--rounds`` interleaved rounds (A, B, A, B, ...; the
+median round is reported) with the ratio of each to the first. A compiled
+variant (``train.compile``) is compiled and warmed up before the first round
+and its compilations are printed.
 """
 
 from __future__ import annotations
@@ -103,12 +112,13 @@ class Reference(nn.Module):
 
 
 def reference_views(recipe: Recipe, batch: dict[str, Any]) -> list[torch.Tensor]:
-    """Rows of the real step's fusion passes other than MLM's: ITM over all pairs, MVM over (prob x) the positives."""
+    """Rows of the real step's fusion passes other than MLM's: ITM over all pairs, MVM over (prob x) the positives (none when it shares MLM's)."""
     views = []
     active = {n: c for n, c in recipe.objectives.items() if getattr(c, "weight", 0) > 0}
     if "itm" in active:
         views.append(torch.arange(batch["text_ids"].shape[0], device=batch["text_ids"].device))
-    if "mvm" in active and recipe.model.vd.size > 0:
+    shared = "mlm" in active and getattr(active.get("mvm"), "fusion_pass", "separate") == "shared"  # MVM rides on MLM's pass
+    if "mvm" in active and recipe.model.vd.size > 0 and not shared:
         positives = torch.nonzero(batch["itm_labels"] == 1, as_tuple=True)[0]
         keep = max(1, round(positives.numel() * active["mvm"].prob))
         views.append(positives[:keep])
@@ -128,6 +138,52 @@ def timed(fn, steps: int, warmup: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def compare(args: argparse.Namespace, overrides: list[str]) -> int:
+    """``--vary``: vlptune against itself, one variant per value, rounds interleaved (see the module docstring)."""
+    import statistics
+
+    from vlptune.train.compiling import CompileWatch
+    from vlptune.train.loop import train_step
+
+    path, _, values = args.vary.partition("=")
+    device = torch.device(args.device)
+    variants = []
+    for value in values.split(","):
+        recipe = load_recipe(args.recipe, [*overrides, f"{path}={value}"])
+        precision = resolve_precision(recipe.optim.precision, device)
+        torch.manual_seed(recipe.train.seed)
+        pretrainer = build_pretrainer(recipe).to(device).train()
+        watch = CompileWatch(pretrainer.model, recipe.train.compile)
+        optimizers = build_optimizers(pretrainer, pretrainer.model.backbone, recipe.optim, max_steps=(args.steps + args.warmup) * args.rounds)
+        batch = synthetic_batch(recipe, recipe.data.batch_images, pretrainer.model.vocab_size, torch.Generator().manual_seed(0))
+        gen = torch.Generator().manual_seed(1)
+
+        def step(p=pretrainer, o=optimizers, b=batch, g=gen, pr=precision, clip=recipe.optim.grad_clip) -> None:
+            train_step(p, p, o, [b], device, pr, clip, g)
+
+        for _ in range(args.warmup):  # warm-up (compilation) before any round
+            step()
+        watch.step_done()
+        variants.append((value, step, watch, recipe))
+    rounds: dict[str, list[float]] = {value: [] for value, *_ in variants}
+    for _ in range(args.rounds):
+        for value, step, _, _ in variants:
+            rounds[value].append(timed(step, args.steps, 0, device))
+    recipe = variants[0][3]
+    h, w = image_hw(recipe)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
+    print(f"recipe {recipe.name}: {recipe.data.batch_images} images {h}x{w}, {recipe.model.fusion.layers} layers, device {name}")
+    print(f"{args.rounds} rounds of {args.steps} steps per variant, interleaved; median round")
+    print(f"{path:<36} {'s/step':>8} {'images/s':>10} {'ratio':>7}  rounds (s/step)")
+    first = statistics.median(rounds[variants[0][0]])
+    for value, _, watch, recipe in variants:
+        sec = statistics.median(rounds[value])
+        extra = "  " + ", ".join(f"{k} {v}" for k, v in watch.counts().items()) if watch.enabled else ""
+        print(f"{value:<36} {sec:>8.3f} {recipe.data.batch_images / sec:>10.1f} {first / sec:>7.2f}  {' '.join(f'{r:.3f}' for r in rounds[value])}{extra}")
+    print(f"ratio = throughput / throughput of {path}={variants[0][0]}")
+    return 0 if all(math.isfinite(r) for rs in rounds.values() for r in rs) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("recipe")
@@ -137,14 +193,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=0, help="images per step (default: data.batch_images)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's own)")
+    parser.add_argument("--vary", default="", metavar="PATH=A,B", help="compare vlptune with itself over the values of one recipe field")
+    parser.add_argument("--rounds", type=int, default=3, help="--vary: interleaved rounds (the median is reported)")
     args = parser.parse_args(argv)
 
     overrides = list(args.override)
     if args.batch:
         overrides.append(f"data.batch_images={args.batch}")
-    recipe = load_recipe(args.recipe, overrides)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.vary:
+        return compare(args, overrides)
+    recipe = load_recipe(args.recipe, overrides)
     device = torch.device(args.device)
     precision = resolve_precision(recipe.optim.precision, device)
     batch_images = recipe.data.batch_images

@@ -89,6 +89,13 @@ class DataConfig(Section):
     itm_negatives: int = Field(2, ge=0, le=16, description="negative captions per image in a batch (SOHO: 2)")
     batch_images: int = Field(8, ge=1, le=4096, description="images per worker per step (each with positives+negatives captions)")
     num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes per training worker")
+    shape_buckets: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="0: pad each batch to its largest image (any shape); n: pad each side up to the next of n lengths evenly spaced from image_size "
+        "to max_long_side (multiples of the grid stride), so the model sees at most n x n shapes (for train.compile)",
+    )
     max_objects: int = Field(8, ge=1, le=256, description="objects kept per image (boxes, labels, grid masks)")
     verify_shards: bool = Field(
         True,
@@ -261,6 +268,10 @@ class TrainConfig(Section):
     log_every: int = Field(10, ge=1, le=1_000_000, description="log training scalars every N steps")
     checkpoint_every: int = Field(0, ge=0, le=100_000_000, description="checkpoint every N steps (0 = at each evaluation)")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="seed of weights, data order and masking")
+    compile: bool = Field(
+        False,
+        description="torch.compile the backbone, projection and fusion encoder (the run reports compile/frames and compile/recompiles; see data.shape_buckets)",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available")
     nan_patience: int = Field(3, ge=1, le=1000, description="consecutive non-finite losses after which the run stops with a reason")
     keep_checkpoints: int = Field(

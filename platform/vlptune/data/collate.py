@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from vlptune.config import Recipe
+from vlptune.config import DataConfig, Recipe
 from vlptune.data.schema import DataError
 from vlptune.data.text import MLMMasker, char_to_token_spans, encode
 from vlptune.grid import grid_shape, grid_stride
@@ -92,6 +92,7 @@ class SOHOCollate:
         self.N = data.itm_negatives
         self.max_len = data.max_text_len
         self.stride = grid_stride(recipe.model.backbone.pool)
+        self.sides = bucket_sides(data, self.stride)
         self.tokenizer = tokenizer
         self.masker = MLMMasker(tokenizer, data.mlm_prob)
         vocab = manifest["vocabularies"]
@@ -155,7 +156,7 @@ class SOHOCollate:
         B, P, N = len(samples), self.P, self.N
 
         # images and grid
-        images, pixel_mask, grid_mask = pad_images([s["image"] for s in samples], self.stride)
+        images, pixel_mask, grid_mask = pad_images([s["image"] for s in samples], self.stride, self.sides)
         H, W = images.shape[-2:]
         gh, gw = grid_shape(H, W, self.stride)
 
@@ -254,10 +255,34 @@ class SOHOCollate:
         }
 
 
-def pad_images(tensors: Sequence[torch.Tensor], stride: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Zero-pad [3,h,w] tensors to the largest h and w; pixel and grid masks."""
-    H = max(t.shape[1] for t in tensors)
-    W = max(t.shape[2] for t in tensors)
+def bucket_sides(data: DataConfig, stride: int) -> tuple[int, ...]:
+    """The padded side lengths of ``data.shape_buckets`` (ascending; empty when 0).
+
+    ``n`` lengths evenly spaced from ``image_size`` to the longest side the
+    resize gives (``max_long_side``; ``image_size`` in square mode), each
+    rounded up to a multiple of ``stride`` (duplicates dropped).
+    """
+    count = data.shape_buckets
+    if count == 0:
+        return ()
+    low = data.image_size
+    high = low if data.resize_mode == "square" else max(low, data.max_long_side)
+    if count == 1:
+        lengths: list[float] = [float(high)]
+    else:
+        lengths = [low + (high - low) * i / (count - 1) for i in range(count)]
+    return tuple(sorted({math.ceil(length / stride) * stride for length in lengths}))
+
+
+def padded_side(side: int, sides: Sequence[int]) -> int:
+    """The smallest of ``sides`` that holds ``side``; ``side`` itself without buckets or when it exceeds every one."""
+    return next((length for length in sides if length >= side), side)
+
+
+def pad_images(tensors: Sequence[torch.Tensor], stride: int, sides: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Zero-pad [3,h,w] tensors to the largest h and w (each raised to the next of ``sides``: :func:`bucket_sides`); pixel and grid masks."""
+    H = padded_side(max(t.shape[1] for t in tensors), sides)
+    W = padded_side(max(t.shape[2] for t in tensors), sides)
     gh, gw = grid_shape(H, W, stride)
     B = len(tensors)
     images = torch.zeros(B, 3, H, W, dtype=torch.float32)

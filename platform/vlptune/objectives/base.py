@@ -8,6 +8,14 @@ backbone itself: the :class:`StepContext` runs the CNN once per image per step
 objectives that need the same input (say, ITM and a future phrase-region
 alignment on clean text and clean image) share one pass.
 
+MLM's pass over the positives (:func:`masked_view`, masked text) can also
+carry another objective's masked grid cells (MVM with
+``objectives.mvm.fusion_pass: shared``, the SOHO release): the objective that
+joins it (``joins_masked_pass``) masks the grid in
+:meth:`Objective.mask_positive_grid`, and the :class:`Pretrainer` hands it to
+the step's context as ``grid_masker`` when an objective that reads the pass
+(``reads_masked_pass``: MLM) is active too.
+
 :class:`Pretrainer` bundles the model with the recipe's active objectives into
 the single module the loop optimises and, under DDP, wraps: its ``forward``
 computes every objective and the weighted total loss.
@@ -51,10 +59,11 @@ class StepContext:
     checkpoints, so a resumed run draws the same choices.
     """
 
-    def __init__(self, model: VLPModel, batch: dict[str, Any], generator: torch.Generator | None = None):
+    def __init__(self, model: VLPModel, batch: dict[str, Any], generator: torch.Generator | None = None, grid_masker: Objective | None = None):
         self.model = model
         self.batch = batch
         self.generator = generator
+        self.grid_masker = grid_masker  # the objective whose masked cells join the masked pass (masked_view), if any
         self._images: ImageFeatures | None = None
         self._views: dict[str, Any] = {}
         self._positive_rows: Tensor | None = None
@@ -94,6 +103,27 @@ class StepContext:
         return self.model.fuse(text_ids, text_mask, grid, grid_mask)
 
 
+MASKED_VIEW = "masked"  # the view name of masked_view
+
+
+def masked_view(batch: dict[str, Any], ctx: StepContext) -> FusionOutput:
+    """The fusion pass over the positive pairs (rows ``ctx.positive_rows``) with the MLM-masked text (``mlm_ids``).
+
+    The image is clean, unless ``ctx.grid_masker`` is set: then its
+    :meth:`Objective.mask_positive_grid` masks the grid of the same pass (MLM
+    and MVM in one pass, ``objectives.mvm.fusion_pass: shared``).
+    """
+
+    def build() -> FusionOutput:
+        rows = ctx.positive_rows
+        grid, grid_mask = ctx.pair_grid(rows)
+        if ctx.grid_masker is not None:
+            grid = ctx.grid_masker.mask_positive_grid(batch, ctx, grid)
+        return ctx.fuse(batch["mlm_ids"][rows], batch["text_mask"][rows], grid, grid_mask)
+
+    return ctx.view(MASKED_VIEW, build)
+
+
 class Objective(nn.Module, abc.ABC):
     """Base of every pretext task. Subclasses are registered with ``@register(name)``; the config class of that name lives in :mod:`vlptune.config.objectives`.
 
@@ -107,11 +137,20 @@ class Objective(nn.Module, abc.ABC):
     # Every metric the objective may return. A step may leave some out (nothing
     # to learn from); averages then count only the steps that have them.
     metric_names: ClassVar[tuple[str, ...]] = ()
+    # Whether the objective reads masked_view (MLM). An objective that sets
+    # joins_masked_pass puts its masked grid cells into that pass
+    # (mask_positive_grid) when such a reader is active.
+    reads_masked_pass: ClassVar[bool] = False
 
     def __init__(self, cfg: ObjectiveConfig, model: VLPModel, recipe: Recipe, info: DatasetInfo | None = None):
         super().__init__()
         self.cfg = cfg
         self.weight = float(cfg.weight)
+        self.joins_masked_pass = False
+
+    def mask_positive_grid(self, batch: dict[str, Any], ctx: StepContext, grid: Tensor) -> Tensor:
+        """The positives' grid ``[R,D,gh,gw]`` with this objective's masked cells replaced (see :func:`masked_view`)."""
+        raise NotImplementedError(f"objective {self.name!r} does not mask the grid of the masked pass (joins_masked_pass is only for objectives that do)")
 
     def require_info(self, info: DatasetInfo | None, fields: tuple[str, ...] = ()) -> DatasetInfo:
         """``info``, or a clear error for an objective that sizes its heads from the dataset's vocabularies.
@@ -199,7 +238,18 @@ class Pretrainer(nn.Module):
             raise ValueError("no active objective: give at least one objective a weight > 0")
         self.model = model
         self.objectives = nn.ModuleDict(objectives)
+        readers = any(objective.reads_masked_pass for objective in objectives.values())
+        joiners = [objective for objective in objectives.values() if objective.joins_masked_pass]
+        if len(joiners) > 1:
+            raise ValueError(f"objectives {[o.name for o in joiners]} all join the masked pass; at most one may")
+        # A tuple, so the objective is not registered a second time as a sub-module.
+        self._grid_masker: tuple[Objective, ...] = tuple(joiners) if readers else ()
         self.last_losses: dict[str, Tensor] = {}  # each objective's loss of the last forward (train/balance.py measures them)
+
+    @property
+    def grid_masker(self) -> Objective | None:
+        """The objective whose masked grid cells share MLM's pass (:func:`masked_view`), None when every pass is separate."""
+        return self._grid_masker[0] if self._grid_masker else None
 
     @property
     def metric_names(self) -> tuple[str, ...]:
@@ -210,7 +260,7 @@ class Pretrainer(nn.Module):
         return tuple(names)
 
     def forward(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor | float]]:
-        ctx = StepContext(self.model, batch, generator)
+        ctx = StepContext(self.model, batch, generator, self.grid_masker)
         total: Tensor | None = None
         metrics: dict[str, Tensor | float] = {}
         balance = self._modules.get("balance")  # optim.balance's per-objective scales (train/balance.py), if any

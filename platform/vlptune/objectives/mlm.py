@@ -4,8 +4,11 @@ Masking itself (probability, 80/10/10) happens in the data pipeline
 (``data.mlm_prob``); this objective owns the head (BERT transform + decoder tied
 to the word embeddings) and the loss.
 
-The fusion pass it uses (view ``"mlm"``) holds the positive pairs only, with
-the masked text (``mlm_ids``) and the clean image, as in SOHO. The decoder's
+The fusion pass it uses (:func:`~vlptune.objectives.base.masked_view`, view
+``"masked"``) holds the positive pairs only, with the masked text
+(``mlm_ids``) and the clean image, as in SOHO's paper; with
+``objectives.mvm.fusion_pass: shared`` the same pass also carries MVM's masked
+grid cells (the SOHO release), and MVM reads its image states. The decoder's
 weight is the model's word-embedding matrix itself (tied, not copied), so the
 head adds only the transform and a per-token bias.
 """
@@ -21,7 +24,7 @@ from vlptune.config import Recipe
 from vlptune.config.objectives import MLMConfig
 from vlptune.data.info import DatasetInfo
 from vlptune.model.vlp import VLPModel
-from vlptune.objectives.base import Objective, ObjectiveOutput, PredictionTransform, StepContext, accuracy, majority_share
+from vlptune.objectives.base import Objective, ObjectiveOutput, PredictionTransform, StepContext, accuracy, majority_share, masked_view
 from vlptune.objectives.registry import register
 
 IGNORE_INDEX = -100  # mlm_labels value where there is nothing to predict (see docs/contracts.md)
@@ -33,6 +36,7 @@ class MLM(Objective):
 
     needs = ("mlm_ids", "mlm_labels", "text_mask", "itm_labels", "pair_image")
     metric_names = ("mlm_loss", "mlm_acc", "mlm_chance")
+    reads_masked_pass = True
 
     def __init__(self, cfg: MLMConfig, model: VLPModel, recipe: Recipe, info: DatasetInfo | None = None):
         super().__init__(cfg, model, recipe, info)
@@ -53,7 +57,7 @@ class MLM(Objective):
 
     def forward(self, batch: dict[str, Any], ctx: StepContext) -> ObjectiveOutput:
         rows = ctx.positive_rows
-        out = ctx.view("mlm", lambda: ctx.fuse(batch["mlm_ids"][rows], batch["text_mask"][rows], *ctx.pair_grid(rows)))
+        out = masked_view(batch, ctx)
         labels = batch["mlm_labels"][rows]
         picked = labels != IGNORE_INDEX
         states = out.text_states[picked]

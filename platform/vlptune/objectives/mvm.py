@@ -9,8 +9,18 @@ the masked grid, and a head (BERT transform + linear over the k codes)
 predicts the index at each masked cell. Because all cells of the index are
 masked, the answer cannot be copied from a neighbouring cell.
 
-The text is left clean (the conditional masking of UNITER: one modality
-corrupted at a time), so MVM and MLM use separate passes over the positives.
+Which pass (``fusion_pass``):
+
+* ``separate`` (SOHO's paper): the text is left clean (the conditional
+  masking of UNITER: one modality corrupted at a time), so MVM and MLM use
+  separate passes over the positives: three fusion passes per step with ITM's;
+* ``shared`` (the SOHO release): the masked cells go into MLM's pass over the
+  positives (:func:`~vlptune.objectives.base.masked_view`: masked text and
+  masked grid in one sequence) and MVM reads that pass's image states: two
+  passes per step. The pairs, codes and cells drawn are the same as in
+  ``separate`` (same draws from the step's generator); what changes is that
+  MLM sees the masked cells and MVM the masked text. With MLM off the pass is
+  MVM's own, as in ``separate``.
 
 A recipe that gives MVM a weight with the VD switched off (``model.vd.size=0``)
 is refused before the model is built. A step with nothing to mask (no pair
@@ -55,6 +65,7 @@ from vlptune.objectives.base import (
     accuracy,
     init_head_weights,
     majority_share,
+    masked_view,
 )
 from vlptune.objectives.registry import register
 
@@ -137,6 +148,7 @@ class MVM(Objective):
             self.decoder = nn.Linear(hidden, self.num_codes)
             init_head_weights(self.decoder)
         self.register_buffer("prior_counts", torch.zeros(self.num_codes))
+        self.joins_masked_pass = cfg.fusion_pass == "shared"
 
     def logits(self, states: Tensor) -> Tensor:
         if self.cosine:  # the release: cosine between the output and every code, no temperature
@@ -148,28 +160,53 @@ class MVM(Objective):
     def _skipped(self, ref: Tensor) -> ObjectiveOutput:
         return ObjectiveOutput(self.zero_loss(ref), {"mvm_skipped": 1.0})
 
+    def masks(self, ctx: StepContext) -> tuple[Tensor, Tensor, Tensor]:
+        """``(selected, chosen, mask)`` of :func:`choose_masks` over the positive pairs (``ctx.positive_rows``), drawn once per step.
+
+        Needs the VD's codes (``check_recipe`` refuses MVM without a VD).
+        """
+
+        def draw() -> tuple[Tensor, Tensor, Tensor]:
+            images = ctx.images
+            assert images.codes is not None  # callers check the VD is on
+            image_of_pair = ctx.batch["pair_image"][ctx.positive_rows]
+            prob = self.prob if self.training else EVAL_PROB
+            codes, valid = images.codes[image_of_pair], images.grid_mask[image_of_pair]
+            if self.release_masking:
+                return choose_release_masks(codes, valid, prob, ctx.generator)
+            return choose_masks(codes, valid, prob, self.num_codes, ctx.generator)
+
+        return ctx.view("mvm_masks", draw)
+
+    def masked(self, grid: Tensor, mask: Tensor) -> Tensor:
+        """``grid`` [R,D,gh,gw] with the cells of ``mask`` [R,gh,gw] replaced by the learned [MASK] vector."""
+        return torch.where(mask[:, None], self.mask_embedding.to(grid.dtype)[None, :, None, None], grid)
+
+    def mask_positive_grid(self, batch: dict[str, Any], ctx: StepContext, grid: Tensor) -> Tensor:
+        if ctx.images.codes is None:  # the VD is off: nothing masked
+            return grid
+        return self.masked(grid, self.masks(ctx)[2])
+
     def forward(self, batch: dict[str, Any], ctx: StepContext) -> ObjectiveOutput:
         images = ctx.images
         if images.codes is None:  # the VD is off: nothing to predict
             return self._skipped(images.feats)
         rows = ctx.positive_rows
-        image_of_pair = batch["pair_image"][rows]
-        prob = self.prob if self.training else EVAL_PROB
-        codes, valid = images.codes[image_of_pair], images.grid_mask[image_of_pair]
-        if self.release_masking:
-            selected, chosen, mask = choose_release_masks(codes, valid, prob, ctx.generator)
-        else:
-            selected, chosen, mask = choose_masks(codes, valid, prob, self.num_codes, ctx.generator)
+        selected, chosen, mask = self.masks(ctx)
         picked = torch.nonzero(selected, as_tuple=True)[0]
         if picked.numel() == 0:
             return self._skipped(images.feats)
-        pair_rows = rows[picked]
         mask = mask[picked]
-        grid, grid_mask = ctx.pair_grid(pair_rows)
-        masked_grid = torch.where(mask[:, None], self.mask_embedding.to(grid.dtype)[None, :, None, None], grid)
-        out = ctx.view("mvm", lambda: ctx.fuse(batch["text_ids"][pair_rows], batch["text_mask"][pair_rows], masked_grid, grid_mask))
+        if ctx.grid_masker is self:  # one pass with MLM over every positive (fusion_pass: shared)
+            image_states = masked_view(batch, ctx).image_states[picked]
+        else:
+            pair_rows = rows[picked]
+            grid, grid_mask = ctx.pair_grid(pair_rows)
+            masked_grid = self.masked(grid, mask)
+            out = ctx.view("mvm", lambda: ctx.fuse(batch["text_ids"][pair_rows], batch["text_mask"][pair_rows], masked_grid, grid_mask))
+            image_states = out.image_states
         cells = mask.flatten(1)  # row-major (gh, gw), the order of image_states
-        states = out.image_states[cells]
+        states = image_states[cells]
         targets = chosen[picked][:, None].expand_as(cells)[cells]
         logits = self.logits(states).float()
         loss = F.cross_entropy(logits, targets)

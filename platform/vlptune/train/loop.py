@@ -58,6 +58,7 @@ from vlptune.train import checkpoint as ckpt
 from vlptune.train.backbone_pretrain import resolve_cached_backbone
 from vlptune.train.balance import measures_at, with_objective_grad_norms
 from vlptune.train.checkpoint import drop_persisted_copy
+from vlptune.train.compiling import CompileWatch
 from vlptune.train.evaluate import RetrievalInputs, diverged_as_worst, evaluate_losses, evaluate_retrieval, to_device
 from vlptune.train.optim import (
     Optimizers,
@@ -407,6 +408,7 @@ def train_worker(
     phases.mark("prepare_data")
     pretrainer = (finetune.build(recipe, info) if finetune else build_pretrainer(recipe, info)).to(device)
     pretrainer.train()
+    compiled = CompileWatch(pretrainer.model, recipe.train.compile)
     optimizers = build_optimizers(pretrainer, pretrainer.model.backbone, recipe.optim, recipe.train.max_steps)
     module: nn.Module = pretrainer
     if workers.active:
@@ -465,6 +467,7 @@ def train_worker(
             module, pretrainer, optimizers, [stream.next() for _ in range(accum)], device, precision, recipe.optim.grad_clip, objective_gen, measure
         )
         phases.mark("first_step", once=True)
+        compiled.step_done()
         step += 1
         if out.finite:
             nonfinite = 0
@@ -488,6 +491,8 @@ def train_worker(
 
         if step % recipe.train.log_every == 0 or step == max_steps:
             log_window(writer, meter, window, optimizers, step, stream.epoch)
+            if writer is not None:
+                writer.scalars(compiled.counts(), step, "compile/")
             meter = MetricMeter(pretrainer.metric_names)
             window = {"images": 0, "pairs": 0, "grad_norm": 0.0, "steps": 0, "start": time.perf_counter()}
 
@@ -540,6 +545,7 @@ def train_worker(
         "train_seconds": time.perf_counter() - train_start,
         "skipped_records": skipped_over_ranks(stream.skipped, device),
         "images_seen": images_seen,
+        **compiled.summary(),
     }
     if stop_reason != STOP_MAX_STEPS:
         reporter.report(final, None)
