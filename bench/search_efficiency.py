@@ -27,6 +27,11 @@ The raw best trial of each (seed-matched: grid trials at the search's seed)
 is printed too. Target (issue 17): the pick within 1% of the grid's best
 with at most 30% of its trial-steps.
 
+``--grid-from OUT`` compares a new search (another ``--searcher-seed``,
+``--budget-fraction``, ...) against a previous run's grid instead of
+training the grid again (the options that decide the grid's trials must
+match; its wall clock is the one measured then).
+
 Writes ``OUT/results.json`` and prints one table. The pure parts (plan,
 accounting, comparison, table) are tested on hand-made records in
 tests/test_search_efficiency.py.
@@ -282,6 +287,8 @@ class Comparison:
     quality_met: bool
     compute_met: bool
     point_means: dict[str, float]  # "vd/mvm" -> grid mean over seeds
+    grid_points: int  # distinct points each experiment trained (the search's searcher may repeat one)
+    search_points: int
 
 
 def _better(mode: str):
@@ -349,6 +356,8 @@ def compare(
         quality_met=quality is not None and quality >= 1.0 - tolerance,
         compute_met=compute_ratio <= compute_target,
         point_means={f"{vd}/{w:g}": v for (vd, w), v in sorted(means.items())},
+        grid_points=len({r.point for r in grid}),
+        search_points=len({r.point for r in search}),
     )
 
 
@@ -365,6 +374,7 @@ def format_report(c: Comparison, tolerance: float, compute_target: float) -> str
     rows = [
         ("", "grid", "ASHA+TPE", "ratio"),
         ("trials", str(c.grid.trials), str(c.search.trials), ""),
+        ("distinct points", str(c.grid_points), str(c.search_points), ""),
         ("trial-steps", str(c.grid.trial_steps), str(c.search.trial_steps), f"{c.compute_ratio:.3f}"),
         ("trials' wall s (sum)", f"{c.grid.trial_wall_s:.0f}", f"{c.search.trial_wall_s:.0f}", f"{c.trial_wall_ratio:.3f}"),
         ("experiment wall s", f"{c.grid.wall_s:.0f}", f"{c.search.wall_s:.0f}", f"{c.wall_ratio:.3f}"),
