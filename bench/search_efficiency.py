@@ -96,6 +96,12 @@ class Options(BaseModel):
     )
 
 
+# What every trial fixes besides the options, as tests/helpers.py's tiny_loop_fixed does: no warm-up
+# (a few dozen steps), a small evaluation (16x16 pairs scored, 2 loss batches) and a VD picture of
+# 2 codes (logged, not ranked).
+CHEAP_TRIAL: dict[str, Any] = {"optim.warmup_steps": 0, "eval.max_images": 16, "eval.loss_batches": 2, "eval.vd_picture_codes": 2}
+LONG_SIDE_RATIO = 1.5  # data.max_long_side over data.image_size, as tiny_loop_fixed's 64 -> 96
+
 # The options that decide what the grid's trials train and report: a reused grid must match them.
 GRID_OPTIONS = (
     "vd_sizes",
@@ -158,16 +164,13 @@ def _fixed(opts: Options, data_root: Path) -> dict[str, Any]:
         "data.root": str(data_root),
         "data.synth": {"train": opts.train_images, "val": opts.val_images, "test": 0, "image_size": opts.image_size, "seed": 0, "caption_style": "descriptive"},
         "data.image_size": opts.image_size,
-        "data.max_long_side": opts.image_size * 3 // 2,
+        "data.max_long_side": int(opts.image_size * LONG_SIDE_RATIO),
         "data.batch_images": opts.batch_images,
         "train.max_steps": opts.max_steps,
         "train.eval_every": opts.grace_period,
         "train.log_every": opts.grace_period,
         "train.keep_when_done": "none",
-        "optim.warmup_steps": 0,
-        "eval.max_images": 16,
-        "eval.loss_batches": 2,
-        "eval.vd_picture_codes": 2,
+        **CHEAP_TRIAL,
     }
 
 
