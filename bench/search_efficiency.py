@@ -27,6 +27,11 @@ The raw best trial of each (seed-matched: grid trials at the search's seed)
 is printed too. Target (issue 17): the pick within 1% of the grid's best
 with at most 30% of its trial-steps.
 
+``--grid-from OUT`` compares a new search (another ``--searcher-seed``,
+``--budget-fraction``, ...) against a previous run's grid instead of
+training the grid again (the options that decide the grid's trials must
+match; its wall clock is the one measured then).
+
 Writes ``OUT/results.json`` and prints one table. The pure parts (plan,
 accounting, comparison, table) are tested on hand-made records in
 tests/test_search_efficiency.py.
@@ -91,6 +96,12 @@ class Options(BaseModel):
     )
 
 
+# What every trial fixes besides the options, as tests/helpers.py's tiny_loop_fixed does: no warm-up
+# (a few dozen steps), a small evaluation (16x16 pairs scored, 2 loss batches) and a VD picture of
+# 2 codes (logged, not ranked).
+CHEAP_TRIAL: dict[str, Any] = {"optim.warmup_steps": 0, "eval.max_images": 16, "eval.loss_batches": 2, "eval.vd_picture_codes": 2}
+LONG_SIDE_RATIO = 1.5  # data.max_long_side over data.image_size, as tiny_loop_fixed's 64 -> 96
+
 # The options that decide what the grid's trials train and report: a reused grid must match them.
 GRID_OPTIONS = (
     "vd_sizes",
@@ -153,16 +164,13 @@ def _fixed(opts: Options, data_root: Path) -> dict[str, Any]:
         "data.root": str(data_root),
         "data.synth": {"train": opts.train_images, "val": opts.val_images, "test": 0, "image_size": opts.image_size, "seed": 0, "caption_style": "descriptive"},
         "data.image_size": opts.image_size,
-        "data.max_long_side": opts.image_size * 3 // 2,
+        "data.max_long_side": int(opts.image_size * LONG_SIDE_RATIO),
         "data.batch_images": opts.batch_images,
         "train.max_steps": opts.max_steps,
         "train.eval_every": opts.grace_period,
         "train.log_every": opts.grace_period,
         "train.keep_when_done": "none",
-        "optim.warmup_steps": 0,
-        "eval.max_images": 16,
-        "eval.loss_batches": 2,
-        "eval.vd_picture_codes": 2,
+        **CHEAP_TRIAL,
     }
 
 
@@ -282,6 +290,8 @@ class Comparison:
     quality_met: bool
     compute_met: bool
     point_means: dict[str, float]  # "vd/mvm" -> grid mean over seeds
+    grid_points: int  # distinct points each experiment trained (the search's searcher may repeat one)
+    search_points: int
 
 
 def _better(mode: str):
@@ -349,6 +359,8 @@ def compare(
         quality_met=quality is not None and quality >= 1.0 - tolerance,
         compute_met=compute_ratio <= compute_target,
         point_means={f"{vd}/{w:g}": v for (vd, w), v in sorted(means.items())},
+        grid_points=len({r.point for r in grid}),
+        search_points=len({r.point for r in search}),
     )
 
 
@@ -365,6 +377,7 @@ def format_report(c: Comparison, tolerance: float, compute_target: float) -> str
     rows = [
         ("", "grid", "ASHA+TPE", "ratio"),
         ("trials", str(c.grid.trials), str(c.search.trials), ""),
+        ("distinct points", str(c.grid_points), str(c.search_points), ""),
         ("trial-steps", str(c.grid.trial_steps), str(c.search.trial_steps), f"{c.compute_ratio:.3f}"),
         ("trials' wall s (sum)", f"{c.grid.trial_wall_s:.0f}", f"{c.search.trial_wall_s:.0f}", f"{c.trial_wall_ratio:.3f}"),
         ("experiment wall s", f"{c.grid.wall_s:.0f}", f"{c.search.wall_s:.0f}", f"{c.wall_ratio:.3f}"),

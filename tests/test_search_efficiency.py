@@ -113,6 +113,7 @@ def test_compare_max_mode_and_unfinished_grid_trials(se):
     assert c.grid_best_trial_same_seed == pytest.approx(0.24)  # seed 0's best grid trial, the error excluded
     assert c.grid.trial_steps == 4 * 24 + 16 and c.search.trial_steps == 32
     assert c.compute_ratio == pytest.approx(32 / 112) and c.compute_met
+    assert c.grid_points == 3 and c.search_points == 2
     # a search with no completed trial has no pick; a grid with no completed point cannot be compared
     none_done = se.compare(
         grid, search[1:], metric="m", mode="max", max_steps=24, search_seed=0, grid_wall_s=1.0, search_wall_s=1.0, tolerance=0.01, compute_target=0.3
@@ -133,9 +134,10 @@ def test_report_and_results_payload(se):
     text = se.format_report(c, 0.01, 0.3)
     lines = text.splitlines()
     assert lines[0].split() == ["grid", "ASHA+TPE", "ratio"]
-    assert lines[3].split() == ["trial-steps", "192", "32", "0.167"]
-    assert "vd 32, mvm 1" in lines[6]
-    assert lines[7].split()[-3:] == ["4.15", "4.15", "1"]
+    assert lines[3].split() == ["distinct", "points", "4", "2"]
+    assert lines[4].split() == ["trial-steps", "192", "32", "0.167"]
+    assert "vd 32, mvm 1" in lines[7]
+    assert lines[8].split()[-3:] == ["4.15", "4.15", "1"]
     assert lines[-1] == "target: pick within 1% of the grid's best (met), at most 30% of its trial-steps (met)"
     payload = se.results_payload(se.Options(), c, grid, search)
     assert payload["comparison"]["compute_ratio"] == pytest.approx(32 / 192)
