@@ -276,3 +276,43 @@ def test_grid_enumerates_each_point_once_then_finishes(tmp_path):
         searcher.on_trial_complete(f"g{len(configs) - 1}", result=result(40, 1.0))
     keys = {repr(sorted(c.items())) for c in configs}
     assert len(configs) == len(keys) == 6  # (1 off + 2 on) x 2 mlm_prob
+
+
+def test_a_repeat_of_a_finished_trial_is_told_its_outcome_and_sampled_again(tmp_path):
+    """Two points only: the third suggestion would repeat one; it is told the earlier outcome and never trained."""
+    params = """
+      model.vd.size: {categorical: [32, 64]}
+    """
+    space = make_space(tmp_path, params=params, extra="searcher: {type: random, seed: 0, max_resamples: 5}\n")
+    searcher = make_searcher(tmp_path, space)
+    first = searcher.suggest("a")
+    searcher.on_trial_complete("a", result=result(40, 70.0))
+    second = searcher.suggest("b")  # a sample repeating "a" is told a's outcome and drawn again
+    assert second != first
+    searcher.on_trial_complete("b", result=result(40, 60.0))
+    study = optuna.load_study(study_name=searcher.study_name, storage=searcher.storage_url)
+    trained = [t for t in study.get_trials() if "repeat_of" not in t.user_attrs]
+    repeats = [t for t in study.get_trials() if "repeat_of" in t.user_attrs]
+    third = searcher.suggest("c")  # both points are taken: 5 samples in a row repeat, so the last is trained
+    assert third in (first, second)
+    study = optuna.load_study(study_name=searcher.study_name, storage=searcher.storage_url)
+    told = [t for t in study.get_trials() if "repeat_of" in t.user_attrs and t not in repeats]
+    assert len(told) == 4  # max_resamples 5: four repeats told, the fifth handed to Tune
+    by_number = {t.number: t for t in trained}
+    for t in told:
+        earlier = by_number[t.user_attrs["repeat_of"]]
+        assert t.params == earlier.params and t.state == earlier.state == TrialState.COMPLETE and t.value == earlier.value
+        assert t.user_attrs["outcome"] == f"repeat of {earlier.number}" and "ray_trial_id" not in t.user_attrs
+    (running,) = [t for t in study.get_trials() if t.user_attrs.get("ray_trial_id") == "c"]
+    assert running.state == TrialState.RUNNING and "repeat_of" not in running.user_attrs
+
+
+def test_repeats_train_keeps_optunas_own_behaviour(tmp_path):
+    params = """
+      model.vd.size: {categorical: [32]}
+    """
+    space = make_space(tmp_path, params=params, extra="searcher: {type: random, seed: 0, repeats: train}\n")
+    searcher = make_searcher(tmp_path, space)
+    assert searcher.suggest("a") == searcher.suggest("b") == {"model.vd.size": 32}  # one point: trained twice
+    study = optuna.load_study(study_name=searcher.study_name, storage=searcher.storage_url)
+    assert not any("repeat_of" in t.user_attrs for t in study.get_trials())

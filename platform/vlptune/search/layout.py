@@ -51,6 +51,7 @@ META_FILE = "vlptune_search.json"
 SPACE_COPY = "search_space.yaml"
 BASE_COPY = "base_recipe.yaml"
 OPTUNA_DB = "optuna.db"
+REPEAT_ATTR = "repeat_of"  # an Optuna trial told the outcome of the earlier trial of the same values (searcher.repeats: reuse)
 TB_DIR = "tb"
 TRAIN_DIR = "train"
 TRIAL_RECIPE = "recipe.yaml"

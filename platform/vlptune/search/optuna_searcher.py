@@ -9,6 +9,9 @@ on one another (``when:``) need define-by-run sampling.
 * ``suggest``: ``study.ask()``, then each parameter of the space in file
   order, skipping those whose ``when:`` is false (define-by-run, so TPE's
   ``group`` option models conditional parameters properly).
+  A sample equal to a finished trial's is told that trial's outcome and drawn
+  again (``searcher.repeats: reuse``, the default): a repeat of a seeded run
+  costs compute and tells nothing new.
 * ``on_trial_result``: ``trial.report(metric, step)`` at each evaluation.
 * ``on_trial_complete``: COMPLETE with the final metric when the trial reached
   the maximum fidelity (``train.max_steps``); PRUNED when it was stopped
@@ -41,6 +44,7 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
 from vlptune.io import finite
+from vlptune.search.layout import REPEAT_ATTR
 from vlptune.search.space import TIME_ATTR, Param, SearchSpace, is_downstream
 
 log = logging.getLogger(__name__)
@@ -48,7 +52,7 @@ log = logging.getLogger(__name__)
 RAY_TRIAL_ATTR = "ray_trial_id"
 STOP_REASON_ATTR = "stop_reason"
 FIDELITY_ATTR = "fidelity"
-OUTCOME_ATTR = "outcome"  # completed | pruned | failed | nan | error | lost
+OUTCOME_ATTR = "outcome"  # completed | pruned | failed | nan | error | lost | repeat of N
 
 # Saved storage URL -> where that study is now. A searcher restored from Tune's state names
 # the SQLite file where the experiment first ran; a resumed experiment whose directory (or,
@@ -214,14 +218,54 @@ class OptunaSearcher(Searcher):
             waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
             if not waiting:
                 return Searcher.FINISHED
-        trial = study.ask()
-        values = sample(self.space, trial)
+        trial, values = self._ask_new(study)
         trial.set_user_attr(RAY_TRIAL_ATTR, trial_id)
         self._live[trial_id] = trial._trial_id
         self._last_step[trial_id] = -1
         self._suggested += 1
         log.info("trial %s = optuna trial %d: %s", trial_id, trial.number, values)
         return dict(values)
+
+    def _ask_new(self, study: optuna.Study) -> tuple[optuna.Trial, dict[str, Any]]:
+        """A sample to train: with ``searcher.repeats: reuse``, one that no finished trial holds.
+
+        A sample equal to a finished trial's (every searched value the same) is told that trial's
+        outcome at once (COMPLETE with its value, or PRUNED with its reports: what training it
+        again would give, since training is seeded) with the user attribute ``repeat_of``, so the
+        sampler learns from it without compute, and another is drawn, up to
+        ``searcher.max_resamples`` times; then the last repeat is trained (a nearly exhausted space).
+        Grid points are distinct already."""
+        cfg = self.space.searcher
+        for attempt in range(1, cfg.max_resamples + 1):
+            trial = study.ask()
+            values = sample(self.space, trial)
+            if cfg.repeats == "train" or cfg.type == "grid":
+                return trial, values
+            same = self._finished_with(study, trial)
+            if same is None:
+                return trial, values
+            if attempt == cfg.max_resamples:
+                log.info("optuna trial %d repeats trial %d, and %d samples in a row did: trained again", trial.number, same.number, attempt)
+                return trial, values
+            trial.set_user_attr(REPEAT_ATTR, same.number)
+            trial.set_user_attr(OUTCOME_ATTR, f"repeat of {same.number}")
+            if same.state is TrialState.COMPLETE:
+                study.tell(trial, values=same.value, state=TrialState.COMPLETE)
+            else:
+                for step, value in sorted(same.intermediate_values.items()):
+                    trial.report(value, step)
+                study.tell(trial, state=TrialState.PRUNED)
+            log.info("optuna trial %d repeats finished trial %d (%s): told its outcome, sampled again", trial.number, same.number, same.state.name)
+        raise AssertionError("unreachable: the loop returns by its last attempt")
+
+    @staticmethod
+    def _finished_with(study: optuna.Study, trial: optuna.Trial) -> optuna.trial.FrozenTrial | None:
+        """The first trial that finished (COMPLETE or PRUNED, never a repeat itself) with ``trial``'s values."""
+        params = study._storage.get_trial(trial._trial_id).params
+        for frozen in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+            if frozen.params == params and REPEAT_ATTR not in frozen.user_attrs:
+                return frozen
+        return None
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         storage_id = self._find(trial_id)

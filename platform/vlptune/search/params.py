@@ -36,10 +36,10 @@ SCHEDULER_SETTINGS: dict[str, tuple[str, ...]] = {
     "fifo": (),
 }
 SEARCHER_SETTINGS: dict[str, tuple[str, ...]] = {
-    "tpe": ("seed", "multivariate", "constant_liar", "group", "n_startup_trials"),
-    "random": ("seed",),
-    "grid": ("seed",),
-    "cmaes": ("seed", "sigma0", "n_startup_trials", "restart_strategy", "popsize"),
+    "tpe": ("seed", "multivariate", "constant_liar", "group", "n_startup_trials", "repeats", "max_resamples"),
+    "random": ("seed", "repeats", "max_resamples"),
+    "grid": ("seed",),  # grid points are distinct: no repeats
+    "cmaes": ("seed", "sigma0", "n_startup_trials", "restart_strategy", "popsize", "repeats", "max_resamples"),
 }
 
 
@@ -74,6 +74,14 @@ class SearcherSpec(_Strict):
     group: bool | None = Field(None, description="tpe: split conditional parameters into groups (default: on when multivariate and a parameter has when:)")
     n_startup_trials: int | None = Field(
         None, ge=0, le=100_000, description="tpe/cmaes: random trials before the model is used (default: tpe min(10, num_samples // 2), cmaes 1)"
+    )
+    repeats: Literal["reuse", "train"] = Field(
+        "reuse",
+        description="a sample equal to a trial already finished (all searched values the same): reuse = tell Optuna that trial's outcome "
+        "and sample again, no compute spent (training is seeded, so a repeat only costs); train = run it again",
+    )
+    max_resamples: int = Field(
+        20, ge=1, le=10_000, description="repeats: reuse: samples drawn per suggestion before a repeat is trained anyway (a nearly exhausted space)"
     )
     sigma0: float | None = Field(None, gt=0.0, description="cmaes: initial step size")
     restart_strategy: Literal["ipop", "bipop"] | None = Field(None, description="cmaes: restart strategy")

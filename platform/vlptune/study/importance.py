@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from vlptune.io import atomic_write_text
-from vlptune.search.layout import TB_DIR, SearchError, read_meta, study_url
+from vlptune.search.layout import REPEAT_ATTR, TB_DIR, SearchError, read_meta, study_url
 
 EVALUATORS = ("fanova", "ped-anova")
 EVALUATOR_CHOICES = (*EVALUATORS, "both")
@@ -147,6 +147,9 @@ def compute(
     seen = list(dict.fromkeys(k for t in complete for k in t.params))
     searched = list(searched or seen)
     notes = [f"used {len(complete)} completed trial(s); not used: {counts.pruned} pruned, {counts.failed} failed ({evaluator} reads completed trials only)"]
+    repeats = sum(1 for t in complete if REPEAT_ATTR in t.user_attrs)
+    if repeats:
+        notes.append(f"{repeats} of them repeat an earlier trial's values and carry its value (searcher.repeats: reuse; nothing was trained for them)")
     left_out: list[str] = [p for p in searched if p not in seen]
     if left_out:
         notes.append(f"never sampled in a completed trial: {', '.join(left_out)}")
