@@ -35,13 +35,14 @@ def test_bucket_sides_span_the_resize_range_in_multiples_of_the_stride():
 def test_padding_to_buckets_gives_few_shapes_and_the_same_real_pixels():
     sides = bucket_sides(data_section(shape_buckets=3), STRIDE)
     rng = random.Random(0)
-    shapes = set()
-    for _ in range(40):  # batches of aspect-preserving resizes: shorter side 64, longer side up to 128
+    shapes, plain_shapes = set(), set()
+    for _ in range(20):  # batches of aspect-preserving resizes: shorter side 64, longer side up to 128
         sizes = [(64, rng.randint(64, 128)) if rng.random() < 0.5 else (rng.randint(64, 128), 64) for _ in range(3)]
         tensors = [torch.rand(3, h, w) for h, w in sizes]
         plain, plain_mask, plain_grid = pad_images(tensors, STRIDE)
         images, pixel_mask, grid_mask = pad_images(tensors, STRIDE, sides)
         shapes.add(tuple(images.shape[-2:]))
+        plain_shapes.add(tuple(plain.shape[-2:]))
         assert set(images.shape[-2:]) <= set(sides)
         h, w = plain.shape[-2:]
         assert torch.equal(images[..., :h, :w], plain) and images[..., h:, :].eq(0).all() and images[..., w:].eq(0).all()
@@ -49,7 +50,7 @@ def test_padding_to_buckets_gives_few_shapes_and_the_same_real_pixels():
         gh, gw = plain_grid.shape[-2:]
         assert torch.equal(grid_mask[:, :gh, :gw], plain_grid) and grid_mask.sum() == plain_grid.sum()
     assert len(shapes) <= len(sides) ** 2
-    assert len(shapes) < 8  # unbucketed, these batches have about 40 distinct shapes
+    assert len(shapes) < len(plain_shapes) // 2  # measured: 6 bucketed shapes, 20 unbucketed (one per batch)
 
 
 def test_the_fusion_ignores_the_extra_padding_of_a_bucket():
