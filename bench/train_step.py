@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from vlptune.config import Recipe, load_recipe
+from vlptune.config.recipe import CACHED_BACKBONE
 from vlptune.grid import grid_shape, grid_stride
 from vlptune.objectives.base import build_pretrainer
 from vlptune.train.optim import autocast, build_optimizers, resolve_precision
@@ -143,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch:
         overrides.append(f"data.batch_images={args.batch}")
     recipe = load_recipe(args.recipe, overrides)
+    if recipe.model.backbone.init == CACHED_BACKBONE:  # the weights do not change the step's time: skip making the cached backbone
+        recipe = load_recipe(args.recipe, [*overrides, "model.backbone.init=random"])
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -94,7 +94,11 @@ def test_init_pretrained_is_made_once_under_the_data_root_and_used_by_the_loop(w
     train_worker(recipe, LocalReporter(quiet=True), tmp_path / "a", resume=False)
     assert bp.is_pretrained_backbone(cached)
     made = (cached / "model.safetensors").stat().st_mtime_ns
-    assert json.loads((cached / "provenance.json").read_text())["seed"] == 0  # one backbone whatever the run's seed
+    provenance = json.loads((cached / "provenance.json").read_text())
+    assert provenance["seed"] == 0  # one backbone whatever the run's seed
+    # the world's manifest lists it with the same provenance, next to the generator's parameters
+    listed = json.loads((world / "manifest.json").read_text())["backbones"][cached.name]
+    assert listed == {"path": f"backbones/{cached.name}", **provenance} and provenance["steps"] == 4
     resolved = bp.resolve_cached_backbone(recipe, train_worker)
     assert resolved.model.backbone.init == str(cached) and (cached / "model.safetensors").stat().st_mtime_ns == made  # not retrained
     VLPModel(resolved)  # loads through model.backbone.init: DIR

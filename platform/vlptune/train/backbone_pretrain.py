@@ -43,6 +43,7 @@ PROVENANCE_FILE = "provenance.json"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 CACHE_DIR = "backbones"  # under data.root
+MANIFEST_KEY = "backbones"  # the data's manifest.json lists the cached backbones made from it, with their provenance
 PRETRAIN_SEED = 0  # one cached backbone per architecture and data, whatever the run's seed (like one set of ImageNet weights)
 REPORTED = ("val/bcls_acc", "val/bcls_chance", "val/bcls_f1", "val/bcls_f1_chance", "val/bcls_loss")
 
@@ -92,13 +93,30 @@ def resolve_cached_backbone(recipe: Recipe, train: TrainFn, is_main: bool = True
                 if not is_pretrained_backbone(path):
                     log.info("pretraining the backbone once into %s (model.backbone.init: pretrained)", path)
                     seeded = recipe.model_copy(update={"train": recipe.train.model_copy(update={"seed": PRETRAIN_SEED})})
-                    pretrain_backbone(seeded, path, train, DEFAULT_STEPS)  # DEFAULT_STEPS read now: the tests make it small
+                    provenance = pretrain_backbone(seeded, path, train, DEFAULT_STEPS)  # DEFAULT_STEPS read now: the tests make it small
+                    record_in_manifest(recipe, path, provenance)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
     if barrier is not None:
         barrier()
     backbone = recipe.model.backbone.model_copy(update={"init": str(path)})
     return recipe.model_copy(update={"model": recipe.model.model_copy(update={"backbone": backbone})})
+
+
+def record_in_manifest(recipe: Recipe, path: Path, provenance: dict[str, Any]) -> None:
+    """Add the cached backbone's provenance to its data's manifest (``backbones.<directory name>``), the way the world records its generator."""
+    from vlptune.data.prepare import data_root  # torch-free, but data/ only when a backbone was made
+    from vlptune.data.shards import read_manifest, write_manifest
+
+    root = data_root(recipe)
+    with open(path.parent / ".manifest.lock", "w") as lock:  # backbones of other architectures may be recorded at the same time
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            manifest = read_manifest(root)
+            manifest.setdefault(MANIFEST_KEY, {})[path.name] = {"path": f"{CACHE_DIR}/{path.name}", **provenance}
+            write_manifest(root, manifest)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def is_pretrained_backbone(path: str | Path) -> bool:
