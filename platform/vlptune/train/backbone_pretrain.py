@@ -106,7 +106,7 @@ def resolve_cached_backbone(recipe: Recipe, train: TrainFn, is_main: bool = True
 def record_in_manifest(recipe: Recipe, path: Path, provenance: dict[str, Any]) -> None:
     """Add the cached backbone's provenance to its data's manifest (``backbones.<directory name>``), the way the world records its generator."""
     from vlptune.data.prepare import data_root  # torch-free, but data/ only when a backbone was made
-    from vlptune.data.shards import read_manifest, write_manifest
+    from vlptune.data.shards import read_manifest, write_manifest  # data/ only when a backbone was made (as above)
 
     root = data_root(recipe)
     with open(path.parent / ".manifest.lock", "w") as lock:  # backbones of other architectures may be recorded at the same time
