@@ -46,6 +46,7 @@ def test_pretrain_recipe_trains_the_cnn_alone():
     assert recipe.model.vd.size == 0 and recipe.model.fusion.layers == 1
     assert recipe.train.max_steps == 7 and recipe.train.eval_every == 7 and recipe.train.keep_when_done == "last"
     assert recipe.model.backbone.depth == 18 and recipe.model.backbone.width_mult == 0.0625  # the recipe's own ResNet
+    assert recipe.optim.transformer == recipe.optim.backbone  # the head learns with the CNN's optimiser, not the fusion side's
 
 
 def test_pretrained_backbone_is_saved_in_hf_format_and_loaded_by_directory(world, tmp_path):
