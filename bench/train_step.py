@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from vlptune.config import Recipe, load_recipe
+from vlptune.config.recipe import CACHED_BACKBONE
 from vlptune.grid import grid_shape, grid_stride
 from vlptune.objectives.base import build_pretrainer
 from vlptune.train.optim import autocast, build_optimizers, resolve_precision
@@ -205,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.vary:
         return compare(args, overrides)
     recipe = load_recipe(args.recipe, overrides)
+    if recipe.model.backbone.init == CACHED_BACKBONE:  # the weights do not change the step's time: skip making the cached backbone
+        recipe = load_recipe(args.recipe, [*overrides, "model.backbone.init=random"])
     device = torch.device(args.device)
     precision = resolve_precision(recipe.optim.precision, device)
     batch_images = recipe.data.batch_images

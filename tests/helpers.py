@@ -118,6 +118,7 @@ def tiny_loop_fixed(data_root: Path) -> dict[str, Any]:
         "data.image_size": 64,
         "data.max_long_side": 96,
         "data.batch_images": 2,
+        "model.backbone.init": "random",  # demo-light's pretrained backbone would be made first on this tiny world: these trials test the plumbing
         "train.max_steps": 4,
         "train.eval_every": 2,
         "train.log_every": 2,

@@ -46,6 +46,7 @@ def test_pretrain_recipe_trains_the_cnn_alone():
     assert recipe.model.vd.size == 0 and recipe.model.fusion.layers == 1
     assert recipe.train.max_steps == 7 and recipe.train.eval_every == 7 and recipe.train.keep_when_done == "last"
     assert recipe.model.backbone.depth == 18 and recipe.model.backbone.width_mult == 0.0625  # the recipe's own ResNet
+    assert recipe.optim.transformer == recipe.optim.backbone  # the head learns with the CNN's optimiser, not the fusion side's
 
 
 def test_pretrained_backbone_is_saved_in_hf_format_and_loaded_by_directory(world, tmp_path):
@@ -94,7 +95,11 @@ def test_init_pretrained_is_made_once_under_the_data_root_and_used_by_the_loop(w
     train_worker(recipe, LocalReporter(quiet=True), tmp_path / "a", resume=False)
     assert bp.is_pretrained_backbone(cached)
     made = (cached / "model.safetensors").stat().st_mtime_ns
-    assert json.loads((cached / "provenance.json").read_text())["seed"] == 0  # one backbone whatever the run's seed
+    provenance = json.loads((cached / "provenance.json").read_text())
+    assert provenance["seed"] == 0  # one backbone whatever the run's seed
+    # the world's manifest lists it with the same provenance, next to the generator's parameters
+    listed = json.loads((world / "manifest.json").read_text())["backbones"][cached.name]
+    assert listed == {"path": f"backbones/{cached.name}", **provenance} and provenance["steps"] == 4
     resolved = bp.resolve_cached_backbone(recipe, train_worker)
     assert resolved.model.backbone.init == str(cached) and (cached / "model.safetensors").stat().st_mtime_ns == made  # not retrained
     VLPModel(resolved)  # loads through model.backbone.init: DIR
