@@ -222,7 +222,7 @@ def downstream_columns(reported: Any, searched: str | None = None) -> list[str]:
     (registered task order), the combinations, ``searched`` left out (it has its own column), then its chance level."""
     keys = set(reported)
     columns = [main_metric_key(t) for t in names() if main_metric_key(t) in keys and main_metric_key(t) != searched]
-    columns += [f"{COMBINED_PREFIX}{n}" for n in COMBINED_METRICS if f"{COMBINED_PREFIX}{n}" in keys and f"{COMBINED_PREFIX}{n}" != searched]
+    columns += [key for key in combined_keys() if key in keys and key != searched]
     task = task_of_metric(searched) if searched and searched.startswith(DOWNSTREAM_PREFIX) else None
     if task and chance_metric_key(task) in keys:
         columns.append(chance_metric_key(task))
@@ -255,10 +255,18 @@ def gain_over_chance(metrics: Mapping[str, Any], tasks: Iterable[str]) -> float:
     return sum(gains) / len(gains) if gains else math.nan
 
 
+_COMBINERS = {"gain_over_chance": gain_over_chance}  # each name of COMBINED_METRICS -> how it is computed
+
+
+def combined_keys() -> list[str]:
+    """The reported names of the combinations: ``downstream/combined/<name>`` for each of :data:`COMBINED_METRICS`."""
+    return [f"{COMBINED_PREFIX}{name}" for name in COMBINED_METRICS]
+
+
 def combined_metrics(metrics: Mapping[str, Any], tasks: Iterable[str]) -> dict[str, float]:
     """Every named combination (:data:`COMBINED_METRICS`) of ``metrics`` (a trial's ``downstream/<task>/*`` results) over ``tasks``."""
     tasks = list(tasks)
-    return {f"{COMBINED_PREFIX}gain_over_chance": gain_over_chance(metrics, tasks)}
+    return {f"{COMBINED_PREFIX}{name}": _COMBINERS[name](metrics, tasks) for name in COMBINED_METRICS}
 
 
 def task_of_metric(metric: str) -> str | None:

@@ -42,7 +42,7 @@ import yaml
 
 from vlptune.cluster.storage import is_uri, open_uri
 from vlptune.config import Recipe, recipe_to_dict, set_dotted, validate_recipe
-from vlptune.config.downstream import COMBINED_METRICS, COMBINED_PREFIX, chance_metric_key, main_metric_key
+from vlptune.config.downstream import chance_metric_key, combined_keys, main_metric_key
 from vlptune.search.layout import TB_DIR, TRAIN_DIR, TRIAL_RECIPE
 from vlptune.search.lean_train import lean_trainer_class
 from vlptune.search.location import DirUploader, Location
@@ -203,7 +203,7 @@ def downstream_hparam_metrics(tasks: list[str]) -> list[str]:
     if not tasks:
         return []
     per_task = [key for task in tasks for key in (main_metric_key(task), chance_metric_key(task))]
-    return [*per_task, *(f"{COMBINED_PREFIX}{name}" for name in COMBINED_METRICS)]
+    return [*per_task, *combined_keys()]
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
