@@ -128,6 +128,16 @@ class BackboneConfig(Section):
     freeze_for: int = Field(0, ge=0, le=10_000_000, description="freeze the whole CNN during the first N units (SOHO's cure for VD cold start)")
     freeze_unit: Literal["steps", "epochs"] = Field("steps", description="unit of freeze_for")
     pool: int = Field(2, ge=1, le=8, description="max-pool kernel and stride after the 1x1 projection (SOHO: 2; 1 keeps a usable grid on small images)")
+    pretrain_steps: int = Field(
+        1000, ge=1, le=10_000_000, description="init 'pretrained' and `vlptune backbone pretrain`: optimiser steps of the supervised pretraining"
+    )
+    pretrain_batch_images: int = Field(16, ge=1, le=4096, description="init 'pretrained' and `vlptune backbone pretrain`: images per step")
+    pretrain_lr: float = Field(
+        2e-3,
+        gt=0.0,
+        le=10.0,
+        description="init 'pretrained' and `vlptune backbone pretrain`: learning rate of the CNN and its classification head (the recipe's optim.backbone optimiser)",
+    )
 
 
 class VDConfig(Section):
