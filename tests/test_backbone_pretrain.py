@@ -47,6 +47,9 @@ def test_pretrain_recipe_trains_the_cnn_alone():
     assert recipe.train.max_steps == 7 and recipe.train.eval_every == 7 and recipe.train.keep_when_done == "last"
     assert recipe.model.backbone.depth == 18 and recipe.model.backbone.width_mult == 0.0625  # the recipe's own ResNet
     assert recipe.optim.transformer == recipe.optim.backbone  # the head learns with the CNN's optimiser, not the fusion side's
+    assert recipe.optim.backbone.optimizer == "adamw" and recipe.optim.backbone.lr == recipe.model.backbone.pretrain_lr == 2e-3
+    assert recipe.data.batch_images == recipe.model.backbone.pretrain_batch_images == 16 and recipe.data.itm_negatives == 0
+    assert pretrain_recipe(loop_recipe(Path("/nonexistent"), model={"backbone": {"pretrain_steps": 9}})).train.max_steps == 9  # the recipe's default
 
 
 def test_pretrained_backbone_is_saved_in_hf_format_and_loaded_by_directory(world, tmp_path):
@@ -81,17 +84,17 @@ def test_cli_refuses_bad_steps_with_exit_2(world, tmp_path, capsys):
 
 
 @pytest.mark.slow  # two train_worker runs (the pretraining and the run using it): about 10 s quiet, 30 s on a busy machine
-def test_init_pretrained_is_made_once_under_the_data_root_and_used_by_the_loop(world, tmp_path, monkeypatch):
+def test_init_pretrained_is_made_once_under_the_data_root_and_used_by_the_loop(world, tmp_path):
     from vlptune.train import backbone_pretrain as bp
     from vlptune.train.reporting import LocalReporter
 
-    monkeypatch.setattr(bp, "DEFAULT_STEPS", 4)  # the shipped 300 steps are the demo's; the mechanism is the same
-    model = {"backbone": {"width_mult": 0.0625, "pool": 1, "init": "pretrained"}, "vd": {"size": 16}, "fusion": {"layers": 1}}
+    backbone = {"width_mult": 0.0625, "pool": 1, "init": "pretrained", "pretrain_steps": 4, "pretrain_batch_images": 4}  # the mechanism of the demo's 1000
+    model = {"backbone": backbone, "vd": {"size": 16}, "fusion": {"layers": 1}}
     recipe = loop_recipe(world, model=model, train={"max_steps": 2, "eval_every": 2, "log_every": 1, "seed": 3})
     with pytest.raises(ValueError, match="resolve_cached_backbone"):
         VLPModel(recipe)  # unresolved, outside the loop: a clear error
     cached = bp.cache_path(recipe)
-    assert cached.parent == world / "backbones" and "steps4-seed0" in cached.name
+    assert cached.parent == world / "backbones" and cached.name.endswith("steps4-b4-lr0.002-seed0")
     train_worker(recipe, LocalReporter(quiet=True), tmp_path / "a", resume=False)
     assert bp.is_pretrained_backbone(cached)
     made = (cached / "model.safetensors").stat().st_mtime_ns
@@ -99,7 +102,7 @@ def test_init_pretrained_is_made_once_under_the_data_root_and_used_by_the_loop(w
     assert provenance["seed"] == 0  # one backbone whatever the run's seed
     # the world's manifest lists it with the same provenance, next to the generator's parameters
     listed = json.loads((world / "manifest.json").read_text())["backbones"][cached.name]
-    assert listed == {"path": f"backbones/{cached.name}", **provenance} and provenance["steps"] == 4
+    assert listed == {"path": f"backbones/{cached.name}", **provenance} and (provenance["steps"], provenance["batch_images"]) == (4, 4)
     resolved = bp.resolve_cached_backbone(recipe, train_worker)
     assert resolved.model.backbone.init == str(cached) and (cached / "model.safetensors").stat().st_mtime_ns == made  # not retrained
     VLPModel(resolved)  # loads through model.backbone.init: DIR

@@ -5,7 +5,11 @@ Stages, each printing what it did:
 1. generate the synthetic world (skipped when the directory already holds one),
 2. inspect it (counts, manifest check, one decoded sample, a picture),
 3. load one SOHO training batch of ``trials/demo-light.yaml`` and print its shapes,
-4. run ``search_spaces/demo.yaml`` (8 trials, ASHA, Optuna TPE) on a local
+4. pretrain demo-light's ResNet on the world's labelled images once
+   (``model.backbone.init: pretrained``, the offline stand-in for ImageNet
+   weights, cached under the world's ``backbones/``; skipped when it is there),
+   and print its label accuracy next to its chance level,
+5. run ``search_spaces/demo.yaml`` (8 trials, ASHA, Optuna TPE) on a local
    in-process Ray cluster, print the results table and the best trial's metric
    next to chance, and say how to open TensorBoard (``--no-search`` skips it
    and everything after). The search ranks by ``downstream/vqa/score``: each
@@ -13,12 +17,12 @@ Stages, each printing what it did:
    synthetic world's VQA questions (the space's ``downstream.vqa``), ASHA
    prunes on ``val/mlm_acc``; the best VQA score is printed next to the
    majority answer's,
-5. promote the best 2 trials that completed the last step to
+6. promote the best 2 trials that completed the last step to
    ``trials/demo-full.yaml`` through ``trials/fidelity/demo.yaml`` (recipes in
    ``trials/promoted/``), run them with 1 seed each as one experiment (shortened
    through the study's fixed overrides, ``--promoted-steps``), and print the
    promotion report (light vs full ranking, Spearman and Kendall),
-6. print the hyperparameter importance table of the search (fANOVA and
+7. print the hyperparameter importance table of the search (fANOVA and
    PED-ANOVA over the stored Optuna study).
 
 Each stage is a plain function call into the library; nothing here is
@@ -38,6 +42,7 @@ import yaml
 
 from vlptune.config import load_recipe
 from vlptune.config.objectives import required_columns
+from vlptune.config.recipe import CACHED_BACKBONE
 from vlptune.data.dataset import build_loader
 from vlptune.data.inspect import inspect_dataset
 from vlptune.data.prepare import ensure_data
@@ -50,6 +55,8 @@ from vlptune.study import promote as pr
 from vlptune.study import promote_report as rep
 from vlptune.study.promote import MIN_RUN_CONFIGS
 from vlptune.study.promote_cli import ranged
+from vlptune.train.backbone_pretrain import PROVENANCE_FILE, cache_path, is_pretrained_backbone, resolve_cached_backbone
+from vlptune.train.loop import train_worker
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_RECIPE = REPO / "trials" / "demo-light.yaml"
@@ -131,6 +138,29 @@ def stage_batch(recipe_path: Path, root: Path, overrides: list[str]) -> None:
             print(f"  {key:<12} {value!r}")
 
 
+def stage_backbone(recipe_path: Path, root: Path, overrides: list[str]) -> None:
+    recipe = load_recipe(recipe_path, [*overrides, f"data.root={root}"])
+    b = recipe.model.backbone
+    if b.init != CACHED_BACKBONE:
+        return
+    path = cache_path(recipe)
+    _banner(f"4. pretrained backbone -> {path}")
+    existed = is_pretrained_backbone(path)
+    if not existed:
+        print(
+            f"pretraining the ResNet-{b.depth} x{b.width_mult:g} on the world's object labels ({b.pretrain_steps} steps of {b.pretrain_batch_images} images)",
+            flush=True,
+        )
+    resolve_cached_backbone(recipe, train_worker)
+    provenance = json.loads((path / PROVENANCE_FILE).read_text())
+    m = provenance.get("metrics", {})
+    state = "already there" if existed else f"made in {provenance.get('seconds', float('nan')):.0f} s"
+    print(
+        f"backbone {state}: val label accuracy {m.get('val/bcls_acc', float('nan')):.3f} against the prior's {m.get('val/bcls_chance', float('nan')):.3f}, "
+        f"F1 {m.get('val/bcls_f1', float('nan')):.3f} against {m.get('val/bcls_f1_chance', float('nan')):.3f}"
+    )
+
+
 def disk_usage(path: Path) -> str:
     """``1.2 GB on disk`` of everything under ``path``."""
     total = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file() and not f.is_symlink())
@@ -151,7 +181,7 @@ def _best_chance(trial_dir: str | None, metric: str) -> float | None:
 
 def stage_search(space_path: Path, root: Path, out: Path) -> tuple[int, str | None]:
     exp_dir = (out / "search").resolve()
-    _banner(f"4. search {space_path.name} on a local Ray cluster -> {exp_dir}")
+    _banner(f"5. search {space_path.name} on a local Ray cluster -> {exp_dir}")
     if exp_dir.exists() and any(exp_dir.iterdir()):
         print(f"{exp_dir} exists: showing its results (delete it to search again)")
     else:
@@ -172,7 +202,7 @@ def stage_search(space_path: Path, root: Path, out: Path) -> tuple[int, str | No
 
 def stage_promote(search_dir: Path, root: Path, out: Path, steps: int, top_k: int) -> int:
     run_dir = (out / "promoted").resolve()
-    _banner(f"5. promote the best {top_k} demo trials to {DEMO_TARGET.name} and run them -> {run_dir}")
+    _banner(f"6. promote the best {top_k} demo trials to {DEMO_TARGET.name} and run them -> {run_dir}")
     if run_dir.exists() and any(run_dir.iterdir()):
         print(f"{run_dir} exists: showing its report (delete it to promote and run again)")
         promotion, _ = pr.read_promotion_record(run_dir)
@@ -216,7 +246,7 @@ def stage_promote(search_dir: Path, root: Path, out: Path, steps: int, top_k: in
 
 
 def stage_importance(search_dir: Path) -> int:
-    _banner(f"6. hyperparameter importance of the demo search ({', '.join(imp.EVALUATORS)})")
+    _banner(f"7. hyperparameter importance of the demo search ({', '.join(imp.EVALUATORS)})")
     try:
         results = imp.importances(search_dir, "both")
     except imp.ImportanceError as exc:
@@ -261,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     stage_batch(recipe_path, root, args.override)
     status = 0
     if not args.no_search:
+        stage_backbone(recipe_path, root, args.override)
         status, _ = stage_search(Path(args.space), root, out)
         search_dir = (out / "search").resolve()
         if status == 0:

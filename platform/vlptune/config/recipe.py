@@ -144,6 +144,15 @@ class BackboneConfig(Section):
     channels_last: bool = Field(
         False,
         description="run the CNN in the channels_last memory format (faster convolutions on GPU tensor cores, slower on CPU); the same maths, float rounding may differ",
+    pretrain_steps: int = Field(
+        1000, ge=1, le=10_000_000, description="init 'pretrained' and `vlptune backbone pretrain`: optimiser steps of the supervised pretraining"
+    )
+    pretrain_batch_images: int = Field(16, ge=1, le=4096, description="init 'pretrained' and `vlptune backbone pretrain`: images per step")
+    pretrain_lr: float = Field(
+        2e-3,
+        gt=0.0,
+        le=10.0,
+        description="init 'pretrained' and `vlptune backbone pretrain`: learning rate of the CNN and its classification head (the recipe's optim.backbone optimiser)",
     )
 
 

@@ -7,7 +7,7 @@ import logging
 
 from vlptune.cliutil import add_override_arg
 from vlptune.config import ConfigError, load_recipe
-from vlptune.train.backbone_pretrain import DEFAULT_STEPS, pretrain_backbone
+from vlptune.train.backbone_pretrain import pretrain_backbone
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -23,24 +23,27 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     pre.add_argument("recipe", help="recipe YAML file whose ResNet (depth, width) and data to use, e.g. trials/demo-light.yaml")
     add_override_arg(pre)
     pre.add_argument("--out", required=True, help="directory to write (config.json, model.safetensors, provenance.json); replaced if it exists")
-    pre.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"optimiser steps (default {DEFAULT_STEPS})")
+    pre.add_argument(
+        "--steps", type=int, help="optimiser steps (default: the recipe's model.backbone.pretrain_steps; batch and lr: pretrain_batch_images, pretrain_lr)"
+    )
     pre.add_argument("--run-dir", help="keep the training run (TensorBoard, checkpoint) here (default: a temporary directory, removed)")
     pre.add_argument("--quiet", action="store_true", help="only print the result")
     pre.set_defaults(func=run_pretrain)
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         raise ConfigError(f"--steps: expected a positive number of optimiser steps, got {args.steps}")
     recipe = load_recipe(args.recipe, args.override)
+    steps = recipe.model.backbone.pretrain_steps if args.steps is None else args.steps
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     print(
-        f"pretraining the ResNet-{recipe.model.backbone.depth} x{recipe.model.backbone.width_mult} of {recipe.name} for {args.steps} steps into {args.out}",
+        f"pretraining the ResNet-{recipe.model.backbone.depth} x{recipe.model.backbone.width_mult} of {recipe.name} for {steps} steps into {args.out}",
         flush=True,
     )
     from vlptune.train.loop import train_worker  # the loop imports torch: only when this runs
 
-    provenance = pretrain_backbone(recipe, args.out, train_worker, args.steps, args.run_dir, quiet=args.quiet)
+    provenance = pretrain_backbone(recipe, args.out, train_worker, steps, args.run_dir, quiet=args.quiet)
     m = provenance["metrics"]
     if "val/bcls_acc" in m:
         print(

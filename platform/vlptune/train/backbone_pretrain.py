@@ -20,13 +20,14 @@ through exactly the code that loads ``microsoft/resnet-18`` from a hub
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +38,6 @@ log = logging.getLogger(__name__)
 TrainFn = Callable[..., dict[str, Any]]  # train/loop.py:train_worker(recipe, reporter, out_dir, resume=...)
 
 OBJECTIVE = "backbone_cls"
-# Not tuned: on demo-light 300 steps end at val label accuracy 0.73 against the prior's 0.70 and F1 0.45 against
-# 0.53 for "every label present"; the accuracy stalls near 0.74 from step 50 (docs/training.md, "A pretrained backbone").
-DEFAULT_STEPS = 300
 FUSION_LAYERS = 1  # the fusion Transformer is built but never run: the smallest one
 PROVENANCE_FILE = "provenance.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -50,8 +48,10 @@ PRETRAIN_SEED = 0  # one cached backbone per architecture and data, whatever the
 REPORTED = ("val/bcls_acc", "val/bcls_chance", "val/bcls_f1", "val/bcls_f1_chance", "val/bcls_loss")
 
 
-def pretrain_recipe(recipe: Recipe, steps: int) -> Recipe:
-    """``recipe`` rewritten to train its CNN alone on image classification for ``steps`` optimiser steps."""
+def pretrain_recipe(recipe: Recipe, steps: int | None = None) -> Recipe:
+    """``recipe`` rewritten to train its CNN alone on image classification for ``steps`` optimiser steps
+    (default ``model.backbone.pretrain_steps``), ``pretrain_batch_images`` images per step, AdamW at ``pretrain_lr``."""
+    b = recipe.model.backbone
     spec: dict[str, Any] = recipe_to_dict(recipe)
     spec["name"] = f"{recipe.name}-backbone"
     spec["objectives"] = {OBJECTIVE: {"weight": 1.0}}
@@ -59,23 +59,30 @@ def pretrain_recipe(recipe: Recipe, steps: int) -> Recipe:
     spec["model"]["fusion"]["layers"] = FUSION_LAYERS
     spec["model"]["fusion"]["unimodal_layers"] = 0
     spec["model"]["backbone"]["freeze_for"] = 0
-    if recipe.model.backbone.init == CACHED_BACKBONE:
+    if b.init == CACHED_BACKBONE:
         spec["model"]["backbone"]["init"] = "random"
+    # Each image once per step with one caption: the objective reads only the images and their object labels.
+    spec["data"].update(batch_images=b.pretrain_batch_images, itm_positives=1, itm_negatives=0)
     spec["optim"]["balance"] = "none"
-    # The classification head is the one trained parameter outside the CNN, so it learns with the CNN's optimiser:
-    # at demo-light's fusion lr (1e-4) it barely moved and the label accuracy stalled at the prior (docs/training.md).
+    spec["optim"]["global_batch"] = 0
+    # AdamW whatever the recipe's CNN optimiser (SOHO's SGD settings assume an ImageNet start), and the
+    # classification head, the one trained parameter outside the CNN, with the CNN's settings: at
+    # demo-light's fusion lr (1e-4) it barely moved and the label accuracy stalled at the prior (docs/training.md).
+    spec["optim"]["backbone"].update(optimizer="adamw", lr=b.pretrain_lr)
     spec["optim"]["transformer"] = dict(spec["optim"]["backbone"])
+    steps = b.pretrain_steps if steps is None else steps
     spec["train"].update(max_steps=steps, eval_every=steps, keep_when_done="last")
     return validate_recipe(spec, f"{recipe.name} rewritten for backbone pretraining")
 
 
-def cache_path(recipe: Recipe, steps: int | None = None) -> Path:
+def cache_path(recipe: Recipe) -> Path:
     """Where ``model.backbone.init: pretrained`` keeps the backbone of ``recipe``: under ``data.root``, named by what shapes it."""
     from vlptune.data.prepare import data_root  # torch-free, but data/ only when a path is asked for
 
     b = recipe.model.backbone
-    steps = steps or DEFAULT_STEPS
-    return data_root(recipe) / CACHE_DIR / f"resnet{b.depth}-w{b.width_mult:g}-px{recipe.data.image_size}-steps{steps}-seed{PRETRAIN_SEED}"
+    shape = f"resnet{b.depth}-w{b.width_mult:g}-px{recipe.data.image_size}"
+    how = f"steps{b.pretrain_steps}-b{b.pretrain_batch_images}-lr{b.pretrain_lr:g}-seed{PRETRAIN_SEED}"
+    return data_root(recipe) / CACHE_DIR / f"{shape}-{how}"
 
 
 def resolve_cached_backbone(recipe: Recipe, train: TrainFn, is_main: bool = True, barrier: Callable[[], Any] | None = None) -> Recipe:
@@ -98,7 +105,7 @@ def resolve_cached_backbone(recipe: Recipe, train: TrainFn, is_main: bool = True
                 if not is_pretrained_backbone(path):
                     log.info("pretraining the backbone once into %s (model.backbone.init: pretrained)", path)
                     seeded = recipe.model_copy(update={"train": recipe.train.model_copy(update={"seed": PRETRAIN_SEED})})
-                    provenance = pretrain_backbone(seeded, path, train, DEFAULT_STEPS)  # DEFAULT_STEPS read now: the tests make it small
+                    provenance = pretrain_backbone(seeded, path, train)
                     record_in_manifest(recipe, path, provenance)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
@@ -124,6 +131,20 @@ def record_in_manifest(recipe: Recipe, path: Path, provenance: dict[str, Any]) -
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """transformers' "Writing model shards" bar off while the backbone is saved (one file; the console stays quiet)."""
+    from transformers.utils import logging as hf_logging  # transformers: only when a backbone is saved
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def is_pretrained_backbone(path: str | Path) -> bool:
     """Whether ``path`` holds a finished ``save_pretrained`` backbone (weights, config and provenance)."""
     p = Path(path)
@@ -131,7 +152,7 @@ def is_pretrained_backbone(path: str | Path) -> bool:
 
 
 def pretrain_backbone(
-    recipe: Recipe, out: str | Path, train: TrainFn, steps: int = DEFAULT_STEPS, run_dir: str | Path | None = None, quiet: bool = True
+    recipe: Recipe, out: str | Path, train: TrainFn, steps: int | None = None, run_dir: str | Path | None = None, quiet: bool = True
 ) -> dict[str, Any]:
     """Pretrain ``recipe``'s CNN with ``train`` (the loop's ``train_worker``) and write it to ``out`` (atomically); returns its provenance.
 
@@ -149,6 +170,7 @@ def pretrain_backbone(
     target = Path(out)
     target.parent.mkdir(parents=True, exist_ok=True)
     precipe = pretrain_recipe(recipe, steps)
+    steps = precipe.train.max_steps
     keep_run = run_dir is not None
     run = Path(run_dir) if run_dir is not None else target.parent / f".{target.name}.run-{os.getpid()}"
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
@@ -163,7 +185,7 @@ def pretrain_backbone(
         pretrainer = build_pretrainer(precipe, DatasetInfo.read(data_root(precipe)))
         load_checkpoint(checkpoint, pretrainer, restore_rng_state=False)
         shutil.rmtree(tmp, ignore_errors=True)
-        with torch.no_grad():
+        with torch.no_grad(), _no_progress_bars():
             pretrainer.model.backbone.resnet.save_pretrained(str(tmp), safe_serialization=True)
         provenance = {
             "created_by": "vlptune backbone pretrain",
@@ -176,6 +198,8 @@ def pretrain_backbone(
             "width_mult": precipe.model.backbone.width_mult,
             "image_size": precipe.data.image_size,
             "steps": steps,
+            "batch_images": precipe.data.batch_images,
+            "lr": precipe.optim.backbone.lr,
             "seed": precipe.train.seed,
             "seconds": round(time.time() - start, 1),
             "metrics": {key: float(result[key]) for key in REPORTED if key in result},
