@@ -144,6 +144,7 @@ class BackboneConfig(Section):
     channels_last: bool = Field(
         False,
         description="run the CNN in the channels_last memory format (faster convolutions on GPU tensor cores, slower on CPU); the same maths, float rounding may differ",
+    )
     pretrain_steps: int = Field(
         1000, ge=1, le=10_000_000, description="init 'pretrained' and `vlptune backbone pretrain`: optimiser steps of the supervised pretraining"
     )
