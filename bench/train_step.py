@@ -203,11 +203,11 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"data.batch_images={args.batch}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if load_recipe(args.recipe, overrides).model.backbone.init == CACHED_BACKBONE:  # the weights do not change the step's time: skip making the cached backbone
+        overrides.append("model.backbone.init=random")
     if args.vary:
         return compare(args, overrides)
     recipe = load_recipe(args.recipe, overrides)
-    if recipe.model.backbone.init == CACHED_BACKBONE:  # the weights do not change the step's time: skip making the cached backbone
-        recipe = load_recipe(args.recipe, [*overrides, "model.backbone.init=random"])
     device = torch.device(args.device)
     precision = resolve_precision(recipe.optim.precision, device)
     batch_images = recipe.data.batch_images
