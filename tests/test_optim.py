@@ -123,7 +123,7 @@ def test_accumulation_steps_arithmetic_and_error():
 def _capture_grads(opts):
     grads = {}
 
-    def step():
+    def step(found_inf=None):  # the fused path passes its device flag
         for _side, opt in opts.optimizers.items():
             for group in opt.param_groups:
                 for p in group["params"]:

@@ -96,6 +96,19 @@ class DataConfig(Section):
         description="0: pad each batch to its largest image (any shape); n: pad each side up to the next of n lengths evenly spaced from image_size "
         "to max_long_side (multiples of the grid stride), so the model sees at most n x n shapes (for train.compile)",
     )
+    jpeg_draft: bool = Field(
+        True,
+        description="decode a JPEG that the resize shrinks at a reduced size (PIL draft mode: 1/2, 1/4 or 1/8 scale, never below the resize target); off = full-size decode then resize",
+    )
+    decode: Literal["cpu", "gpu"] = Field(
+        "cpu",
+        description="where images are decoded and transformed: cpu (PIL, in the DataLoader workers) or gpu (torchvision.io.decode_jpeg on CUDA in the training process, "
+        "the transform on the GPU; needs the 'gpu' extra, CUDA and num_workers 0; non-JPEG images are decoded by PIL)",
+    )
+    pin_memory: Literal["auto", "always", "never"] = Field(
+        "auto", description="page-locked batches so host-to-GPU copies run asynchronously: auto = when training on CUDA with data.decode cpu"
+    )
+    prefetch_factor: int = Field(2, ge=1, le=64, description="batches each DataLoader worker prepares ahead (num_workers > 0)")
     max_objects: int = Field(8, ge=1, le=256, description="objects kept per image (boxes, labels, grid masks)")
     verify_shards: bool = Field(
         True,
@@ -128,6 +141,10 @@ class BackboneConfig(Section):
     freeze_for: int = Field(0, ge=0, le=10_000_000, description="freeze the whole CNN during the first N units (SOHO's cure for VD cold start)")
     freeze_unit: Literal["steps", "epochs"] = Field("steps", description="unit of freeze_for")
     pool: int = Field(2, ge=1, le=8, description="max-pool kernel and stride after the 1x1 projection (SOHO: 2; 1 keeps a usable grid on small images)")
+    channels_last: bool = Field(
+        False,
+        description="run the CNN in the channels_last memory format (faster convolutions on GPU tensor cores, slower on CPU); the same maths, float rounding may differ",
+    )
     pretrain_steps: int = Field(
         1000, ge=1, le=10_000_000, description="init 'pretrained' and `vlptune backbone pretrain`: optimiser steps of the supervised pretraining"
     )
@@ -243,6 +260,11 @@ class OptimConfig(Section):
     grad_clip: float = Field(1.0, ge=0.0, le=1e6, description="clip the global gradient norm to this; 0 = off")
     global_batch: int = Field(0, ge=0, le=1_000_000, description="images per optimizer step over all workers; 0 = batch_images x workers (no accumulation)")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on GPU, fp32 on CPU")
+    fused: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="fused optimiser kernels (torch's fused AdamW / SGD): auto = where torch has them for the parameters' device (CPU and CUDA); "
+        "they also skip a non-finite step on the device, without a host sync; never = the foreach kernels (one host sync per step); always = fused or an error",
+    )
     objective_grad_norms: bool = Field(
         True, description="log each objective's gradient norm on the shared parameters every train.log_every steps (one extra backward pass per logged step)"
     )

@@ -38,12 +38,13 @@ import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vlptune.config import Recipe
+from vlptune.config import DataConfig, Recipe
 from vlptune.data.collate import SOHOCollate, pad_images
 from vlptune.data.mixture import VOCABULARY_KEYS, MixtureDataset, check_vocabularies
 from vlptune.data.schema import TABLE_IMAGE_TEXT, DataError
 from vlptune.data.shard_checks import read_checked_shard, shard_entries, verify_hint
-from vlptune.data.shards import decode_image, decode_segmentation, list_shards, read_manifest
+from vlptune.data.gpu_decode import check_gpu_decoding, decode_image_tensor
+from vlptune.data.shards import decode_image_draft, decode_segmentation, list_shards, read_manifest
 from vlptune.data.prepare import ensure_data
 from vlptune.data.text import load_tokenizer
 from vlptune.data.transforms import ImageTransform
@@ -112,8 +113,13 @@ class Vocab:
         return cls(num_classes=len(v["classes"]), num_attributes=len(v["attributes"]), roi_dim=int(v["roi_feature_dim"]))
 
 
-def decode_record(row: dict, transform: ImageTransform, vocab: Vocab, max_objects: int, seed: int) -> dict:
+def decode_record(row: dict, transform: ImageTransform, vocab: Vocab, max_objects: int, seed: int, device: torch.device | None = None) -> dict:
     """Decode and transform one ``image_text`` record into a sample dict.
+
+    The image is decoded once per record (the SOHO batch pairs it with several
+    captions, but holds each image once), by PIL with JPEG draft mode where
+    the resize shrinks it (``data.jpeg_draft``), or with ``device`` on that
+    GPU (``data.decode: gpu``, vlptune.data.gpu_decode).
 
     Raises DataError (or another of :data:`RECORD_ERRORS`) naming the record
     when any field is unusable.
@@ -127,7 +133,11 @@ def decode_record(row: dict, transform: ImageTransform, vocab: Vocab, max_object
         phrases = [[] for _ in captions]
     if len(phrases) != len(captions):
         raise DataError(f"record {rid}: field 'phrases' has {len(phrases)} entries for {len(captions)} captions")
-    image = decode_image(row.get("image"), rid)
+    image: Any
+    if device is not None:
+        image, source = decode_image_tensor(row.get("image"), rid, device), None
+    else:
+        image, source = decode_image_draft(row.get("image"), rid, transform.draft_size)
     seg = decode_segmentation(row["segmentation"], rid) if row.get("segmentation") is not None else None
     objects = row.get("objects") or []
     boxes = np.asarray([o["box"] for o in objects], dtype=np.float32).reshape(-1, 4)
@@ -145,7 +155,7 @@ def decode_record(row: dict, transform: ImageTransform, vocab: Vocab, max_object
     sims = _phrase_similarity(row.get("phrase_label_sim"), phrases, len(objects), rid)
     rng = np.random.default_rng(seed)
     try:
-        t = transform(image, boxes, seg, captions, rng)
+        t = transform(image, boxes, seg, captions, rng, source_size=source)
     except ValueError as exc:
         raise DataError(f"record {rid}: {exc}") from exc
     keep = t.keep[:max_objects]
@@ -262,6 +272,7 @@ class ShardDataset(Dataset):
             known = sorted(manifest["shards"].get(TABLE, {}))
             raise DataError(f"{self.root}: table {TABLE!r} has no records in split {split!r} (splits: {known})")
         self.transform = ImageTransform(recipe.data, train)
+        self.decode_device = check_gpu_decoding(recipe.data.num_workers) if recipe.data.decode == "gpu" else None
         self.skipped_records: list[tuple[str, str]] = []  # this process only
         self._bad: dict[int, str] = {}
         self.epoch = -1
@@ -277,6 +288,7 @@ class ShardDataset(Dataset):
         self.positions = rank_positions(self.total, self.rank, self.world_size, self.recipe.train.seed, self.epoch, shuffle=self.train, drop_last=self.train)
         self.table = _read_rows(self.paths, self.counts, self.positions, self.root, self.checksums)
         self.image_ids = [str(x) for x in self.table.column("image_id").to_pylist()]
+        self._texts: list[dict] | None = None  # captions and phrases of every row, read on the first distractor draw
         self._bad = {}
 
     def __len__(self) -> int:
@@ -312,7 +324,9 @@ class ShardDataset(Dataset):
             if self.image_ids[j] in seen:
                 continue
             seen.add(self.image_ids[j])
-            row = self._row(j, ("captions", "phrases"))
+            if self._texts is None:  # one read of the text columns per epoch, not a table slice per draw
+                self._texts = self.table.select(["captions", "phrases"]).to_pylist()
+            row = self._texts[j]
             caps = [c for c in (row["captions"] or []) if isinstance(c, str) and c.strip()]
             if not caps:
                 continue
@@ -350,7 +364,7 @@ class ShardDataset(Dataset):
                 continue
             seed = self._seed(i)
             try:
-                sample = decode_record(self._row(i), self.transform, self.vocab, self.recipe.data.max_objects, seed)
+                sample = decode_record(self._row(i), self.transform, self.vocab, self.recipe.data.max_objects, seed, self.decode_device)
             except RECORD_ERRORS as exc:
                 entry = self._skip(i, f"{type(exc).__name__}: {exc}")
                 if entry:
@@ -433,13 +447,15 @@ def build_loader(
     train: bool = True,
     epoch: int = 0,
     tokenizer: Any = None,
+    device: torch.device | str | None = None,
 ) -> SOHOLoader:
     """The SOHO batch loader of ``split`` for one rank (batches: docs/contracts.md).
 
     ``split`` defaults to ``data.train_split`` (train) or ``data.val_split``.
     Batches hold ``data.batch_images`` images; training drops the last partial
     batch (unless the rank has less than one batch), so ``len(loader)`` is the
-    number of steps in this epoch and is equal on every rank.
+    number of steps in this epoch and is equal on every rank. ``device``: where
+    the batches go (pinned memory on CUDA, :func:`loader_options`).
     """
     data = recipe.data
     if split is None:
@@ -457,11 +473,27 @@ def build_loader(
         batch_size=data.batch_images,
         shuffle=False,  # the dataset's order is already the epoch's shuffle
         drop_last=drop_last,
-        num_workers=data.num_workers,
         collate_fn=collate,
-        worker_init_fn=_worker_init if data.num_workers > 0 else None,
         persistent_workers=False,
+        **loader_options(data, device),
     )
+
+
+def loader_options(data: DataConfig, device: torch.device | str | None = None) -> dict[str, Any]:
+    """The DataLoader options of ``data`` for a run on ``device``: workers, pinned memory, prefetching.
+
+    ``data.pin_memory: auto`` pins batches when ``device`` is CUDA (or, with no
+    device given, when CUDA is available and ``train.device`` would pick it) and
+    ``data.decode`` is cpu (GPU-decoded images are already on the device);
+    ``data.prefetch_factor`` applies with workers only (torch refuses it without).
+    """
+    workers = data.num_workers
+    cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+    pin = data.pin_memory == "always" or (data.pin_memory == "auto" and cuda and data.decode == "cpu")
+    out: dict[str, Any] = {"num_workers": workers, "pin_memory": pin, "worker_init_fn": _worker_init if workers > 0 else None}
+    if workers > 0:
+        out["prefetch_factor"] = data.prefetch_factor
+    return out
 
 
 # ------------------------------------------------------------------ retrieval evaluation

@@ -15,6 +15,11 @@ horizontal flip -> normalise. Evaluation: resize -> normalise.
   caption of the sample mentions left or right (whole words, see
   :func:`mentions_left_right`); boxes are mirrored, the map flipped.
 
+The same transform runs on a PIL image (CPU decoding) or on a uint8
+``[3, H, W]`` tensor (``data.decode: gpu``); a JPEG may be decoded at a
+reduced size first (``data.jpeg_draft``, :meth:`ImageTransform.draft_size`)
+when the resize shrinks it anyway.
+
 Boxes are float arrays ``[n, 4]`` of ``(x0, y0, x1, y1)`` in pixels of the
 current image; segmentation maps are uint8 ``[h, w]`` resized with nearest
 neighbour so class ids never blend.
@@ -22,8 +27,10 @@ neighbour so class ids never blend.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -118,12 +125,71 @@ def random_crop_window(height: int, width: int, scale_min: float, rng: np.random
 
 
 def normalise(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """RGB PIL image -> float32 [3, h, w], (x/255 - mean) / std."""
-    arr = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8))  # [h, w, 3]
-    out = arr.permute(2, 0, 1).to(torch.float32).contiguous()
-    scale = torch.tensor([255.0 * s for s in std], dtype=torch.float32)[:, None, None]
-    shift = torch.tensor([m / s for m, s in zip(mean, std)], dtype=torch.float32)[:, None, None]
-    return out.div_(scale).sub_(shift)  # (x/255 - mean)/std = x/(255 std) - mean/std
+    """RGB PIL image -> float32 [3, h, w], (x/255 - mean) / std.
+
+    One pass converts the (h, w, 3) bytes into a contiguous float tensor, two
+    in-place passes scale and shift it (the fastest of the orders measured in
+    bench/loader.py's profile)."""
+    pixels = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+    with warnings.catch_warnings():  # a read-only view of PIL's pixels (no copy): only read, into a new tensor
+        warnings.simplefilter("ignore", UserWarning)
+        arr = torch.from_numpy(pixels).permute(2, 0, 1)  # [3, h, w]
+    out = torch.empty(arr.shape, dtype=torch.float32)
+    out.copy_(arr)
+    scale, shift = _affine(mean, std, out.device)
+    return out.mul_(scale).add_(shift)  # (x/255 - mean)/std = x/(255 std) - mean/std
+
+
+def normalise_tensor(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 or float (0..255) [3, h, w] tensor, on any device -> float32 [3, h, w], (x/255 - mean) / std."""
+    scale, shift = _affine(mean, std, image.device)
+    return image.to(torch.float32).mul(scale).add_(shift)
+
+
+@functools.lru_cache(maxsize=16)
+def _affine_cached(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32, device=device)[:, None, None]
+    shift = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32, device=device)[:, None, None]
+    return scale, shift
+
+
+def _affine(mean: Sequence[float], std: Sequence[float], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, shift)`` [3, 1, 1] with ``x * scale + shift = (x/255 - mean) / std`` (made once per device)."""
+    return _affine_cached(tuple(float(m) for m in mean), tuple(float(s) for s in std), device)
+
+
+# ------------------------------------------------------------------ image operations (PIL or tensor)
+#
+# The transform runs on a PIL image (the CPU path) or on a uint8 [3, H, W]
+# tensor (data.decode: gpu, where torchvision decodes the JPEG on the GPU):
+# crop, resize (bilinear, antialiased when shrinking: PIL's filter), flip and
+# normalise, the same geometry either way.
+
+
+def image_size(image: Image.Image | torch.Tensor) -> tuple[int, int]:
+    """(width, height)."""
+    if isinstance(image, torch.Tensor):
+        return int(image.shape[-1]), int(image.shape[-2])
+    return image.size
+
+
+def _crop(image: Image.Image | torch.Tensor, top: int, left: int, h: int, w: int) -> Image.Image | torch.Tensor:
+    if isinstance(image, torch.Tensor):
+        return image[:, top : top + h, left : left + w]
+    return image.crop((left, top, left + w, top + h))
+
+
+def _resize(image: Image.Image | torch.Tensor, h: int, w: int) -> Image.Image | torch.Tensor:
+    if isinstance(image, torch.Tensor):
+        x = image.to(torch.float32).unsqueeze(0)
+        return torch.nn.functional.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)[0]
+    return image.resize((w, h), Image.Resampling.BILINEAR)
+
+
+def _flip(image: Image.Image | torch.Tensor) -> Image.Image | torch.Tensor:
+    if isinstance(image, torch.Tensor):
+        return image.flip(-1)
+    return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
 
 
 # ------------------------------------------------------------------ the transform
@@ -146,32 +212,49 @@ class ImageTransform:
         self.data = data
         self.train = train
 
+    def draft_size(self, width: int, height: int) -> tuple[int, int] | None:
+        """(w, h) the image of ``width x height`` may be decoded at (JPEG draft mode) without changing
+        the output: the resize target, or None when the image is not shrunk (or a random crop comes first)."""
+        if not self.data.jpeg_draft or (self.train and self.data.random_resized_crop):
+            return None
+        nh, nw = resized_hw(height, width, self.data)
+        return (nw, nh) if nw < width and nh < height else None
+
     def __call__(
         self,
-        image: Image.Image,
+        image: Image.Image | torch.Tensor,
         boxes: np.ndarray,
         seg: np.ndarray | None,
         captions: Sequence[str],
         rng: np.random.Generator,
+        source_size: tuple[int, int] | None = None,
     ) -> Transformed:
+        """``source_size``: (w, h) of the stored image when ``image`` was decoded smaller (draft mode);
+        boxes and the map are in those pixels, the output is what the full-size image would give."""
         data = self.data
-        width, height = image.size
+        width, height = source_size or image_size(image)
         if seg is not None and seg.shape != (height, width):
             raise ValueError(f"segmentation map is {seg.shape[1]}x{seg.shape[0]} but the image is {width}x{height}")
         boxes = clean_boxes(boxes, height, width)
         keep = np.arange(len(boxes), dtype=np.int64)
+        if source_size is not None and source_size != image_size(image):  # decoded smaller: boxes and map follow
+            dw, dh = image_size(image)
+            boxes = scale_boxes(boxes, dw / width, dh / height)
+            if seg is not None:
+                seg = np.asarray(Image.fromarray(np.ascontiguousarray(seg)).resize((dw, dh), Image.Resampling.NEAREST), dtype=np.uint8)
+            width, height = dw, dh
         crop = None
         if self.train and data.random_resized_crop:
             top, left, ch, cw = random_crop_window(height, width, data.crop_scale_min, rng)
             crop = (top, left, ch, cw)
-            image = image.crop((left, top, left + cw, top + ch))
+            image = _crop(image, top, left, ch, cw)
             if seg is not None:
                 seg = seg[top : top + ch, left : left + cw]
             boxes, keep = crop_boxes(boxes, top, left, ch, cw)
             height, width = ch, cw
         nh, nw = resized_hw(height, width, data)
         if (nh, nw) != (height, width):
-            image = image.resize((nw, nh), Image.Resampling.BILINEAR)
+            image = _resize(image, nh, nw)
             if seg is not None:
                 seg = np.asarray(Image.fromarray(np.ascontiguousarray(seg)).resize((nw, nh), Image.Resampling.NEAREST), dtype=np.uint8)
             boxes = scale_boxes(boxes, nw / width, nh / height)
@@ -181,9 +264,9 @@ class ImageTransform:
         coin = rng.random() if self.train else 1.0
         if self.train and coin < data.hflip_prob and not mentions_left_right(captions):
             flipped = True
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            image = _flip(image)
             if seg is not None:
                 seg = np.ascontiguousarray(seg[:, ::-1])
             boxes = hflip_boxes(boxes, nw)
-        tensor = normalise(image, data.mean, data.std)
+        tensor = normalise_tensor(image, data.mean, data.std) if isinstance(image, torch.Tensor) else normalise(image, data.mean, data.std)
         return Transformed(image=tensor, boxes=boxes.astype(np.float32), keep=keep, seg=seg, flipped=flipped, crop=crop)

@@ -188,6 +188,9 @@ class ResNetBackbone(nn.Module):
                 if _is_batchnorm(m):
                     for p in m.parameters():
                         p.requires_grad_(False)
+        self.channels_last = cfg.channels_last
+        if self.channels_last:  # weights stored NHWC; .to(device) later keeps the layout
+            self.resnet.to(memory_format=torch.channels_last)
         self.train(self.training)
 
     # ------------------------------------------------------------------ parts
@@ -240,6 +243,8 @@ class ResNetBackbone(nn.Module):
     def _run(self, images: Tensor) -> Tensor:
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"backbone expects images [B,3,H,W], got {tuple(images.shape)}")
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         x = self.resnet.embedder(images)
         for stage in self.resnet.encoder.stages:
             x = stage(x)

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -128,6 +129,11 @@ class VisualDictionary(nn.Module):
         self.quantise_padding = bool(quantise_padding)
         self.register_buffer("codes", torch.randn(self.size, self.dim))  # the release's N(0, 1) start (init: normal keeps it)
         self.register_buffer("initialised", torch.tensor(init == INIT_NORMAL))
+        # Host-side mirrors, so a training step reads nothing back from the device (train/loop.py):
+        # ``initialised`` once seen True stays True until a state dict is loaded; statistics are
+        # computed (one device read) only while ``report_stats`` is on (the loop: on logged steps).
+        self._known_initialised = False
+        self.report_stats = True
         self.register_buffer("idle", torch.zeros(self.size, dtype=torch.long))
         self.register_buffer("updates", torch.tensor(0, dtype=torch.long))
         if self.laplace_eps > 0:
@@ -276,8 +282,10 @@ class VisualDictionary(nn.Module):
         real = xf[quantised]
         reseeded = 0
         with torch.no_grad():
-            if self.training and not bool(self.initialised):
-                self._initialise_from(real)
+            if self.training and not self._known_initialised:
+                if not bool(self.initialised):
+                    self._initialise_from(real)
+                self._known_initialised = True
             idx = self.assign(xf)
             if self.training:
                 counts, reseeded = self._update(real, idx[quantised])
@@ -293,8 +301,14 @@ class VisualDictionary(nn.Module):
         codes = idx.masked_fill(~valid, -1).view(b, gh, gw)
         return VDOutput(feats=out, codes=codes, stats=self._stats(counts, reseeded))
 
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._known_initialised = False  # read the loaded buffer again at the next training forward
+
     @torch.no_grad()
     def _stats(self, counts: Tensor, reseeded: int) -> dict[str, float]:
+        if not self.report_stats:
+            return {}
         total = counts.sum()
         p = counts / total.clamp_min(1.0)
         entropy = -(p * torch.log(p.clamp_min(1e-12))).sum()

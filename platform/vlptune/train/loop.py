@@ -6,7 +6,7 @@ Train worker by the Ray code; when torch.distributed is already initialised
 (Ray does that) the model is wrapped in DDP (gloo on CPU, NCCL on GPU) and
 rank and world size come from torch.distributed. Nothing here imports Ray.
 
-One optimiser step::
+One optimiser step (train/step.py, without host syncs)::
 
     for each of `accum` micro-batches (DDP syncs gradients on the last only):
         total = sum(weight * loss) over the objectives   (objectives/base.py)
@@ -30,13 +30,11 @@ where an uninterrupted one would have gone.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import numbers
 import os
 import time
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,19 +54,18 @@ from vlptune.io import atomic_write_text
 from vlptune.objectives.base import MetricMeter, Pretrainer, build_pretrainer, pair_scorer, prepare_dataset
 from vlptune.train import checkpoint as ckpt
 from vlptune.train.backbone_pretrain import resolve_cached_backbone
-from vlptune.train.balance import measures_at, with_objective_grad_norms
+from vlptune.train.balance import measures_at
 from vlptune.train.checkpoint import drop_persisted_copy
 from vlptune.train.compiling import CompileWatch
-from vlptune.train.evaluate import RetrievalInputs, diverged_as_worst, evaluate_losses, evaluate_retrieval, to_device
+from vlptune.train.evaluate import RetrievalInputs, diverged_as_worst, evaluate_losses, evaluate_retrieval
 from vlptune.train.optim import (
     Optimizers,
     accumulation_steps,
-    autocast,
     build_optimizers,
-    clip_gradients,
     resolve_precision,
 )
 from vlptune.train.reporting import Reporter
+from vlptune.train.step import StepResult, set_report_stats, settle_steps, train_step
 from vlptune.train.tensorboard import HParamsPlan, RunWriter, throughput, vd_picture
 
 if TYPE_CHECKING:  # the finetune mode's hook (train/finetune.py imports this module)
@@ -191,6 +188,8 @@ class BatchStream:
             num_workers=self.loader.num_workers,
             collate_fn=self.loader.collate_fn,
             worker_init_fn=self.loader.worker_init_fn,
+            pin_memory=self.loader.pin_memory,  # data.pin_memory and data.prefetch_factor (data/dataset.py loader_options)
+            prefetch_factor=self.loader.prefetch_factor,
         )
         return iter(view)
 
@@ -216,70 +215,6 @@ class BatchStream:
 
 
 # --------------------------------------------------------------------------- one step
-
-
-@dataclass
-class StepResult:
-    loss: float
-    metrics: list[dict[str, Tensor | float]]  # one dict per micro-batch
-    grad_norm: float
-    finite: bool
-    images: int
-    pairs: int
-
-
-def train_step(
-    module: nn.Module,
-    pretrainer: Pretrainer,
-    optimizers: Optimizers,
-    micro_batches: list[dict[str, Any]],
-    device: torch.device,
-    precision: str,
-    grad_clip: float,
-    generator: torch.Generator | None,
-    measure: bool = False,
-) -> StepResult:
-    """One optimiser step over ``micro_batches`` (gradient accumulation).
-
-    ``module`` is what runs the forward (the DDP wrapper, or the Pretrainer
-    itself); ``pretrainer`` the unwrapped module. Each micro-batch's total
-    loss is divided by the number of micro-batches, so the gradient is the
-    mean over them. The step is skipped (gradients dropped, weights untouched)
-    when the loss or the gradient norm is not finite on any rank (``measure``: train/balance.py).
-    """
-    accum = len(micro_batches)
-    total = torch.zeros((), device=device)
-    per_batch: list[dict[str, Tensor | float]] = []
-    images = pairs = 0
-    for i, batch in enumerate(micro_batches):
-        batch = to_device(batch, device)
-        last = i == accum - 1
-        sync = module.no_sync() if isinstance(module, DistributedDataParallel) and not last else contextlib.nullcontext()
-        with sync:
-            with autocast(precision, device):
-                loss, metrics = module(batch, generator)
-            metrics = with_objective_grad_norms(pretrainer, metrics, measure and i == 0)
-            if loss.requires_grad:
-                (loss / accum).backward()
-        total = total + loss.detach().float() / accum
-        per_batch.append(metrics)
-        images += int(batch["images"].shape[0])
-        pairs += int(batch["pair_image"].numel())
-    params = list(optimizers.params())
-    grad_norm = clip_gradients(params, grad_clip).to(device)
-    flag = (torch.isfinite(total) & torch.isfinite(grad_norm)).float()
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    finite = bool(flag.item())
-    if finite:
-        optimizers.step()
-    else:
-        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
-            warnings.simplefilter("ignore", UserWarning)
-            for sched in optimizers.schedulers.values():  # keep the schedule on the step counter
-                sched.step()
-    optimizers.zero_grad()
-    return StepResult(float(total), per_batch, float(grad_norm), finite, images, pairs)
 
 
 def backbone_frozen_at(step: int, recipe: Recipe, steps_per_epoch: float) -> bool:
@@ -420,7 +355,7 @@ def train_worker(
     generators = {"objectives": objective_gen, **module_generators(pretrainer)}
     torch.manual_seed(stream_seed(seed, workers.rank, DROPOUT_STREAM))  # dropout differs across ranks
     phases.mark("build_model")
-    loader = finetune.loader(workers) if finetune else build_loader(recipe, train=True, rank=workers.rank, world_size=workers.world_size)
+    loader = finetune.loader(workers) if finetune else build_loader(recipe, train=True, rank=workers.rank, world_size=workers.world_size, device=device)
     stream = BatchStream(loader)
     phases.mark("open_data")
 
@@ -454,6 +389,7 @@ def train_worker(
     meter = MetricMeter(pretrainer.metric_names)
     window = {"images": 0, "pairs": 0, "grad_norm": 0.0, "steps": 0, "start": time.perf_counter()}
     frozen: bool | None = None
+    pending: list[tuple[int, StepResult]] = []  # steps whose scalars are still on the device
     stop_reason = STOP_MAX_STEPS
     result: dict[str, Any] = {}
     train_start = time.perf_counter()
@@ -463,42 +399,39 @@ def train_worker(
             pretrainer.model.set_backbone_frozen(want_frozen)
             frozen = want_frozen
         measure = measures_at(step + 1, recipe)  # per-objective gradient norms (train/balance.py)
+        logs = (step + 1) % recipe.train.log_every == 0 or step + 1 == max_steps
+        set_report_stats(pretrainer, logs)  # VD statistics (a device read) only on logged steps
         out = train_step(
             module, pretrainer, optimizers, [stream.next() for _ in range(accum)], device, precision, recipe.optim.grad_clip, objective_gen, measure
         )
+        set_report_stats(pretrainer, True)  # evaluations always see them
         phases.mark("first_step", once=True)
         compiled.step_done()
         step += 1
-        if out.finite:
-            nonfinite = 0
-            for metrics in out.metrics:
-                meter.add(metrics)
-            window["grad_norm"] += out.grad_norm
-            window["steps"] += 1
-        else:
-            nonfinite += 1
-            log.warning("step %d: non-finite loss %s or gradient norm %s; step skipped (%d in a row)", step, out.loss, out.grad_norm, nonfinite)
-            if nonfinite >= recipe.train.nan_patience:
-                stop_reason = (
-                    f"non-finite loss or gradient for {nonfinite} consecutive steps (train.nan_patience={recipe.train.nan_patience}), "
-                    f"last at step {step}: loss={out.loss}, grad_norm={out.grad_norm}"
-                )
-                log.error("stopping: %s", stop_reason)
-                break
+        pending.append((step, out))
         images_seen += out.images * workers.world_size
         window["images"] += out.images * workers.world_size
         window["pairs"] += out.pairs * workers.world_size
+        is_eval = step % recipe.train.eval_every == 0 or step == max_steps
+        every = recipe.train.checkpoint_every
+        is_ckpt = (every > 0 and step % every == 0) or (every == 0 and is_eval) or step == max_steps
+        if not (logs or is_eval or is_ckpt):
+            continue  # the step's scalars stay on the device until the next logged, evaluated or checkpointed step
 
-        if step % recipe.train.log_every == 0 or step == max_steps:
+        # ---- settle the steps since the last one: one read of their flags, losses and norms
+        nonfinite, why = settle_steps(pending, meter, window, nonfinite, recipe.train.nan_patience)
+        pending = []
+        if why is not None:
+            stop_reason = why
+            log.error("stopping: %s", stop_reason)
+            break
+        if logs:
             log_window(writer, meter, window, optimizers, step, stream.epoch)
             if writer is not None:
                 writer.scalars(compiled.counts(), step, "compile/")
             meter = MetricMeter(pretrainer.metric_names)
             window = {"images": 0, "pairs": 0, "grad_norm": 0.0, "steps": 0, "start": time.perf_counter()}
 
-        is_eval = step % recipe.train.eval_every == 0 or step == max_steps
-        every = recipe.train.checkpoint_every
-        is_ckpt = (every > 0 and step % every == 0) or (every == 0 and is_eval) or step == max_steps
         if is_eval:
             result = run_evaluation(evaluation, pretrainer, writer, step, stream.epoch, {SKIPPED_KEY: skipped_over_ranks(stream.skipped, device)})
         written = None

@@ -92,10 +92,26 @@ def split_parameters(module: nn.Module, backbone: nn.Module) -> dict[str, dict[s
     return out
 
 
-def _make_optimizer(side_cfg: Any, groups: list[dict[str, Any]]) -> Optimizer:
+def _make_optimizer(side_cfg: Any, groups: list[dict[str, Any]], fused: bool | None = None) -> Optimizer:
+    """The side's optimiser; ``fused``: torch's fused kernel (True), the foreach one (False) or torch's default (None)."""
     if side_cfg.optimizer == "sgd":
-        return SGD(groups, lr=side_cfg.lr, momentum=side_cfg.momentum, weight_decay=side_cfg.weight_decay)
-    return AdamW(groups, lr=side_cfg.lr, betas=tuple(side_cfg.betas), weight_decay=side_cfg.weight_decay)
+        return SGD(groups, lr=side_cfg.lr, momentum=side_cfg.momentum, weight_decay=side_cfg.weight_decay, fused=fused)
+    return AdamW(groups, lr=side_cfg.lr, betas=tuple(side_cfg.betas), weight_decay=side_cfg.weight_decay, fused=fused)
+
+
+def _fused_optimizer(side: str, side_cfg: Any, groups: list[dict[str, Any]], choice: str) -> Optimizer:
+    """``optim.fused``: the fused kernel where torch has one for these parameters (auto), always, or never."""
+    if choice == "never":
+        return _make_optimizer(side_cfg, groups, fused=False)
+    try:
+        return _make_optimizer(side_cfg, groups, fused=True)
+    except RuntimeError as exc:  # torch refuses fused kernels for this device or dtype
+        if choice == "always":
+            devices = sorted({str(p.device) for g in groups for p in g["params"]})
+            raise ConfigError(
+                f"optim.fused=always: torch has no fused {side_cfg.optimizer} for the {side} parameters on {devices}: {exc}; use auto or never"
+            ) from exc
+        return _make_optimizer(side_cfg, groups, fused=False)
 
 
 @dataclass
@@ -109,10 +125,27 @@ class Optimizers:
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
 
-    def step(self) -> None:
-        """One optimiser step on every side, then advance the schedules."""
+    @property
+    def skips_on_device(self) -> bool:
+        """Every side's optimiser is fused: :meth:`step` can skip a non-finite step from a device flag, without a host sync."""
+        return bool(self.optimizers) and all(bool(opt.defaults.get("fused")) for opt in self.optimizers.values())
+
+    def step(self, found_inf: Tensor | None = None) -> None:
+        """One optimiser step on every side, then advance the schedules.
+
+        ``found_inf`` (fused optimisers only, see :attr:`skips_on_device`): a float
+        tensor on the parameters' device; where it is non-zero the kernels leave
+        weights, moments and step counts untouched (torch's AMP mechanism), and
+        the schedules still advance, as for a step skipped on the host.
+        """
         for opt in self.optimizers.values():
-            opt.step()
+            if found_inf is not None:
+                opt.found_inf, opt.grad_scale = found_inf, None  # read by the fused kernels
+            try:
+                opt.step()
+            finally:
+                if found_inf is not None:
+                    del opt.found_inf, opt.grad_scale
         for sched in self.schedulers.values():
             sched.step()
 
@@ -146,7 +179,7 @@ def build_optimizers(module: nn.Module, backbone: nn.Module, cfg: OptimConfig, m
         groups = [g for g in groups if g["params"]]
         if not groups:
             continue
-        optimizers[side] = _make_optimizer(side_cfg, groups)
+        optimizers[side] = _fused_optimizer(side, side_cfg, groups, cfg.fused)
         schedulers[side] = LambdaLR(optimizers[side], LRSchedule(cfg, max_steps))
     return Optimizers(optimizers, schedulers)
 
