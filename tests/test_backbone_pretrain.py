@@ -106,3 +106,16 @@ def test_init_pretrained_is_made_once_under_the_data_root_and_used_by_the_loop(w
     resolved = bp.resolve_cached_backbone(recipe, train_worker)
     assert resolved.model.backbone.init == str(cached) and (cached / "model.safetensors").stat().st_mtime_ns == made  # not retrained
     VLPModel(resolved)  # loads through model.backbone.init: DIR
+
+
+def test_a_run_that_makes_the_backbone_starts_like_one_that_finds_it(world, tmp_path):
+    # the cached backbone's pretraining draws from torch's generator inside the run; the run's own weights are
+    # seeded after it, so the same seed gives the same figures whether the backbone was made or found
+    from vlptune.train.reporting import LocalReporter
+
+    backbone = {"width_mult": 0.0625, "pool": 1, "init": "pretrained", "pretrain_steps": 3, "pretrain_batch_images": 4}
+    spec = {"model": {"backbone": backbone, "vd": {"size": 16}, "fusion": {"layers": 1}}, "train": {"max_steps": 2, "eval_every": 2, "log_every": 1}}
+    recipe = loop_recipe(tmp_path / "world", **spec)  # its own world: the backbone is not there yet
+    made = train_worker(recipe, LocalReporter(quiet=True), tmp_path / "made", resume=False)
+    found = train_worker(recipe, LocalReporter(quiet=True), tmp_path / "found", resume=False)
+    assert made["val/loss"] == found["val/loss"], (made["val/loss"], found["val/loss"])

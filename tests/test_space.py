@@ -60,8 +60,11 @@ def test_demo_space_is_valid_and_sized_for_two_cores():
     # two trials at once on 2 CPUs
     assert recipe.resources.workers * recipe.resources.cpus_per_worker * space.max_concurrent <= 2
     paths = [p.path for p in space.params]
-    for wanted in ("model.vd.size", "objectives.mvm.prob", "data.mlm_prob", "data.image_size", "model.backbone.depth"):
+    for wanted in ("model.vd.size", "objectives.mvm.prob", "data.mlm_prob", "model.backbone.init", "optim.balance"):
         assert wanted in paths
+    # every trial shares the one cached backbone: nothing that shapes it is searched
+    assert not {"data.image_size", "model.backbone.depth", "model.backbone.width_mult"} & set(paths)
+    assert space.param("model.backbone.init").choices == ["pretrained", "random"]
     assert any(p.startswith("objectives.") and p.endswith(".weight") for p in paths)
     assert 0 in space.param("model.vd.size").choices  # VD off is part of the search
     assert space.asha_rungs() == [15, 30]

@@ -332,13 +332,15 @@ def train_worker(
     precision = resolve_precision(recipe.optim.precision, device)
     set_threads(recipe)
     seed = recipe.train.seed
-    torch.manual_seed(seed)  # the same initial weights on every rank
 
     # ---- data, model, optimisers (each phase timed: the first report carries startup/<phase>_s)
     phases = PhaseTimer()
     accum = accumulation_steps(recipe.optim.global_batch, recipe.data.batch_images, workers.world_size)
     info = prepare_data(recipe, workers)
     recipe = resolve_cached_backbone(recipe, train_worker, workers.is_main, workers.barrier)  # model.backbone.init: pretrained
+    # Seeded after the data and the cached backbone are made (pretraining it draws from torch's generator): the same
+    # initial weights on every rank, and whether this run made the backbone or found it.
+    torch.manual_seed(seed)
 
     phases.mark("prepare_data")
     pretrainer = (finetune.build(recipe, info) if finetune else build_pretrainer(recipe, info)).to(device)
