@@ -60,8 +60,8 @@ from vlptune.grid import grid_shape, grid_stride
 from vlptune.model.backbone import ResNetBackbone
 from vlptune.model.visual_dictionary import VisualDictionary
 from vlptune.objectives.base import build_pretrainer
-from vlptune.train.loop import train_step
 from vlptune.train.optim import autocast, build_optimizers, resolve_precision
+from vlptune.train.step import train_step
 
 TRIALS = Path(__file__).resolve().parents[1] / "trials"
 SCHEMA = 1

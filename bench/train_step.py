@@ -144,7 +144,7 @@ def compare(args: argparse.Namespace, overrides: list[str]) -> int:
     import statistics
 
     from vlptune.train.compiling import CompileWatch
-    from vlptune.train.loop import train_step
+    from vlptune.train.step import train_step
 
     path, _, values = args.vary.partition("=")
     device = torch.device(args.device)
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(recipe.train.seed)
 
     # vlptune: the loop's own step
-    from vlptune.train.loop import train_step
+    from vlptune.train.step import train_step
 
     pretrainer = build_pretrainer(recipe).to(device).train()
     optimizers = build_optimizers(pretrainer, pretrainer.model.backbone, recipe.optim, max_steps=args.steps + args.warmup)

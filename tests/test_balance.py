@@ -12,8 +12,8 @@ from test_objectives import hand_batch
 from vlptune.config import ConfigError, OptimConfig, load_recipe
 from vlptune.objectives.base import build_pretrainer
 from vlptune.train.balance import GradNormBalance, attach_balance, measures_at, objective_grad_norms
-from vlptune.train.loop import train_step
 from vlptune.train.optim import build_optimizers
+from vlptune.train.step import train_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is as fast and immune to a busy second core
 

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from vlptune.config import ConfigError, OptimConfig
-from vlptune.train.loop import train_step
 from vlptune.train.optim import (
     LRSchedule,
     accumulation_steps,
@@ -18,6 +17,7 @@ from vlptune.train.optim import (
     resolve_precision,
     split_parameters,
 )
+from vlptune.train.step import train_step
 
 
 class Toy(nn.Module):
