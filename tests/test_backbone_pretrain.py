@@ -81,6 +81,36 @@ def test_cli_refuses_bad_steps_with_exit_2(world, tmp_path, capsys):
     assert "--steps" in capsys.readouterr().err
     with pytest.raises(ConfigError):
         pretrain_recipe(loop_recipe(world), steps=0)
+    assert main(["backbone", "pretrain", str(path), "--out", str(tmp_path / "b"), "--address", "auto"]) == 2
+    assert "--address: only with --ray" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # a local Ray cluster and a Ray Train run of two DDP workers: about 60 s
+def test_pretrain_command_with_ray_trains_on_two_ddp_workers(world, tmp_path):
+    import contextlib
+    import io
+
+    import ray
+
+    path = tmp_path / "r.yaml"
+    path.write_text(dump_recipe(loop_recipe(world, train={"log_every": 2})))
+    out = tmp_path / "backbone"
+    console = io.StringIO()
+    args = ["backbone", "pretrain", str(path), "--out", str(out), "--steps", "4", "--ray", "--quiet"]
+    try:
+        with contextlib.redirect_stdout(console):
+            rc = main([*args, "-o", "resources.workers=2", "-o", "resources.cpus_per_worker=0.5", "--run-dir", str(tmp_path / "run")])
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    text = console.getvalue()
+    assert rc == 0, text
+    assert "with Ray Train (2 worker(s))" in text and "val label accuracy" in text, text
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert is_pretrained_backbone(out) and provenance["steps"] == 4 and "val/bcls_acc" in provenance["metrics"]
+    assert list((tmp_path / "run" / "ray").rglob("checkpoint_*")), "the checkpoint it was read from is Ray Train's"
+    loaded = VLPModel(loop_recipe(world, model={"backbone": {"width_mult": 0.0625, "pool": 1, "init": str(out)}, "vd": {"size": 16}, "fusion": {"layers": 1}}))
+    assert loaded.backbone.resnet is not None
 
 
 @pytest.mark.slow  # two train_worker runs (the pretraining and the run using it): about 10 s quiet, 30 s on a busy machine

@@ -8,7 +8,8 @@ import os
 import subprocess
 import sys
 
-from vlptune.search.console import ConsoleLog, Progress, format_duration, trial_line
+from vlptune.search.console import ConsoleLog, Progress, trial_line
+from vlptune.train.reporting import format_duration
 
 
 class FakeClock:

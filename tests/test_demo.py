@@ -39,6 +39,7 @@ def test_backbone_stage_pretrains_once_then_finds_it(tmp_path, capsys):
     first = capsys.readouterr().out
     assert "=== 4. pretrained backbone" in first and "pretraining the ResNet-18 x0.25 on the world's object labels (3 steps of 4 images)" in first
     assert re.search(r"backbone made in \d+ s: val label accuracy 0\.\d{3} against the prior's 0\.\d{3}", first), first
+    assert re.search(r"^  pretraining step \d/3, ETA \d+s$", first, re.M), first  # progress while it trains (at most one line per 15 s)
     made = list((root / "backbones").iterdir())
     assert [p.name for p in made if not p.name.startswith(".")] == ["resnet18-w0.25-px96-steps3-b4-lr0.002-seed0"]
     demo.stage_backbone(demo.DEMO_RECIPE, root, small)  # a second demo on the same world reuses it

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import logging
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ from vlptune.config import ConfigError, ObjectiveConfig, recipe_to_dict, validat
 from vlptune.objectives.base import Objective, ObjectiveOutput
 from vlptune.objectives.registry import register
 from vlptune.train.loop import BatchStream, backbone_frozen_at, train_worker
-from vlptune.train.reporting import LocalReporter, Reporter
+from vlptune.train.reporting import LocalReporter, ProgressLines, Reporter, loop_progress
 from vlptune.train.tensorboard import FIXED_HPARAMS, HPARAM_METRICS, HParamsPlan, hparam_values
 
 
@@ -107,14 +109,15 @@ def trained(world, tmp_path_factory):
     )
     calls: list[bool] = []
     original = VLPModel.set_backbone_frozen
-    with pytest.MonkeyPatch.context() as mp:
+    progress = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, loop_progress("progress ", every_s=0.0, stream=progress):
         mp.setattr(VLPModel, "set_backbone_frozen", lambda self, frozen: calls.append(frozen) or original(self, frozen))
         result = train_worker(recipe, reporter, run, resume=False, hparams=HParamsPlan(hparam_values(SEARCHED, recipe_to_dict(recipe)), "val/mlm_acc"))
-    return run, reporter, result, calls
+    return run, reporter, result, calls, progress.getvalue().splitlines()
 
 
 def test_run_reports_checkpoints_accumulates_and_freezes(trained):
-    run, reporter, result, freeze_calls = trained
+    run, reporter, result, freeze_calls, _ = trained
     assert freeze_calls == [True, False]  # frozen for steps 0-1, released at step 2
     assert result["stop_reason"] == "max_steps" and result["step"] == 4
     assert result["images_seen"] == 4 * 2 * 4  # steps x micro-batches x images
@@ -128,6 +131,24 @@ def test_run_reports_checkpoints_accumulates_and_freezes(trained):
         assert key in result
     assert result["retrieval/chance_ir_r1"] == pytest.approx(100.0 / 4)
     assert 0.0 <= result["retrieval/tr_r1"] <= 100.0
+
+
+def test_each_logged_window_says_how_far_the_run_is_and_its_eta(trained):
+    *_, progress = trained
+    # train.log_every 1: one line per step of 4, each "N/4, ETA ..." (the last with nothing left)
+    assert [line.split(",")[0] for line in progress] == [f"progress {n}/4" for n in (1, 2, 3, 4)]
+    assert all(", ETA " in line for line in progress) and progress[-1].endswith("ETA 0s")
+
+
+def test_progress_lines_print_at_most_once_per_interval():
+    out = io.StringIO()
+    handler = ProgressLines("at ", every_s=3600.0, stream=out)
+    for n in (1, 2):
+        handler.emit(logging.LogRecord("vlptune.train", logging.INFO, __file__, 0, "step", None, None))  # no progress: nothing
+        record = logging.LogRecord("vlptune.train", logging.INFO, __file__, 0, "step", None, None)
+        record.progress = f"{n}/9, ETA 1m00s"
+        handler.emit(record)
+    assert out.getvalue() == "at 1/9, ETA 1m00s\n"  # the second came within the hour
 
 
 def test_tensorboard_run_has_scalars_hparams_and_vd_picture_in_one_directory(trained):

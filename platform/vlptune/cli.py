@@ -24,7 +24,7 @@ from vlptune.io import atomic_write_text
 COMMAND_MODULES = (
     "vlptune.data.cli",
     "vlptune.train.cli",
-    "vlptune.train.backbone_cli",
+    "vlptune.search.backbone",
     "vlptune.tasks.cli",
     "vlptune.search.cli",
     "vlptune.search.finetune",

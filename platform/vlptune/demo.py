@@ -47,7 +47,6 @@ from vlptune.data.dataset import build_loader
 from vlptune.data.inspect import inspect_dataset
 from vlptune.data.prepare import ensure_data
 from vlptune.search import results as res
-from vlptune.search.console import format_duration
 from vlptune.search.layout import BASE_COPY, read_meta
 from vlptune.search.runner import run_search
 from vlptune.study import importance as imp
@@ -57,6 +56,7 @@ from vlptune.study.promote import MIN_RUN_CONFIGS
 from vlptune.study.promote_cli import ranged
 from vlptune.train.backbone_pretrain import PROVENANCE_FILE, cache_path, is_pretrained_backbone, resolve_cached_backbone
 from vlptune.train.loop import train_worker
+from vlptune.train.reporting import format_duration, loop_progress
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_RECIPE = REPO / "trials" / "demo-light.yaml"
@@ -151,7 +151,8 @@ def stage_backbone(recipe_path: Path, root: Path, overrides: list[str]) -> None:
             f"pretraining the ResNet-{b.depth} x{b.width_mult:g} on the world's object labels ({b.pretrain_steps} steps of {b.pretrain_batch_images} images)",
             flush=True,
         )
-    resolve_cached_backbone(recipe, train_worker)
+    with loop_progress("  pretraining step "):
+        resolve_cached_backbone(recipe, train_worker)
     provenance = json.loads((path / PROVENANCE_FILE).read_text())
     m = provenance.get("metrics", {})
     state = "already there" if existed else f"made in {provenance.get('seconds', float('nan')):.0f} s"

@@ -25,21 +25,11 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from vlptune.train.reporting import format_duration
+
 LOG_FILE = "vlptune.log"  # in the experiment directory
 BAR_WIDTH = 20  # characters of the progress bar
 TTY_REFRESH_S = 1.0  # at most one redraw of the live progress line per second (terminals only)
-
-
-def format_duration(seconds: float) -> str:
-    """``75`` -> ``1m15s``; ``3700`` -> ``1h01m``; under a minute: ``42s``."""
-    seconds = max(0.0, float(seconds))
-    if seconds < 60:
-        return f"{seconds:.0f}s"
-    minutes, secs = divmod(int(round(seconds)), 60)
-    if minutes < 60:
-        return f"{minutes}m{secs:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"
 
 
 class ConsoleLog:

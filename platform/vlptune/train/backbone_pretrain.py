@@ -1,4 +1,4 @@
-"""Supervised pretraining of a recipe's ResNet, saved in the Hugging Face format (``vlptune backbone pretrain``, train/backbone_cli.py).
+"""Supervised pretraining of a recipe's ResNet, saved in the Hugging Face format (``vlptune backbone pretrain``, search/backbone.py).
 
 The papers start their CNN from ImageNet weights; none can be downloaded here,
 so this trains the recipe's own ResNet (same depth and width) on the labelled
@@ -154,7 +154,8 @@ def is_pretrained_backbone(path: str | Path) -> bool:
 def pretrain_backbone(
     recipe: Recipe, out: str | Path, train: TrainFn, steps: int | None = None, run_dir: str | Path | None = None, quiet: bool = True
 ) -> dict[str, Any]:
-    """Pretrain ``recipe``'s CNN with ``train`` (the loop's ``train_worker``) and write it to ``out`` (atomically); returns its provenance.
+    """Pretrain ``recipe``'s CNN with ``train`` (the loop's ``train_worker``, or a Ray Train run:
+    :func:`vlptune.search.backbone.ray_train_fn`) and write it to ``out`` (atomically); returns its provenance.
 
     ``run_dir`` keeps the training run (TensorBoard events, checkpoint); by
     default a temporary directory next to ``out`` that is removed afterwards.
@@ -179,7 +180,7 @@ def pretrain_backbone(
         result = train(precipe, LocalReporter(quiet=quiet), run, resume=False)
         if result.get("step") != steps:
             raise RuntimeError(f"backbone pretraining stopped early ({result.get('stop_reason')}) at step {result.get('step')}; run dir {run}")
-        checkpoint = latest_checkpoint(run)
+        checkpoint = result.get("checkpoint") or latest_checkpoint(run)  # a Ray Train run's is the copy Ray kept
         if checkpoint is None:
             raise RuntimeError(f"backbone pretraining left no checkpoint in {run}")
         pretrainer = build_pretrainer(precipe, DatasetInfo.read(data_root(precipe)))

@@ -64,14 +64,14 @@ from vlptune.train.optim import (
     build_optimizers,
     resolve_precision,
 )
-from vlptune.train.reporting import Reporter
+from vlptune.train.reporting import LOOP_LOGGER, PROGRESS_ATTR, Reporter, format_duration
 from vlptune.train.step import StepResult, set_report_stats, settle_steps, train_step
 from vlptune.train.tensorboard import HParamsPlan, RunWriter, throughput, vd_picture
 
 if TYPE_CHECKING:  # the finetune mode's hook (train/finetune.py imports this module)
     from vlptune.train.finetune import FinetunePlan
 
-log = logging.getLogger("vlptune.train")
+log = logging.getLogger(LOOP_LOGGER)
 
 OBJECTIVE_STREAM = 1  # salt of the objectives' random stream (MVM choices), per rank
 DROPOUT_STREAM = 2  # salt of the torch global stream (dropout), per rank
@@ -395,6 +395,7 @@ def train_worker(
     stop_reason = STOP_MAX_STEPS
     result: dict[str, Any] = {}
     train_start = time.perf_counter()
+    first_step = step  # a resumed run starts past 0: its ETA counts only this run's steps
     while step < max_steps:
         want_frozen = backbone_frozen_at(step, recipe, steps_per_epoch)
         if want_frozen != frozen:
@@ -428,7 +429,8 @@ def train_worker(
             log.error("stopping: %s", stop_reason)
             break
         if logs:
-            log_window(writer, meter, window, optimizers, step, stream.epoch)
+            eta = (time.perf_counter() - train_start) / max(1, step - first_step) * (max_steps - step)  # evaluations included
+            log_window(writer, meter, window, optimizers, step, stream.epoch, f"{step}/{max_steps}, ETA {format_duration(eta)}")
             if writer is not None:
                 writer.scalars(compiled.counts(), step, "compile/")
             meter = MetricMeter(pretrainer.metric_names)
@@ -496,8 +498,8 @@ def scores(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, numbers.Real)}
 
 
-def log_window(writer: RunWriter | None, meter: MetricMeter, window: dict[str, Any], optimizers: Optimizers, step: int, epoch: int) -> None:
-    """Average the window's metrics over ranks and write them (rank 0)."""
+def log_window(writer: RunWriter | None, meter: MetricMeter, window: dict[str, Any], optimizers: Optimizers, step: int, epoch: int, progress: str = "") -> None:
+    """Average the window's metrics over ranks and write them (rank 0); ``progress`` (e.g. ``100/500, ETA 3m20s``) ends the log line."""
     meter.all_reduce()
     means = meter.means()
     seconds = time.perf_counter() - window["start"]
@@ -513,7 +515,8 @@ def log_window(writer: RunWriter | None, meter: MetricMeter, window: dict[str, A
     writer.scalars(speed, step, "throughput/")
     writer.flush()
     shown = " ".join(f"{k}={v:.4g}" for k, v in train.items() if k.endswith(("loss", "acc")))
-    log.info("step %d epoch %d %s grad_norm=%.3g %.1f img/s", step, epoch, shown, grad, speed["images_per_s"])
+    suffix = f" [{progress}]" if progress else ""
+    log.info("step %d epoch %d %s grad_norm=%.3g %.1f img/s%s", step, epoch, shown, grad, speed["images_per_s"], suffix, extra={PROGRESS_ATTR: progress})
 
 
 def run_evaluation(evaluation: Evaluation, pretrainer: Pretrainer, writer: RunWriter | None, step: int, epoch: int, extra: dict | None = None) -> dict:
