@@ -53,6 +53,23 @@ def test_padding_to_buckets_gives_few_shapes_and_the_same_real_pixels():
     assert len(shapes) < len(plain_shapes) // 2  # measured: 6 bucketed shapes, 20 unbucketed (one per batch)
 
 
+def test_padding_is_zero_whatever_the_memory_held_before():
+    # pad_images allocates with torch.empty and zeroes only the padding: fill freed memory with NaN
+    # first, so a padding cell left unwritten would show
+    rng = random.Random(1)
+    for _ in range(5):
+        del_me = torch.full((3, 3, 160, 160), float("nan"))
+        del del_me
+        sizes = [(rng.randint(40, 128), rng.randint(40, 128)) for _ in range(3)]
+        tensors = [torch.rand(3, h, w) for h, w in sizes]
+        images, pixel_mask, _ = pad_images(tensors, STRIDE)
+        expected = torch.zeros_like(images)
+        for b, t in enumerate(tensors):
+            expected[b, :, : t.shape[1], : t.shape[2]] = t
+        assert torch.equal(images, expected)  # the real pixels where they were, exact zeros elsewhere
+        assert int(pixel_mask.sum()) == sum(h * w for h, w in sizes)
+
+
 def test_the_fusion_ignores_the_extra_padding_of_a_bucket():
     torch.manual_seed(0)
     model = build_pretrainer(tiny_recipe()).model.eval()
