@@ -49,6 +49,11 @@ REPEAT_STEPS = 20  # the determinism check: the first steps again (all in warmup
 
 @pytest.fixture(scope="module")
 def demo_world(tmp_path_factory) -> Path:
+    return demo_world_at(tmp_path_factory)
+
+
+def demo_world_at(tmp_path_factory) -> Path:
+    """demo-light's world, made once per test session (its backbone too, by the first run that asks for it)."""
     from vlptune.data.prepare import ensure_data
 
     root = tmp_path_factory.getbasetemp() / "synth-demo"
