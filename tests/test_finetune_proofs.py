@@ -1,4 +1,4 @@
-"""The proofs that finetuning learns and that pretraining pays, over 3 seeds (slow suite, ~30 minutes on 2 cores).
+"""The proofs that finetuning learns and that pretraining pays, over 3 seeds (slow suite; the demo-light part measured 19 min 35 s on 2 cores with its world and backbone).
 
 * VQA, NLVR2 and SNLI-VE (the small recipe): for each seed s in 0, 1, 2,
   pretrain it (MLM + ITM, ``PRETRAIN_STEPS`` steps, ``train.seed = s``), then
@@ -130,13 +130,15 @@ def demo_proofs(tmp_path_factory) -> dict[str, list[dict[str, float]]]:
 
 
 def test_retrieval_r1_is_several_times_chance_after_pretraining(demo_proofs):
-    # measured (seeds 0/1/2): see the values written here after the run
+    # measured (seeds 0/1/2, 2 cores): TR / IR R@1 14 / 8, 28 / 22, 16 / 14 against chance 2 / 2 (50 images): TR+IR
+    # 22 / 50 / 30 against 4, 8.5x on the mean; RSUM 264 / 346 / 278 against 64
     r1 = [row["tr_r1"] + row["ir_r1"] for row in demo_proofs["pretrained"]]
     chance = [row["chance_tr_r1"] + row["chance_ir_r1"] for row in demo_proofs["pretrained"]]
     assert mean(r1) > 3.0 * mean(chance), (r1, chance)
 
 
 def test_pretraining_beats_random_initialisation_on_a_task(demo_proofs):
-    # Welch's 95% interval of pretrained - random RSUM at equal finetuning budget (vlptune.study.stats)
+    # Welch's 95% interval of pretrained - random RSUM at equal finetuning budget (vlptune.study.stats); measured:
+    # random init RSUM 130 / 80 / 118 (R@1 4 / 6, 0 / 2, 2 / 6), pretrained - random +187 [+97, +276], p 0.006
     c = compare([row["rsum"] for row in demo_proofs["pretrained"]], [row["rsum"] for row in demo_proofs["random"]])
     assert c.ci_low is not None and c.ci_low > 0.0, (c.diff, c.ci_low, c.p, demo_proofs)
