@@ -197,3 +197,33 @@ def hparams_sessions(base_url: str, metric_tags: list[str], page_size: int = 100
         "sliceSize": page_size,
     }
     return _post(base_url.rstrip("/") + "/data/plugin/hparams/session_groups", request).get("sessionGroups", [])
+
+
+# ------------------------------------------------------------------ commands that start a local Ray cluster
+
+
+def run_ray_command(args: list[str]) -> tuple[int, str]:
+    """``vlptune ARGS`` (a ``--ray`` command: it starts a local cluster) with stdout captured; Ray is shut down after,
+    whatever happened, and ``RAY_ADDRESS`` restored (``ray.init`` sets it to the cluster it started, which would send
+    the next command of this process to a cluster that is gone). Returns the exit code and the console text."""
+    import contextlib
+    import io
+    import os
+
+    import ray
+
+    from vlptune.cli import main
+
+    console = io.StringIO()
+    address = os.environ.get("RAY_ADDRESS")
+    try:
+        with contextlib.redirect_stdout(console):
+            rc = main(args)
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        if address is None:
+            os.environ.pop("RAY_ADDRESS", None)
+        else:
+            os.environ["RAY_ADDRESS"] = address
+    return rc, console.getvalue()

@@ -87,23 +87,13 @@ def test_cli_refuses_bad_steps_with_exit_2(world, tmp_path, capsys):
 
 @pytest.mark.slow  # a local Ray cluster and a Ray Train run of two DDP workers: about 60 s
 def test_pretrain_command_with_ray_trains_on_two_ddp_workers(world, tmp_path):
-    import contextlib
-    import io
-
-    import ray
+    from helpers import run_ray_command
 
     path = tmp_path / "r.yaml"
     path.write_text(dump_recipe(loop_recipe(world, train={"log_every": 2})))
     out = tmp_path / "backbone"
-    console = io.StringIO()
-    args = ["backbone", "pretrain", str(path), "--out", str(out), "--steps", "4", "--ray", "--quiet"]
-    try:
-        with contextlib.redirect_stdout(console):
-            rc = main([*args, "-o", "resources.workers=2", "-o", "resources.cpus_per_worker=0.5", "--run-dir", str(tmp_path / "run")])
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-    text = console.getvalue()
+    args = ["backbone", "pretrain", str(path), "--out", str(out), "--steps", "4", "--ray", "--quiet", "--run-dir", str(tmp_path / "run")]
+    rc, text = run_ray_command([*args, "-o", "resources.workers=2", "-o", "resources.cpus_per_worker=0.5"])
     assert rc == 0, text
     assert "with Ray Train (2 worker(s))" in text and "val label accuracy" in text, text
     provenance = json.loads((out / "provenance.json").read_text())

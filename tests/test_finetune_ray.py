@@ -8,15 +8,13 @@ its run directory, like the in-process run of tests/test_finetune_tasks.py.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
 
 import pytest
 
+from helpers import run_ray_command
 from test_finetune_tasks import PRETRAIN_OBJECTIVES, WORLD_SIZE, WORLD_TRAIN, WORLD_VAL, task_recipe
-from vlptune.cli import main
 from vlptune.data.synth import make_world
 from vlptune.train.finetune import FINETUNE_STATE
 from vlptune.train.loop import train_worker
@@ -39,19 +37,10 @@ def pretrained(tmp_path_factory) -> Path:
 
 
 def test_finetune_command_with_ray_runs_two_ddp_workers(pretrained, tmp_path):
-    import ray
-
     out = tmp_path / "vqa-ray"
-    console = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(console):
-            rc = main(
-                ["finetune", str(pretrained), "--task", "vqa", "--ray", "-o", "resources.workers=2", "-o", "resources.cpus_per_worker=0.5", "--out", str(out)]
-            )
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-    text = console.getvalue()
+    rc, text = run_ray_command(
+        ["finetune", str(pretrained), "--task", "vqa", "--ray", "-o", "resources.workers=2", "-o", "resources.cpus_per_worker=0.5", "--out", str(out)]
+    )
     assert rc == 0, text
     assert "vqa: score = " in text and "(chance " in text, text
     state = json.loads((out / FINETUNE_STATE).read_text())
