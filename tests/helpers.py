@@ -203,9 +203,10 @@ def hparams_sessions(base_url: str, metric_tags: list[str], page_size: int = 100
 
 
 def run_ray_command(args: list[str]) -> tuple[int, str]:
-    """``vlptune ARGS`` (a ``--ray`` command: it starts a local cluster) with stdout captured; Ray is shut down after,
-    whatever happened, and ``RAY_ADDRESS`` restored (``ray.init`` sets it to the cluster it started, which would send
-    the next command of this process to a cluster that is gone). Returns the exit code and the console text."""
+    """``vlptune ARGS`` (a ``--ray`` command: it starts a local cluster) with stdout captured. Asserts that the command
+    leaves this process as it found it: Ray shut down and ``RAY_ADDRESS`` as before (``ray.init`` sets it to the
+    cluster it started, which would send the next command of this process to a cluster that is gone; the command's
+    :func:`vlptune.cluster.session.ray_session` undoes it). Returns the exit code and the console text."""
     import contextlib
     import io
     import os
@@ -220,10 +221,9 @@ def run_ray_command(args: list[str]) -> tuple[int, str]:
         with contextlib.redirect_stdout(console):
             rc = main(args)
     finally:
-        if ray.is_initialized():
+        left_running = ray.is_initialized()
+        if left_running:  # the next test must not inherit it, whatever this one asserts
             ray.shutdown()
-        if address is None:
-            os.environ.pop("RAY_ADDRESS", None)
-        else:
-            os.environ["RAY_ADDRESS"] = address
+    assert not left_running, "the command left Ray initialised"
+    assert os.environ.get("RAY_ADDRESS") == address, (address, os.environ.get("RAY_ADDRESS"))
     return rc, console.getvalue()

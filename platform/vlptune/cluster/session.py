@@ -8,7 +8,9 @@
   local cluster's processes inherit it, a joined cluster's job gets it as its
   ``runtime_env``); :func:`set_local_env` sets it, with what a local cluster
   needs besides (:data:`LOCAL_ENV_KEYS`);
-* :class:`LocalSession`: undoes what starting a local cluster did to this process.
+* :class:`LocalSession`: undoes what starting a local cluster did to this process;
+* :func:`ray_session`: a command's whole stay on a cluster (connect, run, shut
+  Ray down, and undo a local cluster's changes to this process).
 
 Used by :mod:`vlptune.search` (searches and studies); imports nothing of it.
 Ray is imported inside the functions that use it (heavy dependency kept lazy).
@@ -16,9 +18,10 @@ Ray is imported inside the functions that use it (heavy dependency kept lazy).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 NO_AUTOSCALER_ENV = "VLPTUNE_NO_AUTOSCALER"  # set in every process of a local cluster the search started (search/lean_train.py)
@@ -198,6 +201,25 @@ def connect(
     start_local(num_cpus, num_gpus, logging_config)
     say(f"ray cluster: started a local cluster at {os.environ.get('RAY_ADDRESS')} ({source}): {describe_cluster()}")
     return None
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None, **kwargs: Any) -> Iterator[str | None]:
+    """:func:`connect` (``kwargs`` are its own) for the body of a ``with``; after it, whatever happened, Ray is shut
+    down and a local cluster this started is undone (:class:`LocalSession`: ``RAY_ADDRESS`` and the rest of its
+    environment as they were, so a second command in the same process starts its own cluster instead of joining the
+    one that is gone). Yields what :func:`connect` returns."""
+    import ray  # heavy dependency kept lazy
+
+    target, _ = cluster_address(address)
+    local = None if (target or ray.is_initialized()) else LocalSession()
+    try:
+        yield connect(address, **kwargs)
+    finally:
+        if local is not None:
+            local.close()
+        elif ray.is_initialized():
+            ray.shutdown()
 
 
 def start_local(num_cpus: int | None, num_gpus: int | None, logging_config: Any) -> None:

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from vlptune.cliutil import add_override_arg
-from vlptune.cluster.session import connect
+from vlptune.cluster.session import ray_session
 from vlptune.config import ConfigError, Recipe, load_recipe, recipe_to_dict
-from vlptune.search.lean_train import lean_trainer_class
+from vlptune.search.lean_train import lean_trainer_class, scaling_config
 from vlptune.search.trainable import train_loop_per_worker
 from vlptune.train.backbone_pretrain import TrainFn, pretrain_backbone
 
@@ -42,13 +42,11 @@ def ray_train_fn(name: str) -> TrainFn:
         import ray.train  # heavy dependency kept lazy
         from ray.train.torch import TorchTrainer  # ray: heavy, only when this runs
 
-        res = recipe.resources
-        per_worker = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.gpus_per_worker > 0 else {})}
         run = Path(out_dir)
         trainer = lean_trainer_class(TorchTrainer)(
             train_loop_per_worker,
             train_loop_config={"recipe": recipe_to_dict(recipe), "out_dir": str(run)},
-            scaling_config=ray.train.ScalingConfig(num_workers=res.workers, use_gpu=res.gpus_per_worker > 0, resources_per_worker=per_worker),
+            scaling_config=scaling_config(recipe.resources),
             run_config=ray.train.RunConfig(
                 name=name,
                 storage_path=str(run / RAY_STORAGE),
@@ -102,13 +100,8 @@ def run_pretrain(args: argparse.Namespace) -> int:
         flush=True,
     )
     if args.ray:
-        import ray  # heavy dependency kept lazy
-
-        connect(args.address, num_cpus=None)
-        try:
+        with ray_session(args.address, num_cpus=None):
             provenance = pretrain_backbone(recipe, args.out, ray_train_fn(f"backbone-{Path(args.out).name}"), steps, args.run_dir, quiet=args.quiet)
-        finally:
-            ray.shutdown()
     else:
         from vlptune.train.loop import train_worker  # the loop imports torch: only when this runs
 

@@ -33,12 +33,12 @@ from pathlib import Path
 from typing import Any
 
 from vlptune.cliutil import add_override_arg
-from vlptune.cluster.session import connect
+from vlptune.cluster.session import ray_session
 from vlptune.cluster.storage import is_uri
 from vlptune.config import Recipe, recipe_to_dict
 from vlptune.config.downstream import combined_metrics, config_class, main_metric_key
 from vlptune.config.downstream import names as task_names
-from vlptune.search.lean_train import lean_trainer_class
+from vlptune.search.lean_train import lean_trainer_class, scaling_config
 from vlptune.search.space import TIME_ATTR
 from vlptune.search.trainable import RayTrainReporter, materialize_ray_checkpoint, plain, storage_fs
 
@@ -71,12 +71,10 @@ def fit_finetune(recipe: Recipe, task: str, checkpoint: str | None, out_dir: Pat
     import ray.train  # heavy dependency kept lazy
     from ray.train.torch import TorchTrainer  # ray: heavy, only when this runs
 
-    res = recipe.resources
-    per_worker = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.gpus_per_worker > 0 else {})}
     trainer = lean_trainer_class(TorchTrainer)(
         finetune_loop_per_worker,
         train_loop_config={"recipe": recipe_to_dict(recipe), "task": task, "checkpoint": checkpoint, "out_dir": str(out_dir), "metric": main_metric_key(task)},
-        scaling_config=ray.train.ScalingConfig(num_workers=res.workers, use_gpu=res.gpus_per_worker > 0, resources_per_worker=per_worker),
+        scaling_config=scaling_config(recipe.resources),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage,
@@ -254,18 +252,13 @@ def run_finetune(args: argparse.Namespace) -> int:
 
     if not args.ray:
         return finetune_in_process(args.checkpoint, args.task, args.override, args.out, args.random_init, args.quiet, args.recipe)
-    import ray  # heavy dependency kept lazy
-
     source, recipe = load_source(args.checkpoint, args.override, args.recipe)
     out = (Path(args.out) if args.out else default_out(recipe.name, args.task)).resolve()
-    connect(args.address, num_cpus=None)
-    try:
+    with ray_session(args.address, num_cpus=None):
         print(
             f"finetuning {'random init' if args.random_init else source} on {args.task} with Ray Train ({recipe.resources.workers} worker(s)) into {out}",
             flush=True,
         )
         result = fit_finetune(recipe, args.task, None if args.random_init else str(source.resolve()), out, str(out / "ray"), out.name)
-    finally:
-        ray.shutdown()
     print(format_task_results(args.task, result), flush=True)
     return task_exit_code(result)

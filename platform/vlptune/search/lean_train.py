@@ -23,11 +23,24 @@ Falls back to Ray's own trainer if Ray's internal layout changes, or when
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from vlptune.cluster.session import NO_AUTOSCALER_ENV
 
 PG_CLEANER_INTERVAL_S = 5.0  # Ray's default polls the state API every second, for the whole trial
 LEAN_ENV = "VLPTUNE_LEAN_TRAINER"
+
+
+def scaling_config(resources: Any) -> Any:
+    """Ray Train's ``ScalingConfig`` for a recipe's ``resources`` section: ``workers`` DDP workers, each holding
+    ``cpus_per_worker`` CPUs and, when ``gpus_per_worker`` > 0, that many GPUs (the one place that turns a recipe's
+    resources into Ray's; trials, finetunings and backbone pretraining all call it)."""
+    import ray.train  # heavy dependency kept lazy
+
+    per_worker = {"CPU": resources.cpus_per_worker}
+    if resources.gpus_per_worker > 0:
+        per_worker["GPU"] = resources.gpus_per_worker
+    return ray.train.ScalingConfig(num_workers=resources.workers, use_gpu=resources.gpus_per_worker > 0, resources_per_worker=per_worker)
 
 
 def _env_on(name: str, default: str) -> bool:

@@ -44,7 +44,7 @@ from vlptune.cluster.storage import is_uri, open_uri
 from vlptune.config import Recipe, recipe_to_dict, set_dotted, validate_recipe
 from vlptune.config.downstream import chance_metric_key, combined_keys, main_metric_key
 from vlptune.search.layout import TB_DIR, TRAIN_DIR, TRIAL_RECIPE
-from vlptune.search.lean_train import lean_trainer_class
+from vlptune.search.lean_train import lean_trainer_class, scaling_config
 from vlptune.search.location import DirUploader, Location
 from vlptune.search.space import TIME_ATTR, check_objectives, is_downstream, pruning_metric, trial_tasks
 
@@ -396,12 +396,8 @@ def make_trainable(
                 return
         elif complete_from_storage(train_storage, trial_id, max_steps):
             return
-        res = recipe.resources
         score = {"checkpoint_score_attribute": ranked[0], "checkpoint_score_order": ranked[1]} if ranked[0] and ranked[1] else {}
         required = [m for m in [metric, *(metrics or [])] if is_downstream(m)]
-        per_worker = {"CPU": res.cpus_per_worker}
-        if res.gpus_per_worker > 0:
-            per_worker["GPU"] = res.gpus_per_worker
         from vlptune.train.tensorboard import hparam_values  # imports torch: kept lazy
 
         tree = recipe_to_dict(recipe)
@@ -417,7 +413,7 @@ def make_trainable(
                 "tb_uri": remote.join(TB_DIR, trial_id) if remote else None,
                 "trial_fn_ts": trial_fn_ts,
             },
-            scaling_config=ray.train.ScalingConfig(num_workers=res.workers, use_gpu=res.gpus_per_worker > 0, resources_per_worker=per_worker),
+            scaling_config=scaling_config(recipe.resources),
             run_config=ray.train.RunConfig(
                 name=trial_id,
                 storage_path=train_storage,
