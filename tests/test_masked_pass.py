@@ -48,7 +48,7 @@ def shared():
 
 
 def test_the_field_is_typed_and_checked():
-    assert tiny_recipe().objectives["mvm"].fusion_pass == "separate"
+    assert tiny_recipe().objectives["mvm"].fusion_pass == "shared"  # the default: equal learning, fewer passes (docs/training.md)
     with pytest.raises(ConfigError, match="fusion_pass"):
         tiny_recipe({"mvm": {"weight": 1.0, "fusion_pass": "joint"}})
 

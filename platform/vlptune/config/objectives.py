@@ -180,9 +180,9 @@ class MVMConfig(ObjectiveConfig, objective="mvm"):
         "paper", description="preset: release sets prob 0.015, masking release and head cosine unless the field is given; paper changes nothing"
     )
     fusion_pass: Literal["separate", "shared"] = Field(
-        "separate",
-        description="separate: MVM's own fusion pass over its pairs with clean text (MLM has another, with the clean image); shared: one pass over the "
-        "positives with MLM's masked text and MVM's masked cells at once (the SOHO release), one Transformer pass fewer per step; with MLM off: separate",
+        "shared",
+        description="shared: one pass over the positives with MLM's masked text and MVM's masked cells at once (the SOHO release), one Transformer pass "
+        "fewer per step; separate: MVM's own fusion pass over its pairs with clean text (MLM has another, with the clean image); with MLM off: separate",
     )
 
     @model_validator(mode="before")
