@@ -235,8 +235,8 @@ def _ddp_worker(rank: int, world_size: int, init_file: str, root: str, out: str,
     built = {}
     original = loop.build_pretrainer
 
-    def capture(recipe):
-        built["module"] = original(recipe)
+    def capture(*args, **kwargs):
+        built["module"] = original(*args, **kwargs)
         return built["module"]
 
     loop.build_pretrainer = capture
