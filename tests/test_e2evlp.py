@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import tiny_recipe
+from helpers import build_with_data, tiny_recipe
 from vlptune.config import ConfigError, validate_recipe
 from vlptune.model.decoder import (
     DecoderSpec,
@@ -390,7 +390,7 @@ def test_e2e_vlp_learns_on_the_synthetic_world(tmp_path):
     recipe = world_recipe(tmp_path / "world", steps)
     ensure_data(recipe)
     torch.manual_seed(0)
-    pre = build_pretrainer(recipe).train()
+    pre = build_with_data(recipe).train()  # heads sized from the dataset, as the loop builds them
     optim = build_optimizers(pre, pre.model.backbone, recipe.optim, steps)
     loader = build_loader(recipe, train=True)
     gen = torch.Generator().manual_seed(0)
