@@ -87,7 +87,8 @@ def test_a_search_ranked_by_vqa_score_pretrains_then_finetunes(tmp_path):
             assert by_id[row.trial_id].state.name == "PRUNED" and not finetuned.exists()
     assert finished >= 1
     # `vlptune results`: the searched metric, then its chance level as a column of its own
-    assert collected.downstream == ["downstream/vqa/chance_score"]
+    # the combinations of the trial's tasks (here one: VQA's gain over its chance), then the searched task's chance level
+    assert collected.downstream == ["downstream/combined/gain_over_chance", "downstream/vqa/chance_score"]
     assert "downstream/vqa/chance_score" in results.format_table(collected).splitlines()[0]
     out = console.getvalue()
     assert "Traceback" not in out and METRIC in out, out

@@ -498,8 +498,6 @@ def test_submit_a_tiny_search_and_find_its_results_in_storage(client_env, capsys
         str(storage),
         "--name",
         "tiny-job",
-        "--verbose",
-        "0",
         "-o",
         f"data.root={data}",
     ]
