@@ -203,6 +203,15 @@ def connect(
     return None
 
 
+def local_session_for(address: str | None) -> LocalSession | None:
+    """A :class:`LocalSession` when :func:`connect` with ``address`` will start a local cluster (no cluster to join,
+    Ray not yet initialised), else None: what its caller must undo afterwards."""
+    import ray  # heavy dependency kept lazy
+
+    target, _ = cluster_address(address)
+    return None if (target or ray.is_initialized()) else LocalSession()
+
+
 @contextlib.contextmanager
 def ray_session(address: str | None, **kwargs: Any) -> Iterator[str | None]:
     """:func:`connect` (``kwargs`` are its own) for the body of a ``with``; after it, whatever happened, Ray is shut
@@ -211,8 +220,7 @@ def ray_session(address: str | None, **kwargs: Any) -> Iterator[str | None]:
     one that is gone). Yields what :func:`connect` returns."""
     import ray  # heavy dependency kept lazy
 
-    target, _ = cluster_address(address)
-    local = None if (target or ray.is_initialized()) else LocalSession()
+    local = local_session_for(address)
     try:
         yield connect(address, **kwargs)
     finally:

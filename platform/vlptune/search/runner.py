@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from vlptune.cluster import session
-from vlptune.cluster.session import RAY_ENV, LocalSession, cluster_address
+from vlptune.cluster.session import RAY_ENV, local_session_for
 from vlptune.cluster.storage import StorageError
 from vlptune.config import Recipe
 from vlptune.search.console import LOG_FILE, ConsoleLog, Progress, progress_callback
@@ -347,11 +347,9 @@ def _run_logged(
     location,
     shared_storage: bool,
 ):
-    import ray  # heavy dependency kept lazy
 
     loc = location or Location(local=Path(exp_dir).resolve())
-    target, _ = cluster_address(address)
-    local = None if (target or ray.is_initialized()) else LocalSession()
+    local = local_session_for(address)
     sync = None
     try:
         prepare_recipes_data(plan.data_recipes)
